@@ -1,0 +1,1 @@
+"""Client-facing HTTP surfaces (native session API, health, OpenAPI)."""

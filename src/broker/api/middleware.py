@@ -1,0 +1,105 @@
+"""Cross-cutting HTTP behaviour: JSON errors and CORS.
+
+* Every error leaves as ``{"error", "reason", "message"}`` with the status of
+  its :class:`~broker.errors.BrokerError` (aiohttp's own 404/405/413 too);
+  unexpected exceptions become a bare 500 and a server-side traceback.
+* CORS headers are added in ``on_response_prepare``, so they are on every
+  response a browser may read — errors, event streams and WebSocket
+  handshakes included. A request whose ``Origin`` is not allowed is refused
+  outright (403), not just left unreadable: a simple POST from a foreign page
+  would otherwise still create sessions in the visitor's name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from yarl import URL
+
+from broker import keys
+from broker.errors import BrokerError, Forbidden
+from broker.policy.identity import forwarded_proto_host
+
+log = logging.getLogger(__name__)
+
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+ALLOW_HEADERS = "authorization, content-type, x-requested-with, x-xsrftoken, x-request-id"
+EXPOSE_HEADERS = (
+    "Retry-After, Location, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+)
+_ALLOWED = web.RequestKey("origin_allowed", bool)
+
+
+def error_response(error: BrokerError) -> web.Response:
+    """The one JSON shape of every refusal."""
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def origin_allowed(request: web.Request, origin: str) -> bool:
+    """Same-origin requests, and origins in BROKER_ALLOWED_ORIGINS ('*' = any)."""
+    settings = request.app[keys.SETTINGS]
+    wanted = origin.rstrip("/").lower()
+    allowed = settings.allowed_origins
+    if "*" in allowed or wanted in allowed:
+        return True
+    scheme, host = forwarded_proto_host(request, request.app[keys.TRUSTED])
+    if wanted == f"{scheme}://{host}".lower():
+        return True
+    if settings.public_url:
+        return wanted == str(URL(settings.public_url).origin()).lower()
+    return False
+
+
+def _http_error(exc: web.HTTPException) -> BrokerError:
+    reasons = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+    error = BrokerError(exc.reason or "error", reason=reasons.get(exc.status, "bad_request"))
+    error.status = exc.status
+    if exc.status == 413:
+        error.message = "The request body is too large"
+    return error
+
+
+@web.middleware
+async def errors_and_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse foreign origins, answer preflights, turn exceptions into JSON errors."""
+    origin = request.headers.get("Origin")
+    allowed = bool(origin) and origin_allowed(request, origin or "")
+    request[_ALLOWED] = allowed
+    if origin and not allowed:
+        return error_response(Forbidden(f"Origin {origin} is not allowed", reason="origin"))
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204)
+    try:
+        return await handler(request)
+    except BrokerError as error:
+        if error.expected:
+            log.info("%s %s refused: %s (%s)", request.method, request.path, error.reason,
+                     error.message)
+        else:
+            log.error("%s %s failed: %s (%s)", request.method, request.path, error.reason,
+                      error.message)
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_http_error(exc))
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(BrokerError("Internal error"))
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: CORS headers for allowed cross-origin callers."""
+    origin = request.headers.get("Origin")
+    if not origin or not request.get(_ALLOWED, False):
+        return
+    headers = response.headers
+    headers["Access-Control-Allow-Origin"] = origin
+    headers.add("Vary", "Origin")
+    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    if request.method == "OPTIONS":
+        headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+        headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+        headers["Access-Control-Max-Age"] = "7200"

@@ -1,0 +1,156 @@
+"""The native session API: ``/api/v1/sessions``.
+
+``POST`` creates (201) or reuses (200) a session, ``GET`` describes it,
+``DELETE`` stops it, ``GET .../events`` streams its spawn progress as
+server-sent events. Everything but creation needs the session's token. The
+body shapes are the contract in DESIGN.md; ``openapi.py`` documents them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from broker import keys
+from broker.errors import BadRequest, BrokerError
+from broker.models import Session, Status
+from broker.policy.auth import public_base, request_owner, request_token
+from broker.sessions import SessionRequest
+
+routes = web.RouteTableDef()
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+_SPEC_MAX = 1024
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
+}
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def session_body(
+    request: web.Request, session: Session, token: str | None = None
+) -> dict[str, Any]:
+    """The client view of a session: never the upstream URL, token or owner."""
+    base_url = f"{public_base(request)}/s/{session.id}/"
+    body: dict[str, Any] = {
+        "id": session.id,
+        "status": session.status.value,
+        "backend": session.backend,
+        "spec": session.spec,
+        "base_url": base_url,
+        "ws_url": "ws" + base_url[4:],
+        "created_at": _iso(session.created_at),
+        "expires_at": _iso(session.expires_at),
+        "last_activity": _iso(session.last_activity or session.created_at),
+        "message": session.message,
+    }
+    if session.profile:
+        body["profile"] = session.profile
+    if session.kernel_name:
+        body["kernel_name"] = session.kernel_name
+    if session.ended_reason:
+        body["ended_reason"] = session.ended_reason
+    if token is not None:
+        body["token"] = token
+    return body
+
+
+async def parse_session_request(request: web.Request) -> SessionRequest:
+    """Validate the optional JSON body of a creation request."""
+    raw = await request.read()
+    data: Any = {}
+    if raw.strip():
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object")
+    unknown = set(data) - {"spec", "profile", "kernel_name"}
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}")
+    values: dict[str, str] = {}
+    for field in ("spec", "profile", "kernel_name"):
+        value = data.get(field) or ""
+        if not isinstance(value, str):
+            raise BadRequest(f"'{field}' must be a string")
+        values[field] = value.strip()
+    if len(values["spec"]) > _SPEC_MAX or any(ord(c) < 32 for c in values["spec"]):
+        raise BadRequest("'spec' is too long or contains control characters")
+    for field in ("profile", "kernel_name"):
+        if values[field] and not _NAME.match(values[field]):
+            raise BadRequest(f"'{field}' may only contain letters, digits, '.', '_' and '-'")
+    return SessionRequest(owner=request_owner(request), **values)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+@routes.post("/api/v1/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    """Create a session, or reuse the caller's live one for the same spec."""
+    manager = request.app[keys.MANAGER]
+    wanted = await parse_session_request(request)
+    session, token, reused = await manager.create(wanted, request_token(request))
+    if _flag(request, "wait") and session.status is Status.PENDING:
+        waited = await manager.wait(session.id, manager.settings.spawn_timeout + 5)
+        session = waited or session
+        if session.status is Status.FAILED:
+            error = BrokerError(session.message or "The session failed to start",
+                                reason=session.ended_reason or "upstream_failed")
+            error.status = _failure_status(session.ended_reason)
+            body = error.body() | {"id": session.id}
+            return web.json_response(body, status=error.status)
+    return web.json_response(
+        session_body(request, session, token),
+        status=200 if reused else 201,
+        headers={"Location": f"/api/v1/sessions/{session.id}"},
+    )
+
+
+def _failure_status(reason: str) -> int:
+    return {"spawn_timeout": 504, "capacity": 503, "rate_limited": 429}.get(reason, 502)
+
+
+@routes.get("/api/v1/sessions/{sid}")
+async def get_session(request: web.Request) -> web.Response:
+    """Describe a session (its status tells a client whether and why it ended)."""
+    manager = request.app[keys.MANAGER]
+    session = await manager.authenticate(request.match_info["sid"], request_token(request))
+    return web.json_response(session_body(request, session))
+
+
+@routes.delete("/api/v1/sessions/{sid}")
+async def delete_session(request: web.Request) -> web.Response:
+    """Stop a session now; its server and kernels go away."""
+    manager = request.app[keys.MANAGER]
+    session = await manager.authenticate(request.match_info["sid"], request_token(request))
+    if not session.status.terminal:
+        await manager.stop(session, "deleted")
+    return web.Response(status=204)
+
+
+@routes.get("/api/v1/sessions/{sid}/events")
+async def session_events(request: web.Request) -> web.StreamResponse:
+    """Progress of a session's spawn as server-sent events, ending at ready/failed."""
+    manager = request.app[keys.MANAGER]
+    session = await manager.authenticate(request.match_info["sid"], request_token(request))
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    async for event in manager.events(session.id):
+        if event is None:
+            await response.write(b":keepalive\n\n")
+        else:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    await response.write_eof()
+    return response

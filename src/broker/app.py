@@ -1,0 +1,109 @@
+"""The application factory: one aiohttp app per broker replica.
+
+Every resource the app owns (HTTP client, store, backend, session manager
+and its reaper) is created and closed in a ``cleanup_ctx`` step, in that
+order, so shutdown releases them in reverse: sessions' spawns are cancelled
+before the backend stops its servers, and the store closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from broker import keys
+from broker.api import health, sessions
+from broker.api.middleware import add_cors_headers, errors_and_origin
+from broker.backends.base import Backend
+from broker.backends.local import LocalBackend
+from broker.models import Clock, system_clock
+from broker.policy.identity import parse_networks
+from broker.proxy import routes as proxy_routes
+from broker.sessions import SessionManager
+from broker.settings import Settings
+from broker.store.base import SessionStore
+from broker.store.crypto import TokenCipher
+from broker.store.memory import MemoryStore
+from broker.store.redis import RedisStore
+
+
+def make_store(settings: Settings, clock: Clock) -> SessionStore:
+    """Redis when configured, otherwise the single-replica memory store."""
+    cipher = TokenCipher(settings.secret_key.get_secret_value())
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, cipher, prefix=settings.redis_prefix, clock=clock)
+    return MemoryStore(cipher, clock=clock)
+
+
+def make_backend(settings: Settings, http: aiohttp.ClientSession) -> Backend:
+    """The backend named by BROKER_BACKEND."""
+    if settings.backend == "local":
+        return LocalBackend(
+            http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args
+        )
+    raise RuntimeError(f"BROKER_BACKEND={settings.backend} is not available in this version")
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    app[keys.HTTP] = aiohttp.ClientSession(
+        # Upstream cookies must never be replayed to another session's server
+        # (local servers share 127.0.0.1, and cookies ignore ports).
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+    )
+    yield
+    await app[keys.HTTP].close()
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    if keys.STORE not in app:
+        app[keys.STORE] = make_store(app[keys.SETTINGS], app[keys.CLOCK])
+    yield
+    await app[keys.STORE].close()
+
+
+async def _sessions(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    backend = make_backend(settings, app[keys.HTTP])
+    manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
+    if isinstance(backend, LocalBackend):
+        backend.on_lost = manager.on_upstream_lost
+    app[keys.BACKEND] = backend
+    app[keys.MANAGER] = manager
+    reaper = asyncio.create_task(manager.run_reaper(), name="session-reaper")
+    yield
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    await manager.close()
+    await backend.close()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock = system_clock,
+    store: SessionStore | None = None,
+) -> web.Application:
+    """Build the broker application; resources are created when it starts."""
+    settings = settings or Settings()
+    app = web.Application(
+        middlewares=[errors_and_origin], client_max_size=settings.max_request_body
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.CLOCK] = clock
+    app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
+    if store is not None:
+        app[keys.STORE] = store
+    app.cleanup_ctx.extend([_http_client, _store, _sessions])
+    app.on_response_prepare.append(add_cors_headers)
+    app.add_routes(health.routes)
+    app.add_routes(sessions.routes)
+    app.add_routes(proxy_routes.routes)
+    return app

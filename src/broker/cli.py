@@ -1,0 +1,93 @@
+"""``session-broker``: run the service, or print its configuration reference."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import textwrap
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from broker import __version__
+from broker.logs import AccessLogger, configure
+from broker.settings import Settings, settings_reference
+
+log = logging.getLogger("broker")
+
+
+def _print_config(markdown: bool) -> None:
+    rows = settings_reference()
+    if markdown:
+        print("| env | default | description |\n|---|---|---|")
+        for env, default, description in rows:
+            print(f"| `{env}` | `{default}` | {description} |")
+        return
+    for env, default, description in rows:
+        print(f"{env}  (default: {default or 'empty'})")
+        print(textwrap.indent(textwrap.fill(description, 76), "    "))
+        print()
+
+
+def _serve(settings: Settings) -> None:
+    from broker.app import create_app  # imported late: `config` must not need aiohttp apps
+
+    configure(settings.log_level)
+    try:
+        import uvloop  # optional speed-up, in the "speed" extra
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    app = create_app(settings)
+    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+    store = "Redis" if settings.redis_url else "in-memory store"
+
+    async def announce(_app: web.Application) -> None:
+        log.info("session-broker %s: %s backend, %s", __version__, settings.backend, store)
+        print(
+            f"Broker listening on http://{settings.host}:{settings.port}\n"
+            f"Create a session:  curl -s -X POST '{base}/api/v1/sessions?wait=true'",
+            flush=True,
+        )
+
+    app.on_startup.append(announce)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log_class=AccessLogger,
+        print=None,
+        shutdown_timeout=10,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = argparse.ArgumentParser(prog="session-broker", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--host", help="listen address (BROKER_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (BROKER_PORT)")
+    config = commands.add_parser("config", help="print every setting, its default and meaning")
+    config.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    args = parser.parse_args(argv)
+
+    if args.command == "config":
+        _print_config(args.markdown)
+        return 0
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"session-broker: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    _serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

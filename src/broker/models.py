@@ -1,0 +1,161 @@
+"""Core value types: a brokered session and the progress events of its spawn.
+
+A :class:`Session` is the only thing the broker remembers about a visitor. It
+holds the upstream URL and token (the secret the broker never hands out) and
+the hash of the broker token it did hand out. Stores serialise it with
+:meth:`Session.to_record` / :meth:`Session.from_record`; the upstream token
+is encrypted by the store's :class:`~broker.store.crypto.TokenCipher`, never
+written in clear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+#: A source of the current time in seconds since the epoch. Injected
+#: everywhere time matters, so expiry and limits are testable without sleeping.
+Clock = Callable[[], float]
+system_clock: Clock = time.time
+
+
+class Status(enum.StrEnum):
+    """Lifecycle of a session: pending -> ready -> stopped, or pending -> failed."""
+
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a session never leaves."""
+        return self in (Status.FAILED, Status.STOPPED)
+
+
+def new_session_id() -> str:
+    """A short, URL-safe, unguessable id (it appears in URLs, so it is not a secret)."""
+    return secrets.token_hex(8)
+
+
+def new_token() -> str:
+    """A broker session token: 256 bits, URL-safe, shown to the client exactly once."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """What the store keeps instead of the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Session:
+    """One visitor's isolated Jupyter server, as the broker knows it."""
+
+    id: str
+    token_hash: str
+    owner: str
+    backend: str
+    created_at: float
+    expires_at: float
+    spec: str = ""
+    profile: str = ""
+    kernel_name: str = ""
+    status: Status = Status.PENDING
+    last_activity: float = 0.0
+    upstream_url: str = ""
+    upstream_token: str = dataclasses.field(default="", repr=False)
+    #: Backend-private facts needed to stop or check the server later
+    #: (process id, hub user name, ...). Never shown to clients.
+    backend_state: dict[str, str] = dataclasses.field(default_factory=dict)
+    message: str = ""
+    ended_reason: str = ""
+
+    def token_matches(self, token: str) -> bool:
+        """Constant-time check of a presented broker token."""
+        return hmac.compare_digest(self.token_hash, hash_token(token))
+
+    def expired(self, now: float) -> bool:
+        """True once the session is past its max age."""
+        return now >= self.expires_at
+
+    @property
+    def reuse_key(self) -> str:
+        """Identifies "the same owner asking for the same thing" for session reuse."""
+        material = json.dumps([self.owner, self.spec, self.profile, self.kernel_name])
+        return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+    def to_record(self, encrypt: Callable[[str], str]) -> dict[str, str]:
+        """Flat string mapping for storage (a Redis hash); the upstream token encrypted."""
+        record = {
+            field.name: str(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if field.name not in ("upstream_token", "backend_state", "status")
+        }
+        record["status"] = self.status.value
+        record["backend_state"] = json.dumps(self.backend_state)
+        record["upstream_token"] = encrypt(self.upstream_token) if self.upstream_token else ""
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, str], decrypt: Callable[[str], str]) -> Session:
+        """Inverse of :meth:`to_record`."""
+        return cls(
+            id=record["id"],
+            token_hash=record["token_hash"],
+            owner=record["owner"],
+            backend=record["backend"],
+            created_at=float(record["created_at"]),
+            expires_at=float(record["expires_at"]),
+            spec=record.get("spec", ""),
+            profile=record.get("profile", ""),
+            kernel_name=record.get("kernel_name", ""),
+            status=Status(record.get("status", "pending")),
+            last_activity=float(record.get("last_activity", 0) or 0),
+            upstream_url=record.get("upstream_url", ""),
+            upstream_token=(
+                decrypt(record["upstream_token"]) if record.get("upstream_token") else ""
+            ),
+            backend_state=json.loads(record.get("backend_state") or "{}"),
+            message=record.get("message", ""),
+            ended_reason=record.get("ended_reason", ""),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a spawn, relayed to clients on the session's event stream.
+
+    ``phase`` follows BinderHub's vocabulary where it applies (``waiting``,
+    ``launching``, ``ready``, ``failed``) so the same events can feed the
+    BinderHub-compatible ``/build`` stream. A backend's final event is
+    ``ready`` (with ``upstream_url`` and ``upstream_token``) or ``failed``.
+    """
+
+    phase: str
+    message: str = ""
+    progress: int | None = None
+    upstream_url: str = ""
+    upstream_token: str = dataclasses.field(default="", repr=False)
+    backend_state: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: For ``failed``: the error a client should see (status, reason).
+    status_code: int | None = None
+    reason: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """The client-visible form: never the upstream URL, token or backend state."""
+        data: dict[str, Any] = {"phase": self.phase, "message": self.message}
+        if self.progress is not None:
+            data["progress"] = self.progress
+        if self.status_code is not None:
+            data["status_code"] = self.status_code
+        if self.reason:
+            data["reason"] = self.reason
+        return data

@@ -1,0 +1,1 @@
+"""Policy: who a request comes from, and what it may do."""

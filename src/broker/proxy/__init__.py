@@ -1,0 +1,1 @@
+"""The Jupyter REST and kernel WebSocket proxy under /s/{id}/."""

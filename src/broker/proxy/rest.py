@@ -1,0 +1,140 @@
+"""Forwarding Jupyter REST calls to a session's upstream server.
+
+Request headers are forwarded from an allowlist: the client's broker token,
+cookies, ``Origin`` and hop-by-hop headers never reach the upstream, and the
+upstream token is added in their place. Response headers come back from an
+allowlist too: upstream cookies (jupyter_server sets a login cookie), its
+CORS headers and anything hop-by-hop are dropped, and ``Location`` is
+rewritten into the broker's ``/s/{id}/`` space. Bodies pass through as bytes
+(``auto_decompress`` is off on the shared client), except the creation bodies
+of kernels and sessions, where thebe's default kernel name ``python`` is
+mapped to the session's kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+from yarl import URL
+
+from broker import keys
+from broker.errors import UpstreamFailed
+from broker.models import Session
+from broker.proxy.paths import check_rest, join
+
+log = logging.getLogger(__name__)
+
+REQUEST_HEADERS = (
+    "Accept",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Content-Type",
+    "If-Match",
+    "If-None-Match",
+    "If-Modified-Since",
+    "User-Agent",
+    "X-Request-Id",
+)
+RESPONSE_HEADERS = (
+    "Content-Type",
+    "Content-Encoding",
+    "Content-Disposition",
+    "Cache-Control",
+    "ETag",
+    "Last-Modified",
+    "Location",
+    "X-Request-Id",
+)
+#: Responses up to this size are read whole; larger ones are streamed.
+_BUFFER_LIMIT = 1 << 20
+#: thebe asks for ``python``; jupyter_client maps it to this kernel.
+_KERNEL_ALIASES = {"python": "python3"}
+
+
+def forward_query(request: web.BaseRequest) -> MultiDict[str]:
+    """The query string minus the broker token."""
+    return MultiDict((k, v) for k, v in request.query.items() if k != "token")
+
+
+def _kernel_body(raw: bytes, remainder: str, default_kernel: str) -> bytes:
+    """Apply the kernel name alias/default to a kernel or session creation body."""
+    try:
+        data: Any = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return raw  # not ours to judge: the upstream answers with its own 400
+    if not isinstance(data, dict):
+        return raw
+    holder: Any = data if remainder == "api/kernels" else data.get("kernel")
+    if holder is None and remainder == "api/sessions" and default_kernel:
+        holder = data["kernel"] = {}
+    if not isinstance(holder, dict):
+        return raw
+    name = holder.get("name")
+    if not name and default_kernel:
+        holder["name"] = default_kernel
+    elif isinstance(name, str) and name in _KERNEL_ALIASES:
+        holder["name"] = default_kernel or _KERNEL_ALIASES[name]
+    return json.dumps(data).encode()
+
+
+def _location(value: str, upstream_base: URL, broker_prefix: str) -> str:
+    """Map an upstream ``Location`` into the broker's URL space for the session."""
+    target = URL(value, encoded=True)
+    path = target.raw_path if target.is_absolute() or value.startswith("/") else value
+    base_path = upstream_base.raw_path
+    if path.startswith(base_path):
+        path = path[len(base_path):]
+    rewritten = broker_prefix + path.lstrip("/")
+    return f"{rewritten}?{target.raw_query_string}" if target.raw_query_string else rewritten
+
+
+async def forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
+    """Proxy one REST request to the session's server."""
+    method = request.method
+    check_rest(remainder, method)
+    url = join(session.upstream_url, remainder)
+    headers = CIMultiDict({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
+    headers["Authorization"] = f"token {session.upstream_token}"
+    body: bytes | None = await request.read() if request.can_read_body else None
+    if method == "POST" and remainder in ("api/kernels", "api/sessions"):
+        body = _kernel_body(body or b"", remainder, session.kernel_name)
+        headers["Content-Type"] = "application/json"
+    settings = request.app[keys.SETTINGS]
+    try:
+        async with request.app[keys.HTTP].request(
+            method,
+            url,
+            params=forward_query(request),
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                          sock_read=settings.upstream_timeout),
+        ) as upstream:
+            out = CIMultiDict(
+                (h, upstream.headers[h]) for h in RESPONSE_HEADERS if h in upstream.headers
+            )
+            if "Location" in out:
+                out["Location"] = _location(
+                    out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
+                )
+            length = upstream.content_length
+            if length is not None and length <= _BUFFER_LIMIT:
+                return web.Response(status=upstream.status, body=await upstream.read(),
+                                    headers=out)
+            response = web.StreamResponse(status=upstream.status, headers=out)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
+                    remainder, type(exc).__name__)
+        raise UpstreamFailed("The session's Jupyter server did not answer",
+                             reason="upstream_unreachable") from exc

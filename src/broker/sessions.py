@@ -1,0 +1,354 @@
+"""The session core: create or reuse, spawn, authenticate, stop, reap.
+
+Every client surface (native API, Jupyter proxy, later /build and execute)
+goes through :class:`SessionManager`, so reuse, limits, expiry and cleanup
+behave the same whichever door a visitor came in by.
+
+Invariants:
+
+* A session's broker token is returned exactly once, at creation; afterwards
+  only its hash exists. Reuse therefore requires the client to present the
+  token it was given, as thebe's saved sessions do.
+* A session is only handed back for reuse after the upstream itself said it
+  is alive; a dead one is stopped and replaced.
+* A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout``,
+  and a failed or abandoned spawn is cleaned up on the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.backends.base import Backend
+from broker.errors import (
+    BrokerError,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    SpawnTimeout,
+    Unauthorized,
+    Unavailable,
+    UpstreamFailed,
+)
+from broker.models import (
+    Clock,
+    ProgressEvent,
+    Session,
+    Status,
+    hash_token,
+    new_session_id,
+    new_token,
+    system_clock,
+)
+from broker.settings import Settings
+from broker.store.base import FINAL_PHASES, SessionStore
+
+log = logging.getLogger(__name__)
+
+#: Closes one open client connection of a session: (close code, reason).
+Closer = Callable[[int, str], Awaitable[None]]
+#: Seconds a pending session may outlive its spawn timeout before the reaper
+#: decides the replica that was spawning it is gone.
+_ORPHAN_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What a client asked for; (owner, spec, profile, kernel) identify reuse."""
+
+    owner: str
+    spec: str = ""
+    profile: str = ""
+    kernel_name: str = ""
+
+
+class SessionManager:
+    """Owns the lifecycle of sessions across the store and the backend."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SessionStore,
+        backend: Backend,
+        *,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.clock = clock
+        self._spawns: dict[str, asyncio.Task[None]] = {}
+        self._closers: dict[str, set[Closer]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- creation and reuse --------------------------------------------------------
+    async def create(
+        self, request: SessionRequest, presented_token: str | None = None
+    ) -> tuple[Session, str, bool]:
+        """Reuse the owner's live session for the same spec, or start a new one.
+
+        Returns (session, broker token, reused).
+        """
+        if presented_token:
+            reused = await self._reusable(request, presented_token)
+            if reused is not None:
+                return reused, presented_token, True
+        await self._admit(request.owner)
+        now = self.clock()
+        token = new_token()
+        session = Session(
+            id=new_session_id(),
+            token_hash=hash_token(token),
+            owner=request.owner,
+            backend=self.backend.name,
+            created_at=now,
+            expires_at=now + self.settings.session_max_age,
+            last_activity=now,
+            spec=request.spec,
+            profile=request.profile,
+            kernel_name=request.kernel_name,
+            message="Waiting to launch",
+        )
+        await self.store.create(session)
+        await self.store.publish(session.id, {"phase": "waiting", "message": session.message})
+        task = asyncio.create_task(self._spawn(session), name=f"spawn-{session.id}")
+        self._spawns[session.id] = task
+        task.add_done_callback(lambda _task: self._spawns.pop(session.id, None))
+        log.info("session %s created for %s (spec %r)", session.id, session.owner, session.spec)
+        return session, token, False
+
+    async def _reusable(self, request: SessionRequest, token: str) -> Session | None:
+        probe = Session(id="", token_hash="", owner=request.owner, backend="", created_at=0,
+                        expires_at=0, spec=request.spec, profile=request.profile,
+                        kernel_name=request.kernel_name)
+        session_id = await self.store.find_reusable(probe.reuse_key)
+        if session_id is None:
+            return None
+        session = await self.store.get(session_id)
+        if session is None or not session.token_matches(token):
+            return None
+        if session.status is Status.PENDING:
+            return session
+        if session.status is Status.READY and await self.backend.is_alive(session):
+            log.info("session %s reused by %s", session.id, session.owner)
+            return session
+        log.info("session %s is no longer alive upstream; replacing it", session.id)
+        await self.stop(session, "upstream_gone")
+        return None
+
+    async def _admit(self, owner: str) -> None:
+        cap = self.settings.max_sessions
+        if cap and await self.store.count_live() >= cap:
+            raise Unavailable(
+                "The broker is at capacity; try again soon.", reason="capacity", retry_after=30
+            )
+        per_owner = self.settings.max_sessions_per_owner
+        if per_owner and len(await self.store.list_owner(owner)) >= per_owner:
+            raise RateLimited(
+                f"You already have {per_owner} live sessions; stop one or reuse it.",
+                reason="owner_sessions",
+                retry_after=60,
+            )
+
+    # -- spawning ------------------------------------------------------------------------
+    async def _spawn(self, session: Session) -> None:
+        try:
+            async with asyncio.timeout(self.settings.spawn_timeout):
+                async for event in self.backend.spawn(session):
+                    await self._apply(session, event)
+                    if event.phase == "ready":
+                        break
+                else:
+                    raise UpstreamFailed("The backend finished without a ready server")
+        except asyncio.CancelledError:
+            await self._cleanup_backend(session)
+            raise
+        except TimeoutError:
+            error: BrokerError = SpawnTimeout(
+                f"The server did not start within {self.settings.spawn_timeout:g} s"
+            )
+            await self._fail(session, error)
+        except BrokerError as exc:
+            await self._fail(session, exc)
+        except Exception:
+            log.exception("spawn of session %s failed", session.id)
+            await self._fail(session, UpstreamFailed("The server could not be started"))
+
+    async def _apply(self, session: Session, event: ProgressEvent) -> None:
+        if event.backend_state:
+            session.backend_state.update(event.backend_state)
+        session.message = event.message
+        if event.phase == "ready":
+            session.status = Status.READY
+            session.upstream_url = event.upstream_url
+            session.upstream_token = event.upstream_token
+            session.last_activity = self.clock()
+        current = await self.store.get(session.id, include_expired=True)
+        if current is None or current.status.terminal:
+            # Deleted while spawning (maybe on another replica): undo the spawn.
+            await self._cleanup_backend(session)
+            raise asyncio.CancelledError
+        await self.store.save(session)
+        await self.store.publish(session.id, event.public())
+
+    async def _fail(self, session: Session, error: BrokerError) -> None:
+        log.log(
+            logging.INFO if error.expected else logging.ERROR,
+            "spawn of session %s failed: %s",
+            session.id,
+            error.message,
+        )
+        await self._cleanup_backend(session)
+        session.status = Status.FAILED
+        session.message = error.message
+        session.ended_reason = error.reason
+        await self.store.save(session)
+        await self.store.publish(
+            session.id,
+            {"phase": "failed", "message": error.message, "status_code": error.status,
+             "reason": error.reason},
+        )
+
+    async def _cleanup_backend(self, session: Session) -> None:
+        try:
+            await asyncio.shield(self.backend.stop(session))
+        except Exception:
+            log.exception("could not stop the server of session %s", session.id)
+
+    # -- lookup and authentication ---------------------------------------------------------
+    async def authenticate(self, session_id: str, token: str | None) -> Session:
+        """The session this token opens; 401 without a token, 404/403 otherwise."""
+        if not token:
+            raise Unauthorized("A session token is required: an Authorization header or a token query parameter")
+        session = await self.store.get(session_id)
+        if session is None:
+            raise NotFound("No such session, or it has expired", reason="unknown_session")
+        if not session.token_matches(token):
+            raise Forbidden("This token does not open this session", reason="wrong_token")
+        return session
+
+    async def ready_session(self, session_id: str, token: str | None) -> Session:
+        """Like :meth:`authenticate`, but the session must be able to take traffic."""
+        session = await self.authenticate(session_id, token)
+        if session.status is Status.PENDING:
+            raise Unavailable("The session is still starting", reason="pending", retry_after=2)
+        if session.status.terminal:
+            raise NotFound(
+                f"The session has ended ({session.ended_reason or session.status.value})",
+                reason="session_ended",
+            )
+        return session
+
+    async def wait(self, session_id: str, limit: float) -> Session | None:
+        """Wait until the session's spawn reached a final phase (or ``limit`` seconds)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                async for event in self.store.subscribe(session_id):
+                    if event is not None and event.get("phase") in FINAL_PHASES:
+                        break
+        return await self.store.get(session_id, include_expired=True)
+
+    def events(
+        self, session_id: str, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """The session's progress events, replayed then followed."""
+        return self.store.subscribe(session_id, keepalive=keepalive)
+
+    # -- activity ------------------------------------------------------------------
+    def note_activity(self, session_id: str) -> None:
+        """Record kernel activity without waiting for the store (hot path)."""
+        task = asyncio.create_task(self.store.touch(session_id, self.clock()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def register_closer(self, session_id: str, closer: Closer) -> Callable[[], None]:
+        """Remember how to close one client connection; returns the unregister call."""
+        self._closers.setdefault(session_id, set()).add(closer)
+
+        def unregister() -> None:
+            closers = self._closers.get(session_id)
+            if closers is not None:
+                closers.discard(closer)
+                if not closers:
+                    del self._closers[session_id]
+
+        return unregister
+
+    async def _close_connections(self, session_id: str, reason: str) -> None:
+        closers = list(self._closers.pop(session_id, ()))
+        await asyncio.gather(*(c(1000, f"session ended: {reason}") for c in closers),
+                             return_exceptions=True)
+
+    # -- ending ------------------------------------------------------------------
+    async def stop(self, session: Session, reason: str) -> None:
+        """Stop a session for good: backend server, open connections, store state."""
+        spawn = self._spawns.pop(session.id, None)
+        if spawn is not None and not spawn.done():
+            spawn.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await spawn
+        session.status = Status.STOPPED
+        session.ended_reason = reason
+        session.message = f"Session stopped ({reason})"
+        await self.store.save(session)
+        await self.store.publish(session.id, {"phase": "stopped", "message": session.message,
+                                              "reason": reason})
+        await self._close_connections(session.id, reason)
+        await self._cleanup_backend(session)
+        log.info("session %s stopped: %s", session.id, reason)
+
+    async def on_upstream_lost(self, session_id: str, message: str) -> None:
+        """A backend noticed a server died: the session fails, its clients are told."""
+        session = await self.store.get(session_id, include_expired=True)
+        if session is None or session.status.terminal:
+            return
+        session.status = Status.FAILED
+        session.ended_reason = "upstream_exited"
+        session.message = message
+        await self.store.save(session)
+        await self.store.publish(session_id, {"phase": "failed", "message": message,
+                                              "reason": "upstream_exited"})
+        await self._close_connections(session_id, "upstream_exited")
+
+    async def reap_once(self) -> int:
+        """Stop sessions past max age, idle ones, and spawns whose replica vanished."""
+        now = self.clock()
+        stopped = 0
+        for session in await self.store.list_live():
+            reason = await self._reap_reason(session, now)
+            if reason:
+                await self.stop(session, reason)
+                stopped += 1
+        return stopped
+
+    async def _reap_reason(self, session: Session, now: float) -> str:
+        if session.expired(now):
+            return "max_age"
+        if session.status is Status.PENDING:
+            lost = now - session.created_at > self.settings.spawn_timeout + _ORPHAN_GRACE
+            return "spawn_lost" if lost and session.id not in self._spawns else ""
+        idle = self.settings.session_idle_timeout
+        if idle and session.status is Status.READY and now - session.last_activity > idle:
+            return "idle"
+        return ""
+
+    async def run_reaper(self) -> None:
+        """Background loop: reap every ``reap_interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            try:
+                await self.reap_once()
+            except Exception:
+                log.exception("session reaper sweep failed")
+
+    async def close(self) -> None:
+        """Cancel spawns in flight (their servers are stopped) at shutdown."""
+        for task in list(self._spawns.values()):
+            task.cancel()
+        await asyncio.gather(*self._spawns.values(), return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,207 @@
+"""The broker's one configuration model.
+
+Every setting comes from the environment (prefix ``BROKER_``) or an optional
+``.env`` file. Each field's description is the documentation: ``session-broker
+config`` prints it, and ``docs/configuration.md`` is generated from it, so a
+setting is described exactly once, here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    """Accept ``a,b , c`` from the environment as well as a real list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of one broker replica (all replicas should share it)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to listen on. Use 0.0.0.0 in a container; the default only "
+        "accepts connections from this machine.",
+    )
+    port: int = Field(8765, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
+    public_url: str = Field(
+        "",
+        description="External base URL of the broker (e.g. https://broker.example.org), used in "
+        "the base_url/ws_url handed to clients. Empty: derived from each request's Host and "
+        "scheme (X-Forwarded-Proto/Host only from BROKER_TRUSTED_PROXIES).",
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis URL for sessions (and, later, limits). Empty: an in-process memory "
+        "store, correct for a single replica only; sessions are lost on restart. Several "
+        "replicas must share one Redis and one BROKER_SECRET_KEY.",
+    )
+    redis_prefix: str = Field(
+        "broker:", description="Prefix of every Redis key, so one Redis can serve several brokers."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description="Key that encrypts upstream tokens at rest (any string; a long random one). "
+        "Required with BROKER_REDIS_URL so every replica can read every session. Empty with "
+        "the memory store: a random key per process.",
+    )
+    backend: Literal["local", "jupyterhub", "binderhub"] = Field(
+        "local",
+        description="Where sessions run: 'local' starts one `jupyter server` process per "
+        "session on this machine (single replica, development and small sites); "
+        "'jupyterhub' and 'binderhub' spawn through BROKER_HUB_URL / BROKER_BINDER_URL.",
+    )
+    hub_url: str = Field("", description="JupyterHub base URL (jupyterhub backend).")
+    hub_api_token: SecretStr = Field(
+        SecretStr(""), description="JupyterHub service API token (jupyterhub backend)."
+    )
+    binder_url: str = Field("", description="BinderHub base URL (binderhub backend).")
+
+    session_max_age: int = Field(
+        86400,
+        ge=10,
+        description="Seconds a session may live at most, counted from creation. At this age the "
+        "session expires: its token stops working and its server is stopped. Matches thebe's "
+        "saved-session max age.",
+    )
+    session_idle_timeout: int = Field(
+        600,
+        ge=0,
+        description="Seconds without kernel activity (execute requests, kernel output) after "
+        "which a session is culled; 0 disables idle culling. See also BROKER_SESSION_MAX_AGE.",
+    )
+    spawn_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a spawn may take before it is abandoned, cleaned up and reported "
+        "as failed (504).",
+    )
+    admin_token: SecretStr = Field(
+        SecretStr(""), description="Token for /api/v1/admin/...; empty disables the admin API."
+    )
+    allowed_origins: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated browser origins allowed to call the broker (CORS and "
+        "WebSocket Origin check), e.g. https://book.example.org. '*' allows any origin (safe "
+        "enough: tokens travel in headers, never cookies). Empty: same-origin only.",
+    )
+    max_sessions: int = Field(
+        0,
+        ge=0,
+        description="Live sessions in total across all replicas (capacity); 0 = unlimited. "
+        "Beyond it, creation is refused with 503 and Retry-After.",
+    )
+    max_sessions_per_owner: int = Field(
+        3,
+        ge=0,
+        description="Live sessions per owner (client IP, IPv6 /64); 0 = unlimited. Beyond it, "
+        "creation is refused with 429. Reusing a session does not count.",
+    )
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated networks (CIDR) whose X-Forwarded-For/-Proto/-Host are "
+        "believed, e.g. the ingress controller's pod network. Empty: the TCP peer is the client.",
+    )
+    ws_max_message_size: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest kernel WebSocket message, in bytes, either direction. A larger "
+        "one closes the connection with 1009. Kernel outputs (images, data frames) can be "
+        "large, so this is well above aiohttp's 4 MiB default.",
+    )
+    ws_heartbeat: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between WebSocket pings on both legs of a kernel connection; a "
+        "leg that misses its pong is closed. Keeps idle connections alive through load "
+        "balancers. 0 disables.",
+    )
+    max_request_body: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body accepted (413 beyond).",
+    )
+    upstream_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for an upstream REST reply."
+    )
+    local_root_dir: str = Field(
+        "",
+        description="Local backend: directory under which each session gets its own working "
+        "directory (removed when the session ends). Empty: a temporary directory.",
+    )
+    local_server_args: CommaList = Field(
+        default_factory=list,
+        description="Local backend: extra comma-separated arguments for each `jupyter server` "
+        "(e.g. --ServerApp.shutdown_no_activity_timeout=3600).",
+    )
+    reap_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between sweeps that stop expired sessions and mark dead ones.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the broker's own loggers."
+    )
+
+    @field_validator("allowed_origins", "trusted_proxies", "local_server_args", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _normalise_origins(cls, value: list[str]) -> list[str]:
+        return [origin.rstrip("/").lower() for origin in value]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @field_validator("public_url", "hub_url", "binder_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> Settings:
+        if self.backend == "jupyterhub" and not self.hub_url:
+            raise ValueError("BROKER_BACKEND=jupyterhub needs BROKER_HUB_URL")
+        if self.backend == "binderhub" and not self.binder_url:
+            raise ValueError("BROKER_BACKEND=binderhub needs BROKER_BINDER_URL")
+        if self.redis_url and not self.secret_key.get_secret_value():
+            raise ValueError(
+                "BROKER_REDIS_URL needs BROKER_SECRET_KEY: every replica must decrypt the "
+                "upstream tokens stored in Redis"
+            )
+        return self
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """Rows of (env name, default, description) for every setting, in model order."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, SecretStr):
+            shown = "(secret, empty)" if not default.get_secret_value() else "(secret)"
+        elif isinstance(default, list):
+            shown = ",".join(default)
+        else:
+            shown = str(default)
+        rows.append((f"BROKER_{name.upper()}", shown, field.description or ""))
+    return rows

@@ -1,0 +1,77 @@
+"""The session store protocol shared by the Redis and in-memory stores.
+
+Invariants both implementations keep (and ``tests/store/test_conformance.py``
+checks against both):
+
+* ``get`` never returns a session past ``expires_at`` unless asked to
+  (``include_expired=True``, which the reaper uses to stop such sessions).
+* A session in a terminal state (failed/stopped) leaves the live, owner and
+  reuse indexes at once but stays readable for ``TERMINAL_RETENTION``
+  seconds, so a client can still learn why its session ended.
+* The reuse index maps (owner, spec) to at most one session id.
+* Progress events are kept per session in order; ``subscribe`` replays them
+  from the start and then follows new ones, yielding ``None`` every
+  ``keepalive`` seconds of silence so callers can keep connections alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from broker.models import Session
+
+#: Seconds a failed/stopped session stays readable after it ended.
+TERMINAL_RETENTION = 3600.0
+#: Extra seconds a live session's record outlives its max age, so the reaper
+#: can still read what it needs to stop the upstream server.
+EXPIRY_GRACE = 3600.0
+#: Progress events kept per session (spawns emit a few dozen at most).
+MAX_EVENTS = 500
+#: Event phases after which a spawn's event stream ends.
+FINAL_PHASES = frozenset({"ready", "failed", "stopped"})
+
+
+class SessionStore(Protocol):
+    """Where sessions live between requests (and between replicas)."""
+
+    async def create(self, session: Session) -> None:
+        """Store a new session and index it by owner and reuse key."""
+
+    async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
+        """The session, or None if unknown or (unless asked) past its max age."""
+
+    async def save(self, session: Session) -> None:
+        """Persist changed fields (status, upstream, message); terminal states leave indexes."""
+
+    async def touch(self, session_id: str, when: float) -> None:
+        """Record kernel activity (last_activity) without rewriting the session."""
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session entirely, with its indexes and events."""
+
+    async def find_reusable(self, reuse_key: str) -> str | None:
+        """The id of a live session with this reuse key, if any."""
+
+    async def list_live(self) -> list[Session]:
+        """Every non-terminal session, expired ones included (for the reaper and admin)."""
+
+    async def list_owner(self, owner: str) -> list[Session]:
+        """Live, unexpired sessions of one owner."""
+
+    async def count_live(self) -> int:
+        """Number of non-terminal, unexpired sessions across all replicas."""
+
+    async def publish(self, session_id: str, event: dict[str, Any]) -> None:
+        """Append a progress event to the session's event log."""
+
+    def subscribe(
+        self, session_id: str, *, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """Replay and follow a session's events until a final phase."""
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be used right now (for /ready)."""
+
+    async def close(self) -> None:
+        """Release connections."""

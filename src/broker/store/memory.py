@@ -1,0 +1,143 @@
+"""In-process session store: the embedded default when BROKER_REDIS_URL is empty.
+
+Same semantics as :class:`~broker.store.redis.RedisStore` for one replica.
+Sessions are kept as serialised records (through the same cipher as Redis)
+rather than live objects, so callers can never mutate stored state by
+accident and both stores behave identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from broker.models import Clock, Session, system_clock
+from broker.store.base import FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
+from broker.store.crypto import TokenCipher
+
+
+class MemoryStore:
+    """A dict-backed :class:`~broker.store.base.SessionStore`."""
+
+    def __init__(self, cipher: TokenCipher | None = None, clock: Clock = system_clock) -> None:
+        self._cipher = cipher or TokenCipher()
+        self._clock = clock
+        self._records: dict[str, dict[str, str]] = {}
+        self._retain_until: dict[str, float] = {}
+        self._reuse: dict[str, str] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._changed: dict[str, asyncio.Condition] = {}
+
+    def _load(self, session_id: str) -> Session | None:
+        record = self._records.get(session_id)
+        if record is None:
+            return None
+        until = self._retain_until.get(session_id)
+        if until is not None and self._clock() >= until:
+            self._forget(session_id)
+            return None
+        return Session.from_record(record, self._cipher.decrypt)
+
+    def _forget(self, session_id: str) -> None:
+        self._records.pop(session_id, None)
+        self._retain_until.pop(session_id, None)
+        self._events.pop(session_id, None)
+        self._changed.pop(session_id, None)
+        for key in [k for k, v in self._reuse.items() if v == session_id]:
+            del self._reuse[key]
+
+    async def create(self, session: Session) -> None:
+        self._records[session.id] = session.to_record(self._cipher.encrypt)
+        self._reuse[session.reuse_key] = session.id
+
+    async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
+        session = self._load(session_id)
+        if session is None:
+            return None
+        if not include_expired and not session.status.terminal and session.expired(self._clock()):
+            return None
+        return session
+
+    async def save(self, session: Session) -> None:
+        if session.id not in self._records:
+            return
+        self._records[session.id] = session.to_record(self._cipher.encrypt)
+        if session.status.terminal:
+            self._retain_until[session.id] = self._clock() + TERMINAL_RETENTION
+            if self._reuse.get(session.reuse_key) == session.id:
+                del self._reuse[session.reuse_key]
+
+    async def touch(self, session_id: str, when: float) -> None:
+        record = self._records.get(session_id)
+        if record is not None:
+            record["last_activity"] = str(when)
+
+    async def delete(self, session_id: str) -> None:
+        self._forget(session_id)
+
+    async def find_reusable(self, reuse_key: str) -> str | None:
+        session_id = self._reuse.get(reuse_key)
+        if session_id is None:
+            return None
+        session = await self.get(session_id)
+        if session is None or session.status.terminal:
+            return None
+        return session_id
+
+    def _live(self) -> list[Session]:
+        sessions = (self._load(sid) for sid in list(self._records))
+        return [s for s in sessions if s is not None and not s.status.terminal]
+
+    async def list_live(self) -> list[Session]:
+        return self._live()
+
+    async def list_owner(self, owner: str) -> list[Session]:
+        now = self._clock()
+        return [s for s in self._live() if s.owner == owner and not s.expired(now)]
+
+    async def count_live(self) -> int:
+        now = self._clock()
+        return sum(1 for s in self._live() if not s.expired(now))
+
+    async def publish(self, session_id: str, event: dict[str, Any]) -> None:
+        if session_id not in self._records:
+            return
+        events = self._events.setdefault(session_id, [])
+        # Past the cap only final events are kept: subscribers index into the
+        # list, so it must only ever grow.
+        if len(events) >= MAX_EVENTS and event.get("phase") not in FINAL_PHASES:
+            return
+        events.append(dict(event))
+        condition = self._changed.setdefault(session_id, asyncio.Condition())
+        async with condition:
+            condition.notify_all()
+
+    async def subscribe(
+        self, session_id: str, *, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        seen = 0
+        while session_id in self._records:
+            events = self._events.get(session_id, [])
+            while seen < len(events):
+                event = events[seen]
+                seen += 1
+                yield dict(event)
+                if event.get("phase") in FINAL_PHASES:
+                    return
+            condition = self._changed.setdefault(session_id, asyncio.Condition())
+            timed_out = False
+            async with condition:
+                if seen >= len(self._events.get(session_id, [])):
+                    try:
+                        await asyncio.wait_for(condition.wait(), keepalive)
+                    except TimeoutError:
+                        timed_out = True
+            if timed_out:
+                yield None  # outside the lock: the consumer may take its time
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._records.clear()

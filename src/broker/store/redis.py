@@ -1,0 +1,245 @@
+"""Redis session store: shared by every replica, so any replica serves any session.
+
+Keys (all under ``BROKER_REDIS_PREFIX``):
+
+=====================  =====================================================
+``s:{id}``             hash: the session record (upstream token encrypted);
+                       TTL = remaining max age + grace, or the retention of a
+                       terminal session
+``live``               sorted set of non-terminal session ids by expires_at
+                       (capacity counts and the reaper's work list)
+``o:{owner}``          sorted set of one owner's live session ids
+``r:{reuse key}``      string: id of the live session for (owner, spec);
+                       TTL = remaining max age
+``e:{id}``             stream of the session's progress events; TTL follows
+                       the session record
+=====================  =====================================================
+
+Every write that must not resurrect a deleted session (save, touch,
+publish) is a Lua script that first checks the record exists, so a late
+write can never leave a key without a TTL behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from broker.models import Clock, Session, system_clock
+from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
+from broker.store.crypto import TokenCipher
+
+# KEYS: record, live, owner, reuse, events   ARGV: id, terminal(0/1), retention, field, value...
+_SAVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[2] == '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[3]) end
+end
+return 1
+"""
+
+# KEYS: record   ARGV: when
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
+return 1
+"""
+
+# KEYS: record, live, owner, reuse, events   ARGV: id
+_DELETE = """
+redis.call('DEL', KEYS[1], KEYS[5])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+
+# KEYS: record, events   ARGV: maxlen, payload
+_PUBLISH = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+#: Longest single XREAD block; kept under the socket timeout.
+_BLOCK_MS = 4000
+
+
+class RedisStore:
+    """A :class:`~broker.store.base.SessionStore` on Redis (redis-py asyncio)."""
+
+    def __init__(
+        self,
+        url: str,
+        cipher: TokenCipher,
+        *,
+        prefix: str = "broker:",
+        clock: Clock = system_clock,
+    ) -> None:
+        # Typed loosely: redis-py's overloads for decode_responses=True do not
+        # narrow bytes|str to str, and every reply here is text.
+        self._redis: Any = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=(_BLOCK_MS / 1000) + 5,
+            health_check_interval=30,
+        )
+        self._cipher = cipher
+        self._clock = clock
+        self._p = prefix
+        self._save = self._redis.register_script(_SAVE)
+        self._touch = self._redis.register_script(_TOUCH)
+        self._delete = self._redis.register_script(_DELETE)
+        self._publish = self._redis.register_script(_PUBLISH)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The shared connection pool (limits and locks reuse it)."""
+        redis: aioredis.Redis = self._redis
+        return redis
+
+    # -- keys ---------------------------------------------------------------
+    def _k(self, kind: str, name: str = "") -> str:
+        return f"{self._p}{kind}:{name}" if name else f"{self._p}{kind}"
+
+    def _keys(self, session: Session) -> list[str]:
+        return [
+            self._k("s", session.id),
+            self._k("live"),
+            self._k("o", session.owner),
+            self._k("r", session.reuse_key),
+            self._k("e", session.id),
+        ]
+
+    def _decode(self, record: dict[str, str]) -> Session | None:
+        return Session.from_record(record, self._cipher.decrypt) if record else None
+
+    # -- protocol -------------------------------------------------------------
+    async def create(self, session: Session) -> None:
+        remaining = max(1, math.ceil(session.expires_at - self._clock()))
+        record_key, live, owner, reuse, _ = self._keys(session)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(record_key, mapping=session.to_record(self._cipher.encrypt))
+            pipe.expire(record_key, remaining + int(EXPIRY_GRACE))
+            pipe.zadd(live, {session.id: session.expires_at})
+            pipe.zadd(owner, {session.id: session.expires_at})
+            pipe.expire(owner, remaining + int(EXPIRY_GRACE))
+            pipe.set(reuse, session.id, ex=remaining)
+            await pipe.execute()
+
+    async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
+        session = self._decode(await self._redis.hgetall(self._k("s", session_id)))
+        if session is None:
+            return None
+        if not include_expired and not session.status.terminal and session.expired(self._clock()):
+            return None
+        return session
+
+    async def save(self, session: Session) -> None:
+        fields: list[str] = []
+        for key, value in session.to_record(self._cipher.encrypt).items():
+            fields += [key, value]
+        terminal = "1" if session.status.terminal else "0"
+        await self._save(
+            keys=self._keys(session),
+            args=[session.id, terminal, int(TERMINAL_RETENTION), *fields],
+        )
+
+    async def touch(self, session_id: str, when: float) -> None:
+        await self._touch(keys=[self._k("s", session_id)], args=[repr(when)])
+
+    async def delete(self, session_id: str) -> None:
+        session = await self.get(session_id, include_expired=True)
+        if session is None:
+            await self._redis.zrem(self._k("live"), session_id)
+            await self._redis.delete(self._k("e", session_id))
+            return
+        await self._delete(keys=self._keys(session), args=[session_id])
+
+    async def find_reusable(self, reuse_key: str) -> str | None:
+        session_id = await self._redis.get(self._k("r", reuse_key))
+        if not session_id:
+            return None
+        session = await self.get(session_id)
+        if session is None or session.status.terminal:
+            return None
+        return str(session_id)
+
+    async def _load_many(self, ids: list[str]) -> list[Session]:
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id in ids:
+                pipe.hgetall(self._k("s", session_id))
+            records = await pipe.execute()
+        sessions = []
+        vanished = []
+        for session_id, record in zip(ids, records, strict=True):
+            session = self._decode(record)
+            if session is None:
+                vanished.append(session_id)
+            elif not session.status.terminal:
+                sessions.append(session)
+        if vanished:  # records that outlived their grace: drop the dangling index entries
+            await self._redis.zrem(self._k("live"), *vanished)
+        return sessions
+
+    async def list_live(self) -> list[Session]:
+        return await self._load_many(list(await self._redis.zrange(self._k("live"), 0, -1)))
+
+    async def list_owner(self, owner: str) -> list[Session]:
+        ids = await self._redis.zrangebyscore(self._k("o", owner), f"({self._clock()!r}", "+inf")
+        return await self._load_many(list(ids))
+
+    async def count_live(self) -> int:
+        return int(await self._redis.zcount(self._k("live"), f"({self._clock()!r}", "+inf"))
+
+    async def publish(self, session_id: str, event: dict[str, Any]) -> None:
+        await self._publish(
+            keys=[self._k("s", session_id), self._k("e", session_id)],
+            args=[MAX_EVENTS, json.dumps(event)],
+        )
+
+    async def subscribe(
+        self, session_id: str, *, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        stream = self._k("e", session_id)
+        last = "0-0"
+        silent_ms = 0
+        while True:
+            block = min(_BLOCK_MS, max(1, int(keepalive * 1000) - silent_ms))
+            reply = await self._redis.xread({stream: last}, count=100, block=block)
+            if not reply:
+                if not await self._redis.exists(self._k("s", session_id)):
+                    return
+                silent_ms += block
+                if silent_ms >= keepalive * 1000:
+                    silent_ms = 0
+                    yield None
+                continue
+            silent_ms = 0
+            entries: list[tuple[str, dict[str, str]]] = reply[0][1]
+            for entry_id, fields in entries:
+                last = entry_id
+                event = json.loads(fields["data"])
+                yield event
+                if event.get("phase") in FINAL_PHASES:
+                    return
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
