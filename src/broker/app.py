@@ -72,8 +72,7 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     backend = make_backend(settings, app[keys.HTTP])
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
-    if isinstance(backend, LocalBackend):
-        backend.on_lost = manager.on_upstream_lost
+    backend.on_lost = manager.on_upstream_lost
     app[keys.BACKEND] = backend
     app[keys.MANAGER] = manager
     reaper = asyncio.create_task(manager.run_reaper(), name="session-reaper")

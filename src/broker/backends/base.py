@@ -25,6 +25,8 @@ class Backend(Protocol):
     """Spawns, checks and stops upstream Jupyter servers."""
 
     name: str
+    #: Set by the app: how the backend reports a server that died by itself.
+    on_lost: LostCallback | None
 
     def spawn(self, session: Session) -> AsyncIterator[ProgressEvent]:
         """Start a server; yield progress; finish with a ``ready`` event."""

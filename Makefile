@@ -1,0 +1,40 @@
+# One command runs the broker, one runs every test; both set themselves up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench setup setup-test clean
+
+## run: start the broker on its embedded defaults (local backend, memory store)
+run: $(VENV)/.runtime
+	$(BIN)/session-broker serve
+
+## test: install everything the tests need (Redis, npm clients, ...) and run them all
+test: setup-test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## lint: ruff and mypy
+lint: setup-test
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+## bench: proxy benchmark, direct vs through the broker (prints a table)
+bench: setup-test
+	$(BIN)/python bench/ws_bench.py $(BENCH_ARGS)
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+	bash scripts/setup-test-deps.sh
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[speed]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e '.[speed,test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .tools tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache
