@@ -62,6 +62,9 @@ class _Server:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=30)
         self.ready = asyncio.Event()
         self.stopping = False
+        #: Set once the session was handed this server; exits before that are
+        #: start-up failures, which spawn() reports itself.
+        self.live = False
         self.watch: asyncio.Task[None] | None = None
 
 
@@ -129,6 +132,7 @@ class LocalBackend:
                 if not await self._until_answering(server, url, token):
                     await self._terminate(session.id)
                     raise UpstreamFailed("The Jupyter server started but does not answer")
+                server.live = True
                 yield ProgressEvent(
                     "ready",
                     "Jupyter server is ready",
@@ -180,7 +184,7 @@ class LocalBackend:
             await asyncio.wait_for(asyncio.shield(drain), 1.0)
         drain.cancel()
         server.ready.set()  # wake a spawn still waiting: it checks returncode
-        if server.stopping or self._servers.get(session_id) is not server:
+        if server.stopping or not server.live or self._servers.get(session_id) is not server:
             return
         self._servers.pop(session_id, None)
         log.warning("jupyter server of session %s exited with code %s", session_id, code)

@@ -1,0 +1,160 @@
+"""Session lifecycle on the real local backend: reuse, expiry, death, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+from aiohttp import WSMsgType
+
+from broker import keys
+from broker.models import Status
+from tests.conftest import BrokerHarness, MakeBroker, ManualClock, pid_alive
+from tests.kernelproto import execute
+
+
+async def _server_pid(broker: BrokerHarness, session_id: str) -> int:
+    stored = await broker.store.get(session_id, include_expired=True)
+    return int(stored.backend_state["pid"])
+
+
+async def test_reload_reuses_the_live_session(broker: BrokerHarness) -> None:
+    first = await broker.ready_session(spec="gh/org/repo/HEAD")
+    # A "reload": the page presents the token it saved, for the same spec.
+    status, again = await broker.create(spec="gh/org/repo/HEAD", token=first["token"])
+    assert status == 200
+    assert again["id"] == first["id"]
+    assert again["token"] == first["token"]
+    assert again["base_url"] == first["base_url"]
+    # Without the token, or for another spec, it is a different session.
+    status, fresh = await broker.create(spec="gh/org/repo/HEAD")
+    assert status == 201 and fresh["id"] != first["id"]
+    status, other = await broker.create(spec="gh/org/other/HEAD", token=first["token"])
+    assert status == 201 and other["id"] not in (first["id"], fresh["id"])
+
+
+async def test_kernel_state_survives_reuse(broker: BrokerHarness) -> None:
+    session = await broker.ready_session()
+    kernel = await broker.start_kernel(session)
+    url = f"{session['ws_url']}api/kernels/{kernel}/channels"
+    params = {"session_id": "a", "token": session["token"]}
+    async with broker.http.ws_connect(url, params=params) as ws:
+        await execute(ws, "x = 41")
+    status, _ = await broker.create(token=session["token"])
+    assert status == 200
+    async with broker.http.ws_connect(url, params=params) as ws:
+        result = await execute(ws, "print(x + 1)")
+    assert result.stdout == "42\n"
+
+
+async def test_session_expires_at_max_age(make_broker: MakeBroker, clock: ManualClock) -> None:
+    broker = await make_broker(clock=clock, session_max_age=600)
+    session = await broker.ready_session()
+    pid = await _server_pid(broker, session["id"])
+    headers = {"Authorization": f"token {session['token']}"}
+    clock.advance(599)
+    async with broker.http.get(f"{session['base_url']}api/status", headers=headers) as resp:
+        assert resp.status == 200
+    clock.advance(1)
+    async with broker.http.get(f"{session['base_url']}api/status", headers=headers) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["reason"] == "unknown_session"
+    # Reuse of an expired session yields a new one.
+    status, fresh = await broker.create(token=session["token"])
+    assert status == 201 and fresh["id"] != session["id"]
+    # The reaper stops the expired server for good.
+    assert await broker.manager.reap_once() >= 1
+    assert not pid_alive(pid)
+    ended = await broker.store.get(session["id"], include_expired=True)
+    assert ended.status is Status.STOPPED and ended.ended_reason == "max_age"
+
+
+async def test_dead_upstream_is_replaced_on_reuse(broker: BrokerHarness) -> None:
+    session = await broker.ready_session()
+    pid = await _server_pid(broker, session["id"])
+    backend = broker.app[keys.BACKEND]
+    reported = asyncio.Event()
+    original = backend.on_lost
+
+    async def observed(session_id: str, message: str) -> None:
+        await original(session_id, message)
+        reported.set()
+
+    backend.on_lost = observed
+    os.killpg(pid, signal.SIGKILL)
+    # The backend notices the exit by itself and fails the session.
+    await asyncio.wait_for(reported.wait(), 15)
+    async with broker.http.get(f"{broker.url}/api/v1/sessions/{session['id']}",
+                               headers={"Authorization": f"token {session['token']}"}) as resp:
+        body = await resp.json()
+    assert body["status"] == "failed" and body["ended_reason"] == "upstream_exited"
+    status, fresh = await broker.create(token=session["token"])
+    assert status == 201 and fresh["id"] != session["id"] and fresh["status"] == "ready"
+
+
+async def test_reuse_checks_the_upstream_not_the_cache(broker: BrokerHarness) -> None:
+    """A server that stops answering (but whose record says ready) is not handed back."""
+    session = await broker.ready_session()
+    pid = await _server_pid(broker, session["id"])
+    os.kill(pid, signal.SIGSTOP)  # alive as a process, deaf as a server
+    try:
+        stored = await broker.store.get(session["id"])
+        assert stored.status is Status.READY
+        status, fresh = await broker.create(token=session["token"])
+        assert status == 201 and fresh["id"] != session["id"]
+        ended = await broker.store.get(session["id"], include_expired=True)
+        assert ended.status is Status.STOPPED and ended.ended_reason == "upstream_gone"
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_delete_stops_the_server_and_closes_sockets(broker: BrokerHarness) -> None:
+    session = await broker.ready_session()
+    pid = await _server_pid(broker, session["id"])
+    kernel = await broker.start_kernel(session)
+    headers = {"Authorization": f"token {session['token']}"}
+    async with broker.http.ws_connect(
+        f"{session['ws_url']}api/kernels/{kernel}/channels", params={"token": session["token"]}
+    ) as ws:
+        async with broker.http.delete(f"{broker.url}/api/v1/sessions/{session['id']}",
+                                      headers=headers) as resp:
+            assert resp.status == 204
+        closing = await ws.receive(timeout=10)
+        assert closing.type is WSMsgType.CLOSE
+        assert closing.data == 1000 and "deleted" in closing.extra
+    assert not pid_alive(pid)
+    async with broker.http.get(f"{broker.url}/api/v1/sessions/{session['id']}",
+                               headers=headers) as resp:
+        body = await resp.json()
+        assert body["status"] == "stopped" and body["ended_reason"] == "deleted"
+    async with broker.http.get(f"{session['base_url']}api/kernels", headers=headers) as resp:
+        assert resp.status == 404 and (await resp.json())["reason"] == "session_ended"
+
+
+async def test_events_stream_progress_until_ready(broker: BrokerHarness) -> None:
+    status, session = await broker.create(wait=False)
+    assert status == 201 and session["status"] == "pending"
+    async with broker.http.get(f"{broker.url}/api/v1/sessions/{session['id']}/events",
+                               params={"token": session["token"]}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "waiting" and "launching" in phases and phases[-1] == "ready"
+    assert all("upstream" not in json.dumps(e) for e in events)
+
+
+async def test_failed_spawn_reports_an_error(make_broker: MakeBroker) -> None:
+    broker = await make_broker(local_server_args=["--ServerApp.port=not-a-port"])
+    status, body = await broker.create()
+    assert status == 502
+    assert body["error"] == "upstream_failed" and "exited" in body["message"]
+    assert broker.app[keys.BACKEND].pids() == {}
+    stored = await broker.store.get(body["id"], include_expired=True)
+    assert stored.status is Status.FAILED
