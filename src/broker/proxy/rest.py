@@ -9,6 +9,12 @@ rewritten into the broker's ``/s/{id}/`` space. Bodies pass through as bytes
 (``auto_decompress`` is off on the shared client), except the creation bodies
 of kernels and sessions, where thebe's default kernel name ``python`` is
 mapped to the session's kernel.
+
+Upstream HTML is never forwarded: jupyter_server's HTML pages (its error
+pages included) embed the server's token for its own frontend, and the
+proxied API is JSON only. Such a response becomes a broker JSON error with the
+upstream's status. As a second line of defence, a buffered body that contains
+the upstream token is withheld (502) instead of forwarded.
 """
 
 from __future__ import annotations
@@ -93,6 +99,12 @@ def _location(value: str, upstream_base: URL, broker_prefix: str) -> str:
     return f"{rewritten}?{target.raw_query_string}" if target.raw_query_string else rewritten
 
 
+def _withheld(status: int, message: str) -> web.Response:
+    reason = "not_found" if status == 404 else "upstream_response"
+    return web.json_response({"error": reason, "reason": reason, "message": message},
+                             status=status if status >= 400 else 502)
+
+
 async def forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
     """Proxy one REST request to the session's server."""
     method = request.method
@@ -123,10 +135,18 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
                 out["Location"] = _location(
                     out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
                 )
+            if upstream.content_type == "text/html":
+                return _withheld(upstream.status, "The session's server answered with a page, "
+                                 "not an API response")
             length = upstream.content_length
             if length is not None and length <= _BUFFER_LIMIT:
-                return web.Response(status=upstream.status, body=await upstream.read(),
-                                    headers=out)
+                body = await upstream.read()
+                if session.upstream_token.encode() in body:
+                    log.error("withheld a response of session %s that carried its upstream "
+                              "token (%s %s)", session.id, method, remainder)
+                    return _withheld(502, "The session's server sent a response that cannot "
+                                     "be forwarded")
+                return web.Response(status=upstream.status, body=body, headers=out)
             response = web.StreamResponse(status=upstream.status, headers=out)
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(64 * 1024):
