@@ -7,11 +7,19 @@ checks against both):
   (``include_expired=True``, which the reaper uses to stop such sessions).
 * A session in a terminal state (failed/stopped) leaves the live, owner and
   reuse indexes at once but stays readable for ``TERMINAL_RETENTION``
-  seconds, so a client can still learn why its session ended.
+  seconds, so a client can still learn why its session ended. It never
+  returns to a live status: ``save`` of a stale live copy is ignored.
+* A live session's record is kept ``EXPIRY_GRACE`` seconds past its max age.
+* ``save``, ``touch`` and ``publish`` on a deleted (or forgotten) session do
+  nothing: a late write never resurrects it.
 * The reuse index maps (owner, spec) to at most one session id.
 * Progress events are kept per session in order; ``subscribe`` replays them
   from the start and then follows new ones, yielding ``None`` every
   ``keepalive`` seconds of silence so callers can keep connections alive.
+  A subscription ends after a final phase, at once for an unknown session,
+  and without a further keepalive when its session is deleted (Redis notices
+  within ``min(keepalive, 4 s)``). At most ``MAX_EVENTS`` events are kept;
+  the final one is never dropped.
 """
 
 from __future__ import annotations
@@ -42,7 +50,11 @@ class SessionStore(Protocol):
         """The session, or None if unknown or (unless asked) past its max age."""
 
     async def save(self, session: Session) -> None:
-        """Persist changed fields (status, upstream, message); terminal states leave indexes."""
+        """Persist changed fields (status, upstream, message); terminal states leave indexes.
+
+        Does nothing if the session is gone, or if it already ended and
+        ``session`` is a live (stale) copy.
+        """
 
     async def touch(self, session_id: str, when: float) -> None:
         """Record kernel activity (last_activity) without rewriting the session."""

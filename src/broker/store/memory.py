@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker.models import Clock, Session, system_clock
-from broker.store.base import FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
+from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
 from broker.store.crypto import TokenCipher
 
 
@@ -24,31 +24,46 @@ class MemoryStore:
         self._cipher = cipher or TokenCipher()
         self._clock = clock
         self._records: dict[str, dict[str, str]] = {}
+        # When each record is forgotten: max age + EXPIRY_GRACE while live,
+        # TERMINAL_RETENTION after it ended (the TTLs of the Redis store).
         self._retain_until: dict[str, float] = {}
         self._reuse: dict[str, str] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
-        self._changed: dict[str, asyncio.Condition] = {}
+        # Set (and replaced) whenever a session's events change or it goes away.
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def _exists(self, session_id: str) -> bool:
+        """Whether the record is still kept; forgets it once its retention has passed."""
+        if session_id not in self._records:
+            return False
+        if self._clock() >= self._retain_until[session_id]:
+            self._forget(session_id)
+            return False
+        return True
 
     def _load(self, session_id: str) -> Session | None:
-        record = self._records.get(session_id)
-        if record is None:
+        if not self._exists(session_id):
             return None
-        until = self._retain_until.get(session_id)
-        if until is not None and self._clock() >= until:
-            self._forget(session_id)
-            return None
-        return Session.from_record(record, self._cipher.decrypt)
+        return Session.from_record(self._records[session_id], self._cipher.decrypt)
+
+    def _wake(self, session_id: str) -> None:
+        changed = self._changed.pop(session_id, None)
+        if changed is not None:
+            changed.set()
 
     def _forget(self, session_id: str) -> None:
         self._records.pop(session_id, None)
         self._retain_until.pop(session_id, None)
         self._events.pop(session_id, None)
-        self._changed.pop(session_id, None)
+        self._wake(session_id)  # subscribers end rather than wait for a keepalive
         for key in [k for k, v in self._reuse.items() if v == session_id]:
             del self._reuse[key]
 
     async def create(self, session: Session) -> None:
         self._records[session.id] = session.to_record(self._cipher.encrypt)
+        self._retain_until[session.id] = (
+            max(session.expires_at, self._clock()) + EXPIRY_GRACE
+        )
         self._reuse[session.reuse_key] = session.id
 
     async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
@@ -60,8 +75,11 @@ class MemoryStore:
         return session
 
     async def save(self, session: Session) -> None:
-        if session.id not in self._records:
+        current = self._load(session.id)
+        if current is None:
             return
+        if current.status.terminal and not session.status.terminal:
+            return  # a stale copy must not revive an ended session
         self._records[session.id] = session.to_record(self._cipher.encrypt)
         if session.status.terminal:
             self._retain_until[session.id] = self._clock() + TERMINAL_RETENTION
@@ -69,9 +87,8 @@ class MemoryStore:
                 del self._reuse[session.reuse_key]
 
     async def touch(self, session_id: str, when: float) -> None:
-        record = self._records.get(session_id)
-        if record is not None:
-            record["last_activity"] = str(when)
+        if self._exists(session_id):
+            self._records[session_id]["last_activity"] = str(when)
 
     async def delete(self, session_id: str) -> None:
         self._forget(session_id)
@@ -101,7 +118,7 @@ class MemoryStore:
         return sum(1 for s in self._live() if not s.expired(now))
 
     async def publish(self, session_id: str, event: dict[str, Any]) -> None:
-        if session_id not in self._records:
+        if not self._exists(session_id):
             return
         events = self._events.setdefault(session_id, [])
         # Past the cap only final events are kept: subscribers index into the
@@ -109,35 +126,33 @@ class MemoryStore:
         if len(events) >= MAX_EVENTS and event.get("phase") not in FINAL_PHASES:
             return
         events.append(dict(event))
-        condition = self._changed.setdefault(session_id, asyncio.Condition())
-        async with condition:
-            condition.notify_all()
+        self._wake(session_id)
 
     async def subscribe(
         self, session_id: str, *, keepalive: float = 15.0
     ) -> AsyncIterator[dict[str, Any] | None]:
         seen = 0
-        while session_id in self._records:
+        while self._exists(session_id):
             events = self._events.get(session_id, [])
-            while seen < len(events):
+            if seen < len(events):
                 event = events[seen]
                 seen += 1
                 yield dict(event)
                 if event.get("phase") in FINAL_PHASES:
                     return
-            condition = self._changed.setdefault(session_id, asyncio.Condition())
-            timed_out = False
-            async with condition:
-                if seen >= len(self._events.get(session_id, [])):
-                    try:
-                        await asyncio.wait_for(condition.wait(), keepalive)
-                    except TimeoutError:
-                        timed_out = True
-            if timed_out:
-                yield None  # outside the lock: the consumer may take its time
+                continue
+            # No await between the check above and taking the event: a publish
+            # cannot slip in unnoticed.
+            changed = self._changed.setdefault(session_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(changed.wait(), keepalive)
+            except TimeoutError:
+                if self._exists(session_id):
+                    yield None
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
-        self._records.clear()
+        for session_id in list(self._records):
+            self._forget(session_id)

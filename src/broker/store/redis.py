@@ -8,16 +8,19 @@ Keys (all under ``BROKER_REDIS_PREFIX``):
                        terminal session
 ``live``               sorted set of non-terminal session ids by expires_at
                        (capacity counts and the reaper's work list)
-``o:{owner}``          sorted set of one owner's live session ids
+``o:{owner}``          sorted set of one owner's live session ids; TTL =
+                       that of the owner's longest-lived record (never
+                       shortened by a later, shorter session)
 ``r:{reuse key}``      string: id of the live session for (owner, spec);
                        TTL = remaining max age
-``e:{id}``             stream of the session's progress events; TTL follows
-                       the session record
+``e:{id}``             stream of the session's progress events (the newest
+                       ``MAX_EVENTS``); TTL follows the session record
 =====================  =====================================================
 
 Every write that must not resurrect a deleted session (save, touch,
 publish) is a Lua script that first checks the record exists, so a late
-write can never leave a key without a TTL behind.
+write can never leave a key without a TTL behind; save also refuses to take
+a failed/stopped record back to a live status.
 """
 
 from __future__ import annotations
@@ -33,9 +36,28 @@ from broker.models import Clock, Session, system_clock
 from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
 from broker.store.crypto import TokenCipher
 
+# KEYS: record, live, owner, reuse   ARGV: id, expires_at, record ttl, reuse ttl, field, value...
+# The owner index lives as long as the owner's longest-lived session: a
+# session with a shorter max age must not shorten it.
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
+return 1
+"""
+
 # KEYS: record, live, owner, reuse, events   ARGV: id, terminal(0/1), retention, field, value...
+# A terminal record is never taken back to a live status (a stale copy saved
+# by a spawn that lost a race with a stop).
 _SAVE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] == '0' then
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status == 'failed' or status == 'stopped' then return 0 end
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if ARGV[2] == '1' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -67,7 +89,7 @@ return 1
 _PUBLISH = """
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], '*', 'data', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 """
@@ -99,10 +121,16 @@ class RedisStore:
         self._cipher = cipher
         self._clock = clock
         self._p = prefix
+        self._create = self._redis.register_script(_CREATE)
         self._save = self._redis.register_script(_SAVE)
         self._touch = self._redis.register_script(_TOUCH)
         self._delete = self._redis.register_script(_DELETE)
         self._publish = self._redis.register_script(_PUBLISH)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key this store writes (``BROKER_REDIS_PREFIX``)."""
+        return self._p
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -123,21 +151,22 @@ class RedisStore:
             self._k("e", session.id),
         ]
 
+    def _flat_record(self, session: Session) -> list[str]:
+        """The record as Lua script arguments: field, value, field, value..."""
+        return [item for pair in session.to_record(self._cipher.encrypt).items() for item in pair]
+
     def _decode(self, record: dict[str, str]) -> Session | None:
         return Session.from_record(record, self._cipher.decrypt) if record else None
 
     # -- protocol -------------------------------------------------------------
     async def create(self, session: Session) -> None:
         remaining = max(1, math.ceil(session.expires_at - self._clock()))
-        record_key, live, owner, reuse, _ = self._keys(session)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(record_key, mapping=session.to_record(self._cipher.encrypt))
-            pipe.expire(record_key, remaining + int(EXPIRY_GRACE))
-            pipe.zadd(live, {session.id: session.expires_at})
-            pipe.zadd(owner, {session.id: session.expires_at})
-            pipe.expire(owner, remaining + int(EXPIRY_GRACE))
-            pipe.set(reuse, session.id, ex=remaining)
-            await pipe.execute()
+        fields = self._flat_record(session)
+        await self._create(
+            keys=self._keys(session)[:4],
+            args=[session.id, repr(session.expires_at), remaining + int(EXPIRY_GRACE),
+                  remaining, *fields],
+        )
 
     async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
         session = self._decode(await self._redis.hgetall(self._k("s", session_id)))
@@ -148,9 +177,7 @@ class RedisStore:
         return session
 
     async def save(self, session: Session) -> None:
-        fields: list[str] = []
-        for key, value in session.to_record(self._cipher.encrypt).items():
-            fields += [key, value]
+        fields = self._flat_record(session)
         terminal = "1" if session.status.terminal else "0"
         await self._save(
             keys=self._keys(session),
@@ -218,6 +245,8 @@ class RedisStore:
         stream = self._k("e", session_id)
         last = "0-0"
         silent_ms = 0
+        if not await self._redis.exists(self._k("s", session_id)):
+            return  # at once, not after a blocking read on a stream that never comes
         while True:
             block = min(_BLOCK_MS, max(1, int(keepalive * 1000) - silent_ms))
             reply = await self._redis.xread({stream: last}, count=100, block=block)
