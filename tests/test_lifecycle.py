@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from broker import keys
 from broker.models import Status
 from tests.conftest import BrokerHarness, MakeBroker, ManualClock, pid_alive
-from tests.kernelproto import execute
+from tests.kernelproto import execute, make_message
 
 
 async def _server_pid(broker: BrokerHarness, session_id: str) -> int:
@@ -158,3 +158,29 @@ async def test_failed_spawn_reports_an_error(make_broker: MakeBroker) -> None:
     assert broker.app[keys.BACKEND].pids() == {}
     stored = await broker.store.get(body["id"], include_expired=True)
     assert stored.status is Status.FAILED
+
+
+async def test_idle_sessions_are_culled_but_busy_ones_are_not(
+    make_broker: MakeBroker, clock: ManualClock
+) -> None:
+    broker = await make_broker(clock=clock, session_idle_timeout=60)
+    idle, busy = await asyncio.gather(broker.ready_session(), broker.ready_session())
+    idle_pid = await _server_pid(broker, idle["id"])
+    kernel = await broker.start_kernel(busy)
+    url = f"{busy['ws_url']}api/kernels/{kernel}/channels"
+    async with broker.http.ws_connect(url, params={"token": busy["token"]}) as ws:
+        # Start a long, silent computation, wait until the kernel says busy, leave.
+        await ws.send_str(json.dumps(make_message("execute_request",
+                                                  {"code": "import time; time.sleep(30)"})))
+        while True:
+            frame = json.loads((await ws.receive(timeout=20)).data)
+            if frame["header"]["msg_type"] == "status" and \
+                    frame["content"]["execution_state"] == "busy":
+                break
+    clock.advance(61)
+    assert await broker.manager.reap_once() == 1
+    assert not pid_alive(idle_pid)
+    ended = await broker.store.get(idle["id"], include_expired=True)
+    assert ended.status is Status.STOPPED and ended.ended_reason == "idle"
+    still = await broker.store.get(busy["id"])
+    assert still.status is Status.READY and still.last_activity == clock.now

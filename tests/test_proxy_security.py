@@ -208,6 +208,7 @@ async def test_upstream_token_never_leaves_the_broker(
         seen.append(await resp.text())
 
     status, session = await broker.create()
+    assert status == 201
     seen.append(json.dumps(session))
     headers = {"Authorization": f"token {session['token']}"}
     async with broker.http.post(f"{session['base_url']}api/kernels", headers=headers,

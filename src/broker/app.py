@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,6 +24,7 @@ from broker.backends.local import LocalBackend
 from broker.models import Clock, system_clock
 from broker.policy.identity import parse_networks
 from broker.proxy import routes as proxy_routes
+from broker.proxy.rest import kernels_busy
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
@@ -73,6 +75,8 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     backend = make_backend(settings, app[keys.HTTP])
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
     backend.on_lost = manager.on_upstream_lost
+    http = app[keys.HTTP]
+    manager.busy_check = functools.partial(kernels_busy, http)
     app[keys.BACKEND] = backend
     app[keys.MANAGER] = manager
     reaper = asyncio.create_task(manager.run_reaper(), name="session-reaper")

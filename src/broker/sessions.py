@@ -85,6 +85,8 @@ class SessionManager:
         self._spawns: dict[str, asyncio.Task[None]] = {}
         self._closers: dict[str, set[Closer]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        #: Asks the upstream whether a session's kernels are executing (set by the app).
+        self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
@@ -224,7 +226,9 @@ class SessionManager:
     async def authenticate(self, session_id: str, token: str | None) -> Session:
         """The session this token opens; 401 without a token, 404/403 otherwise."""
         if not token:
-            raise Unauthorized("A session token is required: an Authorization header or a token query parameter")
+            raise Unauthorized(
+                "A session token is required: an Authorization header or a token query parameter"
+            )
         session = await self.store.get(session_id)
         if session is None:
             raise NotFound("No such session, or it has expired", reason="unknown_session")
@@ -334,6 +338,9 @@ class SessionManager:
             return "spawn_lost" if lost and session.id not in self._spawns else ""
         idle = self.settings.session_idle_timeout
         if idle and session.status is Status.READY and now - session.last_activity > idle:
+            if self.busy_check is not None and await self.busy_check(session):
+                await self.store.touch(session.id, now)  # working, just unwatched
+                return ""
             return "idle"
         return ""
 

@@ -158,3 +158,24 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
                     remainder, type(exc).__name__)
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
+
+
+async def kernels_busy(http: aiohttp.ClientSession, session: Session) -> bool:
+    """Whether any kernel of the session is executing right now, per its server.
+
+    The idle reaper asks this before culling: a long computation that prints
+    nothing, with its tab closed, shows no WebSocket traffic but is work.
+    An unreachable server counts as not busy.
+    """
+    try:
+        async with http.get(
+            str(join(session.upstream_url, "api/kernels")),
+            headers={"Authorization": f"token {session.upstream_token}"},
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as resp:
+            if resp.status != 200:
+                return False
+            kernels = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    return any(k.get("execution_state") == "busy" for k in kernels if isinstance(k, dict))
