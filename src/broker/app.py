@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from broker import keys
-from broker.api import health, sessions
+from broker.api import health, openapi, sessions
 from broker.api.middleware import add_cors_headers, errors_and_origin
 from broker.backends.base import Backend
 from broker.backends.local import LocalBackend
@@ -108,5 +108,6 @@ def create_app(
     app.on_response_prepare.append(add_cors_headers)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)
+    app.add_routes(openapi.routes)
     app.add_routes(proxy_routes.routes)
     return app
