@@ -15,7 +15,7 @@ test: setup-test
 
 ## lint: ruff and mypy
 lint: setup-test
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 ## bench: proxy benchmark, direct vs through the broker (prints a table)
