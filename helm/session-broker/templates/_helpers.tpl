@@ -1,0 +1,142 @@
+{{/*
+Names, labels and the checks that refuse configurations the broker cannot run.
+*/}}
+
+{{- define "broker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "broker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis Deployment/Service name (in-chart Redis). */}}
+{{- define "broker.redisName" -}}
+{{- printf "%s-redis" (include "broker.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Pods with this label set to "true" may reach the broker through the NetworkPolicy. */}}
+{{- define "broker.clientLabel" -}}
+{{- printf "%s-client" (include "broker.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "broker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels; pass a dict with "ctx" (the root context) and "component". */}}
+{{- define "broker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "broker.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Common labels; pass a dict with "ctx" and "component". */}}
+{{- define "broker.labels" -}}
+helm.sh/chart: {{ include "broker.chart" .ctx }}
+{{ include "broker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{- define "broker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "broker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "broker.image" -}}
+{{- printf "%s:%s" .Values.image.name (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* BROKER_REDIS_URL as the chart knows it: in-chart Redis, redis.url, or empty. */}}
+{{- define "broker.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379/0" (include "broker.redisName" .) }}
+{{- else }}
+{{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+A value as an environment variable: lists joined with commas, whole numbers
+without an exponent (YAML numbers reach templates as float64, which would
+print 67108864 as 6.7108864e+07).
+*/}}
+{{- define "broker.envValue" -}}
+{{- if kindIs "slice" . }}
+{{- join "," . }}
+{{- else if kindIs "float64" . }}
+{{- if eq . (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- else }}
+{{- . }}
+{{- end }}
+{{- end }}
+
+{{/*
+BROKER_SECRET_KEY: the value given, else the one already stored in the
+release's Secret (so upgrades keep reading existing sessions), else a new
+random key.
+*/}}
+{{- define "broker.secretKey" -}}
+{{- if .Values.secrets.secret_key }}
+{{- .Values.secrets.secret_key }}
+{{- else }}
+{{- $stored := lookup "v1" "Secret" .Release.Namespace (include "broker.fullname" .) }}
+{{- if and $stored $stored.data (hasKey $stored.data "BROKER_SECRET_KEY") }}
+{{- index $stored.data "BROKER_SECRET_KEY" | b64dec }}
+{{- else }}
+{{- randAlphaNum 64 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse what the broker cannot run, with a message saying what to change.
+Included by the Deployment, so `helm lint`, `helm template` and
+`helm install` all stop here.
+*/}}
+{{- define "broker.validate" -}}
+{{- $c := .Values.config }}
+{{- $backend := $c.backend | default "local" }}
+{{- $hasRedis := or .Values.redis.enabled .Values.redis.url .Values.redis.urlInExistingSecret }}
+{{- $scaled := or (gt (int .Values.replicas) 1) .Values.autoscaling.enabled }}
+{{- if and .Values.redis.enabled .Values.redis.url }}
+{{- fail "redis.enabled and redis.url are exclusive: use the in-chart Redis or your own, not both" }}
+{{- end }}
+{{- if and .Values.redis.urlInExistingSecret (not .Values.existingSecret) }}
+{{- fail "redis.urlInExistingSecret needs existingSecret (the Secret holding BROKER_REDIS_URL)" }}
+{{- end }}
+{{- if and $scaled (eq $backend "local") }}
+{{- fail "config.backend=local runs every session inside the broker pod, so it is single-replica only: set replicas: 1 and autoscaling.enabled: false, or use the jupyterhub or binderhub backend" }}
+{{- end }}
+{{- if and $scaled (not $hasRedis) }}
+{{- fail "more than one broker replica (replicas > 1 or autoscaling.enabled) needs a shared Redis: set redis.enabled: true or redis.url (each replica would otherwise keep its own sessions)" }}
+{{- end }}
+{{- if and (eq $backend "jupyterhub") (not $c.hub_url) }}
+{{- fail "config.backend=jupyterhub needs config.hub_url (e.g. http://hub:8081 in the z2jh namespace)" }}
+{{- end }}
+{{- if and (eq $backend "jupyterhub") (not .Values.secrets.hub_api_token) (not .Values.existingSecret) }}
+{{- fail "config.backend=jupyterhub needs a JupyterHub service token: secrets.hub_api_token, or BROKER_HUB_API_TOKEN in existingSecret" }}
+{{- end }}
+{{- if and (eq $backend "binderhub") (not $c.binder_url) }}
+{{- fail "config.backend=binderhub needs config.binder_url (e.g. http://binder:80 in the BinderHub namespace)" }}
+{{- end }}
+{{- if eq (int ($c.port | default 0)) 0 }}
+{{- fail "config.port must be a fixed port in a pod (0 means any free port)" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,193 @@
+"""The Dockerfile, checked without a Docker engine.
+
+``test_dockerfile_shape`` reads the Dockerfile's instructions;
+``test_image_install_serves_health`` replays its build the way the image
+does it: build the wheel from a copy of what the build stage COPYs, install
+it with its runtime extras into a fresh pip-less virtual environment, then
+run ``session-broker serve`` from that environment, ask /health and /ready,
+run the image's HEALTHCHECK command, start a real session, and stop the
+process by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+from tests.deploy.conftest import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            pairs.append((word.upper(), " ".join(rest.split())))
+    return pairs
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return steps[last_from:]
+
+
+def healthcheck_command() -> list[str]:
+    [args] = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
+    command: list[str] = json.loads(args.split(" CMD ", 1)[1])
+    return command
+
+
+def test_dockerfile_shape() -> None:
+    steps = instructions()
+    froms = [rest for word, rest in steps if word == "FROM"]
+    assert len(froms) >= 2, "multi-stage: a build stage and a runtime stage"
+    assert all(re.match(r"python:\$\{PYTHON_VERSION\}-slim AS \w+", f) for f in froms), froms
+    final = final_stage()
+    final_words = [word for word, _ in final]
+    # Only the built environment reaches the runtime stage; no sources, no build steps.
+    copies = [rest for word, rest in final if word == "COPY"]
+    assert copies == ["--from=build /opt/broker /opt/broker"]
+    assert not any("pip" in rest for word, rest in final if word == "RUN")
+    # Runs as an unprivileged user.
+    [user] = [rest for word, rest in final if word == "USER"]
+    assert user.split(":")[0] not in ("root", "0")
+    assert final_words.index("USER") < final_words.index("ENTRYPOINT")
+    # Health check on /health; entry point is `session-broker serve`; config by env.
+    assert "/health" in " ".join(healthcheck_command())
+    [entrypoint] = [rest for word, rest in final if word == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["session-broker", "serve"]
+    env = " ".join(rest for word, rest in final if word == "ENV")
+    assert "BROKER_HOST=0.0.0.0" in env
+    # The install the test below replays.
+    build = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "pip wheel --no-deps" in build
+    assert "venv --without-pip /opt/broker" in build
+    assert "pip --python /opt/broker/bin/python install" in build and "[speed]" in build
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:][:3] == ["!pyproject.toml", "!README.md", "!src/"]
+
+
+def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """A JSON request to the broker under test (loopback http only)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    request = urllib.request.Request(url, **kwargs)  # noqa: S310 (checked above)
+    try:
+        with urllib.request.urlopen(request, timeout=180) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.timeout(600)
+def test_image_install_serves_health(tmp_path: Path) -> None:
+    # COPY pyproject.toml README.md ./ ; COPY src ./src
+    context = tmp_path / "src-copy"
+    context.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, context / name)
+    shutil.copytree(ROOT / "src", context / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+    # pip wheel --no-deps --wheel-dir /wheels .
+    wheels = tmp_path / "wheels"
+    subprocess.run([*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(context)],
+                   check=True, timeout=300)
+    [wheel] = list(wheels.glob("jupyter_session_broker-*.whl"))
+
+    # python -m venv --without-pip /opt/broker ; pip --python ... install "<wheel>[speed]"
+    venv = tmp_path / "opt-broker"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", f"{wheel}[speed]"], check=True,
+                   timeout=500)
+
+    # Only runtime dependencies, no pip, and the package comes from the venv, not the tree.
+    assert not (venv / "bin" / "pip").exists()
+    probe = subprocess.run(
+        [str(python), "-c", "import importlib.util as u, broker; print(broker.__file__); "
+         "print([m for m in ('pytest', 'ruff', 'pip', 'jupyterhub') if u.find_spec(m)])"],
+        capture_output=True, text=True, check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    location, test_only = probe.stdout.splitlines()
+    assert location.startswith(str(venv)), location
+    assert test_only == "[]"
+
+    # ENV PATH=/opt/broker/bin:$PATH ... ; USER ; ENTRYPOINT ["session-broker", "serve"]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path)}
+    config = subprocess.run([str(venv / "bin" / "session-broker"), "config"], env=env,
+                            cwd=home, capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0 and "BROKER_HOST" in config.stdout
+
+    port = free_port()
+    proc = subprocess.Popen(  # loopback only here; the image listens on 0.0.0.0
+        [str(venv / "bin" / "session-broker"), "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env={**env, "BROKER_MAX_SESSIONS_PER_OWNER": "0"}, cwd=home,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"serve exited: {proc.stdout.read() if proc.stdout else ''}"
+            try:
+                status, body = _get(f"{base}/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no answer on /health within 60 s"
+                time.sleep(0.3)
+        assert status == 200 and body["ok"] is True
+        assert body["version"] == wheel.name.split("-")[1]
+        status, body = _get(f"{base}/ready")
+        assert status == 200, body
+
+        # The image's HEALTHCHECK command, as written, against this process.
+        check = healthcheck_command()
+        assert check[0] == "python"
+        healthy = subprocess.run([str(python), *check[1:]], env={**env, "BROKER_PORT": str(port)},
+                                 timeout=30)
+        assert healthy.returncode == 0
+        unhealthy = subprocess.run([str(python), *check[1:]],
+                                   env={**env, "BROKER_PORT": str(free_port())},
+                                   capture_output=True, timeout=30)
+        assert unhealthy.returncode != 0
+
+        # The runtime dependencies are enough for a real session (local backend).
+        status, session = _get(f"{base}/api/v1/sessions?wait=true", method="POST")
+        assert status == 201 and session["status"] == "ready", session
+        status, specs = _get(f"{session['base_url']}api/kernelspecs",
+                             headers={"Authorization": f"token {session['token']}"})
+        assert status == 200 and "python3" in specs["kernelspecs"]
+        status, _ = _get(f"{base}/api/v1/sessions/{session['id']}", method="DELETE",
+                         headers={"Authorization": f"token {session['token']}"})
+        assert status in (200, 204)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
