@@ -34,7 +34,7 @@ def _print_config(markdown: bool) -> None:
 def _serve(settings: Settings) -> None:
     from broker.app import create_app  # imported late: `config` must not need aiohttp apps
 
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     try:
         import uvloop  # optional speed-up, in the "speed" extra
 
@@ -60,7 +60,8 @@ def _serve(settings: Settings) -> None:
         port=settings.port,
         access_log_class=AccessLogger,
         print=None,
-        shutdown_timeout=10,
+        # Handlers get the drain period plus a little to finish after 1001.
+        shutdown_timeout=settings.shutdown_drain + 5,
     )
 
 

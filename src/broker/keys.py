@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from broker.backends.base import Backend
+from broker.metrics import Metrics
 from broker.models import Clock
 from broker.policy.identity import Network
 from broker.sessions import SessionManager
@@ -19,3 +20,4 @@ HTTP = web.AppKey("http_client", aiohttp.ClientSession)
 STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)
+METRICS = web.AppKey("metrics", Metrics)

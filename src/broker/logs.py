@@ -9,9 +9,12 @@ accident.
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import re
 import time
+import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -31,6 +34,18 @@ def scrub(text: str) -> str:
     return text
 
 
+#: The id of the request being handled, for every log line it causes.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def new_request_id(offered: str | None) -> str:
+    """Keep a sane incoming X-Request-Id (tracing across proxies), else make one."""
+    if offered and _REQUEST_ID.match(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
 class ScrubFilter(logging.Filter):
     """Scrubs the fully formatted message of every record it sees."""
 
@@ -39,28 +54,64 @@ class ScrubFilter(logging.Filter):
         cleaned = scrub(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if not getattr(record, "request_id", ""):
+            record.request_id = request_id_var.get()
         return True
+
+
+#: LogRecord attributes that are not structured fields of our own.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            data["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info:
+            data["exception"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(data, default=str)
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: peer, method, scrubbed path, status, size, duration."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
+        path = scrub(request.path_qs)
         self.logger.info(
             '%s "%s %s" %d %s %.1fms',
             request.remote,
             request.method,
-            scrub(request.path_qs),
+            path,
             response.status,
             response.body_length,
             time_ * 1000,
+            extra={"event": "request", "method": request.method, "path": path,
+                   "status": response.status, "bytes": response.body_length,
+                   "duration_ms": round(time_ * 1000, 2), "remote": request.remote,
+                   "request_id": response.headers.get("X-Request-Id", "")},
         )
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Root logging for the CLI: one line per record, every handler scrubbed."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(ScrubFilter())
     logging.Formatter.converter = time.gmtime
     root = logging.getLogger()

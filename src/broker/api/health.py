@@ -1,10 +1,13 @@
-"""Liveness and readiness for Kubernetes probes."""
+"""Operational endpoints: liveness, readiness, versions and Prometheus metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import platform
 
+import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import __version__, keys
 
@@ -12,13 +15,13 @@ routes = web.RouteTableDef()
 _CHECK_TIMEOUT = 3.0
 
 
-@routes.get("/health")
+@routes.get("/health", name="health")
 async def health(request: web.Request) -> web.Response:
     """Liveness: the event loop answers. Deliberately checks nothing else."""
     return web.json_response({"ok": True, "version": __version__})
 
 
-@routes.get("/ready")
+@routes.get("/ready", name="ready")
 async def ready(request: web.Request) -> web.Response:
     """Readiness: the store and the selected backend both answer (503 names the failing one)."""
     checks = []
@@ -33,3 +36,21 @@ async def ready(request: web.Request) -> web.Response:
             checks.append({"service": name, "ok": False, "error": type(exc).__name__})
     ok = all(c["ok"] for c in checks)
     return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
+
+
+@routes.get("/versions", name="versions")
+async def versions(request: web.Request) -> web.Response:
+    """What is running, for support requests and dashboards."""
+    return web.json_response({
+        "broker": __version__,
+        "backend": request.app[keys.SETTINGS].backend,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+    })
+
+
+@routes.get("/metrics", name="metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this replica's registry."""
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

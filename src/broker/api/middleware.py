@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -20,6 +21,8 @@ from yarl import URL
 
 from broker import keys
 from broker.errors import BrokerError, Forbidden
+from broker.logs import new_request_id, request_id_var
+from broker.metrics import ROUTES, label_or_other
 from broker.policy.identity import forwarded_proto_host
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ EXPOSE_HEADERS = (
     "Retry-After, Location, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
 )
 _ALLOWED = web.RequestKey("origin_allowed", bool)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def error_response(error: BrokerError) -> web.Response:
@@ -103,3 +107,33 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
         headers["Access-Control-Max-Age"] = "7200"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id (propagated from X-Request-Id when sane) and request timing."""
+    request_id = new_request_id(request.headers.get("X-Request-Id"))
+    request[REQUEST_ID] = request_id
+    context = request_id_var.set(request_id)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        request_id_var.reset(context)
+        if not isinstance(locals().get("response"), web.WebSocketResponse):
+            # WebSocket handlers return when the socket closes; the bridge times
+            # its handshake itself.
+            route = label_or_other(request.match_info.route.name or "other", ROUTES)
+            request.app[keys.METRICS].http_duration.labels(route, f"{status // 100}xx").observe(
+                loop.time() - started
+            )
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: echo the request id so clients can quote it."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]

@@ -136,6 +136,7 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
                     out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
                 )
             if upstream.content_type == "text/html":
+                request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
                 return _withheld(upstream.status, "The session's server answered with a page, "
                                  "not an API response")
             length = upstream.content_length
@@ -144,6 +145,8 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
                 if session.upstream_token.encode() in body:
                     log.error("withheld a response of session %s that carried its upstream "
                               "token (%s %s)", session.id, method, remainder)
+                    request.app[keys.MANAGER].metrics.upstream_error(session.backend,
+                                                                     "bad_response")
                     return _withheld(502, "The session's server sent a response that cannot "
                                      "be forwarded")
                 return web.Response(status=upstream.status, body=body, headers=out)
@@ -156,6 +159,7 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
                     remainder, type(exc).__name__)
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
 

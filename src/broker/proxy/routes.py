@@ -14,7 +14,7 @@ from broker.proxy.websocket import bridge
 routes = web.RouteTableDef()
 
 
-@routes.route("*", "/s/{sid}/{tail:.*}")
+@routes.route("*", "/s/{sid}/{tail:.*}", name="jupyter_rest")
 async def jupyter(request: web.Request) -> web.StreamResponse:
     """Everything a Jupyter client sends to the session's ``base_url``."""
     sid = request.match_info["sid"]

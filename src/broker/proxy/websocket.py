@@ -7,10 +7,13 @@ jupyter.org`` binary frames, or none for JSON text) and an upstream refusal
 (unknown kernel) is still an ordinary JSON HTTP error. No extensions are
 negotiated on either leg. Both legs run aiohttp's heartbeat.
 
-Per message, the bridge only forwards: it never decodes kernel output. For
-client->kernel frames it looks for ``execute_request`` (in the header of v1
-binary frames) to record activity, and it records kernel output as activity
-too; both are throttled to one store write every few seconds.
+Per message, the bridge only forwards: it never decodes kernel output (see
+:mod:`broker.proxy.frames` for the peeks it does). For client->kernel frames
+it looks for ``execute_request`` to record activity and start an execution
+timer; kernel output counts as activity too, and an ``execute_reply`` on the
+shell channel stops the timer. Activity is written to the store at most every
+few seconds, and message/byte counts are tallied in plain integers and
+flushed to the metrics on the same schedule.
 
 Closing: whichever leg ends first ends the other. A client close closes the
 upstream with 1000; an upstream close is passed on with its code (1011 when
@@ -20,40 +23,38 @@ the upstream vanished without one), an oversized message with 1009.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import socket
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
 from broker import keys
 from broker.errors import NotFound, UpstreamFailed
+from broker.metrics import Direction, WsCounts
 from broker.models import Session
+from broker.proxy.frames import binary_channel, binary_header_has, text_channel
 from broker.proxy.paths import join
 from broker.proxy.rest import forward_query
 
 log = logging.getLogger(__name__)
 
-#: Seconds between activity writes per connection.
-ACTIVITY_EVERY = 5.0
+#: Seconds between activity writes (and metric flushes) per connection.
+FLUSH_EVERY = 5.0
 #: Close codes that may not be sent in a close frame (RFC 6455 7.4.1).
 _RESERVED = {1005, 1006, 1015}
 
 
-def is_execute_request(msg_type: WSMsgType, data: str | bytes) -> bool:
-    """Whether a client->kernel frame is an execute_request, reading as little as possible."""
-    if msg_type is WSMsgType.TEXT:
-        return isinstance(data, str) and '"execute_request"' in data
-    raw = data if isinstance(data, bytes) else b""
-    # v1.kernel.websocket.jupyter.org: u64 count, u64 offsets; header is part 1.
-    if len(raw) < 24:
-        return False
-    count = int.from_bytes(raw[:8], "little")
-    if count < 3 or len(raw) < 8 * (count + 1):
-        return False
-    start = int.from_bytes(raw[16:24], "little")
-    end = int.from_bytes(raw[24:32], "little")
-    return b'"execute_request"' in raw[start:end]
+def _tune(sock: Any) -> Any:
+    """TCP_NODELAY on a leg's socket; returns the socket when TCP_QUICKACK exists."""
+    if sock is None:
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock if hasattr(socket, "TCP_QUICKACK") else None
 
 
 def _ws_base(http_url: str) -> str:
@@ -64,6 +65,8 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     """Connect the client's kernel WebSocket to the session's upstream kernel."""
     settings = request.app[keys.SETTINGS]
     manager = request.app[keys.MANAGER]
+    metrics = manager.metrics
+    handshake_started = asyncio.get_running_loop().time()
     offered = [
         p.strip()
         for header in request.headers.getall("Sec-WebSocket-Protocol", [])
@@ -86,9 +89,11 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     except aiohttp.WSServerHandshakeError as exc:
         if exc.status == 404:
             raise NotFound("No such kernel in this session", reason="unknown_kernel") from exc
+        metrics.upstream_error(session.backend, "refused")
         raise UpstreamFailed(f"The kernel refused the connection ({exc.status})",
                              reason="upstream_refused") from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
+        metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
 
@@ -111,35 +116,77 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
 
     unregister = manager.register_closer(session.id, close_both)
     loop = asyncio.get_running_loop()
-    last_activity = loop.time() - ACTIVITY_EVERY  # the first activity is written at once
+    metrics.http_duration.labels("jupyter_ws", "2xx").observe(
+        loop.time() - handshake_started
+    )
+    metrics.ws_open.inc()
+    counts = WsCounts()
+    executions: collections.deque[float] = collections.deque(maxlen=256)
+    last_flush = loop.time() - FLUSH_EVERY  # the first activity is written at once
 
-    def activity() -> None:
-        nonlocal last_activity
+    def housekeeping() -> None:
+        """Throttled: record activity in the store and flush message counts."""
+        nonlocal last_flush
         now = loop.time()
-        if now - last_activity >= ACTIVITY_EVERY:
-            last_activity = now
+        if now - last_flush >= FLUSH_EVERY:
+            last_flush = now
             manager.note_activity(session.id)
+            counts.flush(metrics)
 
     async def client_to_kernel() -> None:
+        to_kernel = Direction.TO_KERNEL.value
         async for msg in client:
+            data = msg.data
             if msg.type is WSMsgType.TEXT:
-                await upstream.send_str(msg.data)
+                await upstream.send_str(data)
+                channel = text_channel(data, from_end=False)
+                execute = channel == "shell" and '"execute_request"' in data
             elif msg.type is WSMsgType.BINARY:
-                await upstream.send_bytes(msg.data)
+                await upstream.send_bytes(data)
+                channel = binary_channel(data)
+                execute = channel == "shell" and binary_header_has(data, b'"execute_request"')
             else:
                 break
-            if is_execute_request(msg.type, msg.data):
-                activity()
+            counts.add(to_kernel, channel, len(data))
+            if execute:
+                executions.append(loop.time())
+                metrics.executions.inc()
+                housekeeping()
+
+    # A kernel answers with a burst of small frames and jupyter_server leaves
+    # Nagle on: its second frame waits for our ACK, which Linux delays ~40 ms.
+    # Re-arming TCP_QUICKACK after every read makes us acknowledge at once
+    # (measured: kernel round trips from ~45 ms to direct-connection speed).
+    upstream_sock = _tune(upstream.get_extra_info("socket"))
+    _tune(request.transport.get_extra_info("socket") if request.transport else None)
+
+    def quickack() -> None:
+        with contextlib.suppress(OSError):
+            upstream_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+    ack = quickack if upstream_sock is not None else None
 
     async def kernel_to_client() -> None:
+        to_client = Direction.TO_CLIENT.value
         async for msg in upstream:
+            if ack is not None:
+                ack()
+            data = msg.data
             if msg.type is WSMsgType.TEXT:
-                await client.send_str(msg.data)
+                await client.send_str(data)
+                channel = text_channel(data, from_end=True)
+                replied = channel == "shell" and executions and '"execute_reply"' in data
             elif msg.type is WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
+                await client.send_bytes(data)
+                channel = binary_channel(data)
+                replied = (channel == "shell" and executions
+                           and binary_header_has(data, b'"execute_reply"'))
             else:
                 break
-            activity()
+            counts.add(to_client, channel, len(data))
+            if replied:
+                metrics.execution_duration.observe(loop.time() - executions.popleft())
+            housekeeping()
 
     pumps = [asyncio.create_task(client_to_kernel()), asyncio.create_task(kernel_to_client())]
     try:
@@ -160,6 +207,8 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
             await client.close(code=code, message=reason.encode())
     finally:
         unregister()
+        metrics.ws_open.dec()
+        counts.flush(metrics)
         with contextlib.suppress(Exception):
             await upstream.close()
         with contextlib.suppress(Exception):

@@ -1,0 +1,208 @@
+"""Every Prometheus metric the broker exports, in one place.
+
+Each app owns a :class:`Metrics` on its own registry (so several apps in one
+process, as in tests, do not collide), served at ``/metrics``. Rules:
+
+* names are ``broker_<noun>_<unit>``;
+* label values come from the enums below and are pre-created at zero, so a
+  dashboard sees every series before the first event; there is never a label
+  per IP, repo, session, path or kernel;
+* the hot path (kernel WebSocket messages) does not touch these objects per
+  message: connections count into plain integers and flush them here in
+  batches (see :class:`WsCounts`).
+
+Labels:
+
+``backend``
+    local, jupyterhub, binderhub.
+``status`` (sessions)
+    pending, ready, failed, stopped. ``broker_sessions`` is cluster-wide (read
+    from the store), so aggregate it across replicas with ``max``, not ``sum``.
+``outcome`` / ``reason`` (creations)
+    outcome ``created``/``reused`` with reason ``none``; ``refused`` with the
+    refusal's reason (capacity, owner_sessions, rate_limited, ...); ``failed``
+    with the spawn failure's reason (upstream_failed, spawn_timeout, ...).
+``outcome`` (spawns)
+    success, failure, timeout, cancelled.
+``direction`` / ``channel`` (WebSocket traffic)
+    ``to_kernel`` or ``to_client``; shell, iopub, stdin, control, or other.
+``route`` / ``status_class`` (HTTP)
+    the named route (sessions_create, jupyter_rest, ...) and 2xx..5xx.
+``kind`` (upstream errors)
+    unreachable, refused, bad_response, exited, spawn.
+``op`` (store)
+    the store method (get, save, create, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from broker import __version__
+
+
+class Direction(enum.StrEnum):
+    """Which way a kernel WebSocket message travelled."""
+
+    TO_KERNEL = "to_kernel"
+    TO_CLIENT = "to_client"
+
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "other")
+BACKENDS = ("local", "jupyterhub", "binderhub")
+STATUSES = ("pending", "ready", "failed", "stopped")
+SPAWN_OUTCOMES = ("success", "failure", "timeout", "cancelled")
+REFUSAL_REASONS = ("capacity", "owner_sessions", "rate_limited", "origin", "bad_request",
+                   "forbidden", "unauthorized")
+FAILURE_REASONS = ("upstream_failed", "spawn_timeout", "upstream_unreachable", "capacity",
+                   "rate_limited", "internal")
+ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
+          "jupyter_rest", "jupyter_ws", "build", "execute", "files", "admin", "health", "ready",
+          "versions", "metrics", "openapi", "other")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+UPSTREAM_ERROR_KINDS = ("unreachable", "refused", "bad_response", "exited", "spawn")
+STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_live",
+             "list_owner", "count_live", "publish", "ping")
+
+_SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+_EXEC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def label_or_other(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
+    """Keep label values inside their enum, whatever a caller passes."""
+    return value if value in allowed else other
+
+
+class Metrics:
+    """The broker's metrics, registered on one registry."""
+
+    def __init__(self, backend: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.info = Info("broker", "Broker version and configured backend.", registry=r)
+        self.info.info({"version": __version__, "backend": backend})
+        self.sessions = Gauge(
+            "broker_sessions", "Sessions in the store by backend and status (cluster-wide).",
+            ["backend", "status"], registry=r)
+        self.creations = Counter(
+            "broker_session_creations_total",
+            "Session creation requests by outcome (created, reused, refused, failed) and reason.",
+            ["outcome", "reason"], registry=r)
+        self.spawn_duration = Histogram(
+            "broker_spawn_duration_seconds", "Time from spawn start to ready or failure.",
+            ["backend", "outcome"], buckets=_SPAWN_BUCKETS, registry=r)
+        self.spawns_in_progress = Gauge(
+            "broker_spawns_in_progress", "Spawns running on this replica.", ["backend"],
+            registry=r)
+        self.ws_open = Gauge(
+            "broker_websocket_connections", "Kernel WebSocket connections open on this replica.",
+            registry=r)
+        self.ws_messages = Counter(
+            "broker_websocket_messages_total", "Kernel WebSocket messages relayed.",
+            ["direction", "channel"], registry=r)
+        self.ws_bytes = Counter(
+            "broker_websocket_bytes_total", "Kernel WebSocket payload bytes relayed.",
+            ["direction", "channel"], registry=r)
+        self.executions = Counter(
+            "broker_kernel_executions_total", "execute_request messages sent to kernels.",
+            registry=r)
+        self.execution_duration = Histogram(
+            "broker_kernel_execution_duration_seconds",
+            "Time from an execute_request to its execute_reply, seen on the WebSocket.",
+            buckets=_EXEC_BUCKETS, registry=r)
+        self.http_duration = Histogram(
+            "broker_http_request_duration_seconds",
+            "HTTP request handling time by route and status class (WebSockets: until upgrade).",
+            ["route", "status_class"], buckets=_FAST_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "broker_upstream_errors_total", "Failures talking to upstream servers.",
+            ["backend", "kind"], registry=r)
+        self.store_duration = Histogram(
+            "broker_store_operation_duration_seconds", "Session store operation latency.",
+            ["op"], buckets=_FAST_BUCKETS, registry=r)
+        self.store_errors = Counter(
+            "broker_store_errors_total", "Session store operations that raised.", ["op"],
+            registry=r)
+        self.loop_lag = Gauge(
+            "broker_event_loop_lag_seconds",
+            "How late a 1 s timer fired on the event loop, last measurement.", registry=r)
+        self.sessions_ended = Counter(
+            "broker_sessions_ended_total", "Sessions ended, by reason.", ["reason"], registry=r)
+        self._precreate()
+
+    def _precreate(self) -> None:
+        for backend in BACKENDS:
+            for status in STATUSES:
+                self.sessions.labels(backend, status)
+            for outcome in SPAWN_OUTCOMES:
+                self.spawn_duration.labels(backend, outcome)
+            self.spawns_in_progress.labels(backend)
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(backend, kind)
+        for outcome in ("created", "reused"):
+            self.creations.labels(outcome, "none")
+        for reason in REFUSAL_REASONS:
+            self.creations.labels("refused", reason)
+        for reason in FAILURE_REASONS:
+            self.creations.labels("failed", reason)
+        for direction in Direction:
+            for channel in CHANNELS:
+                self.ws_messages.labels(direction.value, channel)
+                self.ws_bytes.labels(direction.value, channel)
+        for route in ROUTES:
+            for cls in STATUS_CLASSES:
+                self.http_duration.labels(route, cls)
+        for op in STORE_OPS:
+            self.store_duration.labels(op)
+            self.store_errors.labels(op)
+        for reason in ENDED_REASONS:
+            self.sessions_ended.labels(reason)
+
+    def upstream_error(self, backend: str, kind: str) -> None:
+        """Count one upstream failure (kind kept inside its enum)."""
+        self.upstream_errors.labels(
+            label_or_other(backend, BACKENDS, "local"),
+            label_or_other(kind, UPSTREAM_ERROR_KINDS, "bad_response"),
+        ).inc()
+
+    def ended(self, reason: str) -> None:
+        """Count one session end."""
+        self.sessions_ended.labels(label_or_other(reason, ENDED_REASONS)).inc()
+
+
+ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone", "spawn_lost",
+                 "admin", "failed", "other")
+
+
+class WsCounts:
+    """Per-connection message/byte tallies, flushed to :class:`Metrics` in batches.
+
+    Plain integer additions per message are an order of magnitude cheaper
+    than a locked Prometheus counter increment; the connection flushes every
+    few seconds and when it closes.
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        # (direction, channel) -> [messages, bytes]
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, direction: str, channel: str, size: int) -> None:
+        """Tally one message."""
+        entry = self.counts.get((direction, channel))
+        if entry is None:
+            self.counts[(direction, channel)] = [1, size]
+        else:
+            entry[0] += 1
+            entry[1] += size
+
+    def flush(self, metrics: Metrics) -> None:
+        """Move the tallies into the exported counters."""
+        for (direction, channel), (messages, size) in self.counts.items():
+            metrics.ws_messages.labels(direction, channel).inc(messages)
+            metrics.ws_bytes.labels(direction, channel).inc(size)
+        self.counts.clear()

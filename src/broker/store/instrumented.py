@@ -1,0 +1,83 @@
+"""A store wrapper that times every operation and counts failures.
+
+Wrapping keeps both stores free of metrics code and guarantees that every
+operation, on either store, is measured the same way
+(``broker_store_operation_duration_seconds``, ``broker_store_errors_total``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from broker.metrics import Metrics
+from broker.models import Session
+from broker.store.base import SessionStore
+
+T = TypeVar("T")
+
+
+class InstrumentedStore:
+    """A :class:`~broker.store.base.SessionStore` that reports to :class:`Metrics`."""
+
+    def __init__(self, inner: SessionStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self._metrics = metrics
+
+    async def _timed(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        try:
+            return await call()
+        except Exception:
+            self._metrics.store_errors.labels(op).inc()
+            raise
+        finally:
+            self._metrics.store_duration.labels(op).observe(time.perf_counter() - start)
+
+    async def create(self, session: Session) -> None:
+        await self._timed("create", lambda: self.inner.create(session))
+
+    async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
+        return await self._timed(
+            "get", lambda: self.inner.get(session_id, include_expired=include_expired)
+        )
+
+    async def save(self, session: Session) -> None:
+        await self._timed("save", lambda: self.inner.save(session))
+
+    async def touch(self, session_id: str, when: float) -> None:
+        await self._timed("touch", lambda: self.inner.touch(session_id, when))
+
+    async def delete(self, session_id: str) -> None:
+        await self._timed("delete", lambda: self.inner.delete(session_id))
+
+    async def find_reusable(self, reuse_key: str) -> str | None:
+        return await self._timed("find_reusable", lambda: self.inner.find_reusable(reuse_key))
+
+    async def list_live(self) -> list[Session]:
+        return await self._timed("list_live", self.inner.list_live)
+
+    async def list_owner(self, owner: str) -> list[Session]:
+        return await self._timed("list_owner", lambda: self.inner.list_owner(owner))
+
+    async def count_live(self) -> int:
+        return await self._timed("count_live", self.inner.count_live)
+
+    async def publish(self, session_id: str, event: dict[str, Any]) -> None:
+        await self._timed("publish", lambda: self.inner.publish(session_id, event))
+
+    def subscribe(
+        self, session_id: str, *, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        return self.inner.subscribe(session_id, keepalive=keepalive)
+
+    async def ping(self) -> None:
+        await self._timed("ping", self.inner.ping)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Store-specific extras (e.g. RedisStore.redis for locks) pass through.
+        return getattr(self.inner, name)
