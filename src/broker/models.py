@@ -6,6 +6,12 @@ the hash of the broker token it did hand out. Stores serialise it with
 :meth:`Session.to_record` / :meth:`Session.from_record`; the upstream token
 is encrypted by the store's :class:`~broker.store.crypto.TokenCipher`, never
 written in clear.
+
+A session normally accepts one broker token. Each token-less reuse through the
+BinderHub-compatible ``/build`` door adds the hash of a freshly minted token
+(the newest :data:`MAX_EXTRA_TOKENS` are kept), so a visitor's later page
+loads can be handed a working token without any token ever being stored in a
+recoverable form.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from typing import Any
 #: everywhere time matters, so expiry and limits are testable without sleeping.
 Clock = Callable[[], float]
 system_clock: Clock = time.time
+#: Extra broker tokens a session accepts (one per token-less /build reuse).
+#: Bounded so a record cannot grow without limit; the oldest is dropped first,
+#: which only affects a page that has been open across ten later launches.
+MAX_EXTRA_TOKENS = 10
 
 
 class Status(enum.StrEnum):
@@ -77,10 +87,23 @@ class Session:
     backend_state: dict[str, str] = dataclasses.field(default_factory=dict)
     message: str = ""
     ended_reason: str = ""
+    #: Who, besides the owner's address, asked (an opaque hash of the page's
+    #: Origin and optional visitor cookie on /build); part of the reuse key.
+    visitor: str = ""
+    #: Hashes of further broker tokens minted for token-less /build reuse.
+    extra_token_hashes: list[str] = dataclasses.field(default_factory=list, repr=False)
 
     def token_matches(self, token: str) -> bool:
-        """Constant-time check of a presented broker token."""
-        return hmac.compare_digest(self.token_hash, hash_token(token))
+        """Constant-time check of a presented broker token against every accepted hash."""
+        presented = hash_token(token)
+        matched = hmac.compare_digest(self.token_hash, presented)
+        for extra in self.extra_token_hashes:  # no early exit: timing says nothing
+            matched |= hmac.compare_digest(extra, presented)
+        return matched
+
+    def add_token_hash(self, token_hash: str) -> None:
+        """Accept one more broker token, forgetting the oldest beyond the bound."""
+        self.extra_token_hashes = [*self.extra_token_hashes, token_hash][-MAX_EXTRA_TOKENS:]
 
     def expired(self, now: float) -> bool:
         """True once the session is past its max age."""
@@ -89,7 +112,10 @@ class Session:
     @property
     def reuse_key(self) -> str:
         """Identifies "the same owner asking for the same thing" for session reuse."""
-        material = json.dumps([self.owner, self.spec, self.profile, self.kernel_name])
+        parts = [self.owner, self.spec, self.profile, self.kernel_name]
+        if self.visitor:  # appended only when set, so existing keys stay the same
+            parts.append(self.visitor)
+        material = json.dumps(parts)
         return hashlib.sha256(material.encode()).hexdigest()[:32]
 
     def to_record(self, encrypt: Callable[[str], str]) -> dict[str, str]:
@@ -97,9 +123,11 @@ class Session:
         record = {
             field.name: str(getattr(self, field.name))
             for field in dataclasses.fields(self)
-            if field.name not in ("upstream_token", "backend_state", "status")
+            if field.name not in ("upstream_token", "backend_state", "status",
+                                  "extra_token_hashes")
         }
         record["status"] = self.status.value
+        record["extra_token_hashes"] = json.dumps(self.extra_token_hashes)
         record["backend_state"] = json.dumps(self.backend_state)
         record["upstream_token"] = encrypt(self.upstream_token) if self.upstream_token else ""
         return record
@@ -126,6 +154,8 @@ class Session:
             backend_state=json.loads(record.get("backend_state") or "{}"),
             message=record.get("message", ""),
             ended_reason=record.get("ended_reason", ""),
+            visitor=record.get("visitor", ""),
+            extra_token_hashes=json.loads(record.get("extra_token_hashes") or "[]"),
         )
 
 

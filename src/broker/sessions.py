@@ -8,7 +8,10 @@ Invariants:
 
 * A session's broker token is returned exactly once, at creation; afterwards
   only its hash exists. Reuse therefore requires the client to present the
-  token it was given, as thebe's saved sessions do.
+  token it was given, as thebe's saved sessions do. The one exception is the
+  ``/build`` door (:meth:`SessionManager.launch`): an EventSource cannot
+  present a token, so a reuse by the same owner *and* visitor mints a fresh
+  token for the live session and stores only its hash beside the first.
 * A session is only handed back for reuse after the upstream itself said it
   is alive; a dead one is stopped and replaced.
 * A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout``,
@@ -65,6 +68,8 @@ class SessionRequest:
     spec: str = ""
     profile: str = ""
     kernel_name: str = ""
+    #: Narrows reuse below the owner (the /build door: a hash of Origin/cookie).
+    visitor: str = ""
 
 
 class SessionManager:
@@ -85,6 +90,7 @@ class SessionManager:
         self._spawns: dict[str, asyncio.Task[None]] = {}
         self._closers: dict[str, set[Closer]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._mint_lock = asyncio.Lock()
         #: Asks the upstream whether a session's kernels are executing (set by the app).
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
 
@@ -114,6 +120,7 @@ class SessionManager:
             spec=request.spec,
             profile=request.profile,
             kernel_name=request.kernel_name,
+            visitor=request.visitor,
             message="Waiting to launch",
         )
         await self.store.create(session)
@@ -124,15 +131,20 @@ class SessionManager:
         log.info("session %s created for %s (spec %r)", session.id, session.owner, session.spec)
         return session, token, False
 
-    async def _reusable(self, request: SessionRequest, token: str) -> Session | None:
+    async def _reusable(self, request: SessionRequest, token: str | None) -> Session | None:
+        """The live session this request may reuse, after the upstream confirmed it.
+
+        ``token`` None means the caller vouches for the identity itself
+        (:meth:`launch`); otherwise the token must open the session.
+        """
         probe = Session(id="", token_hash="", owner=request.owner, backend="", created_at=0,
                         expires_at=0, spec=request.spec, profile=request.profile,
-                        kernel_name=request.kernel_name)
+                        kernel_name=request.kernel_name, visitor=request.visitor)
         session_id = await self.store.find_reusable(probe.reuse_key)
         if session_id is None:
             return None
         session = await self.store.get(session_id)
-        if session is None or not session.token_matches(token):
+        if session is None or (token is not None and not session.token_matches(token)):
             return None
         if session.status is Status.PENDING:
             return session
@@ -142,6 +154,42 @@ class SessionManager:
         log.info("session %s is no longer alive upstream; replacing it", session.id)
         await self.stop(session, "upstream_gone")
         return None
+
+    async def launch(self, request: SessionRequest) -> tuple[Session, str | None, bool]:
+        """The ``/build`` door: reuse by identity alone, or create.
+
+        Returns (session, token, reused). A reused session comes back without
+        a token: once it is ready, :meth:`issue_token` mints one for this
+        visit. Only use this where ``request.visitor`` identifies the visitor
+        as well as a client without a token can be identified.
+        """
+        reused = await self._reusable(request, None)
+        if reused is not None:
+            log.info("session %s reused by %s through /build", reused.id, reused.owner)
+            return reused, None, True
+        session, token, _ = await self.create(request)
+        return session, token, False
+
+    async def issue_token(self, session_id: str) -> str | None:
+        """Mint one more broker token for a ready session; None if it is not ready.
+
+        Only ready sessions get extra tokens: after ``ready`` nothing but a
+        terminal transition rewrites the record, so the spawn cannot overwrite
+        the new hash with its older copy. Mints are serialised on this
+        replica; the record is read back so a token is only handed out if its
+        hash is really stored.
+        """
+        async with self._mint_lock:
+            session = await self.store.get(session_id)
+            if session is None or session.status is not Status.READY:
+                return None
+            token = new_token()
+            session.add_token_hash(hash_token(token))
+            await self.store.save(session)
+            stored = await self.store.get(session_id)
+        if stored is None or stored.status is not Status.READY or not stored.token_matches(token):
+            return None
+        return token
 
     async def _admit(self, owner: str) -> None:
         cap = self.settings.max_sessions
