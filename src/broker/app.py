@@ -20,6 +20,7 @@ from broker import keys
 from broker.api import health, openapi, sessions
 from broker.api.middleware import add_cors_headers, errors_and_origin
 from broker.backends.base import Backend
+from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
 from broker.models import Clock, system_clock
 from broker.policy.identity import parse_networks
@@ -41,11 +42,24 @@ def make_store(settings: Settings, clock: Clock) -> SessionStore:
     return MemoryStore(cipher, clock=clock)
 
 
-def make_backend(settings: Settings, http: aiohttp.ClientSession) -> Backend:
+def make_backend(
+    settings: Settings, http: aiohttp.ClientSession, clock: Clock = system_clock
+) -> Backend:
     """The backend named by BROKER_BACKEND."""
     if settings.backend == "local":
         return LocalBackend(
             http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args
+        )
+    if settings.backend == "jupyterhub":
+        return JupyterHubBackend(
+            http,
+            hub_url=settings.hub_url,
+            api_token=settings.hub_api_token.get_secret_value(),
+            public_url=settings.hub_public_url,
+            user_prefix=settings.hub_user_prefix,
+            named_servers=settings.hub_named_servers,
+            request_timeout=settings.upstream_timeout,
+            clock=clock,  # token lifetimes follow the sessions' clock
         )
     raise RuntimeError(f"BROKER_BACKEND={settings.backend} is not available in this version")
 
@@ -72,7 +86,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    backend = make_backend(settings, app[keys.HTTP])
+    backend = make_backend(settings, app[keys.HTTP], app[keys.CLOCK])
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
     backend.on_lost = manager.on_upstream_lost
     http = app[keys.HTTP]

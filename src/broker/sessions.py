@@ -258,11 +258,13 @@ class SessionManager:
         session.message = error.message
         session.ended_reason = error.reason
         await self.store.save(session)
-        await self.store.publish(
-            session.id,
-            {"phase": "failed", "message": error.message, "status_code": error.status,
-             "reason": error.reason},
-        )
+        event: dict[str, Any] = {"phase": "failed", "message": error.message,
+                                 "status_code": error.status, "reason": error.reason}
+        if "Retry-After" in error.headers:
+            # A refusal that may pass later (hub spawn limit, capacity): tell clients when,
+            # also those that learn of it from the event log (POST ?wait=true, /events).
+            event["retry_after"] = int(error.headers["Retry-After"])
+        await self.store.publish(session.id, event)
 
     async def _cleanup_backend(self, session: Session) -> None:
         try:
@@ -298,12 +300,25 @@ class SessionManager:
 
     async def wait(self, session_id: str, limit: float) -> Session | None:
         """Wait until the session's spawn reached a final phase (or ``limit`` seconds)."""
+        session, _ = await self.wait_outcome(session_id, limit)
+        return session
+
+    async def wait_outcome(
+        self, session_id: str, limit: float
+    ) -> tuple[Session | None, dict[str, Any] | None]:
+        """Like :meth:`wait`, also returning the final event (None on timeout).
+
+        A failed spawn's event carries what the session record does not: the
+        refusal's HTTP ``status_code`` and ``retry_after``.
+        """
+        final: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 async for event in self.store.subscribe(session_id):
                     if event is not None and event.get("phase") in FINAL_PHASES:
+                        final = event
                         break
-        return await self.store.get(session_id, include_expired=True)
+        return await self.store.get(session_id, include_expired=True), final
 
     def events(
         self, session_id: str, keepalive: float = 15.0

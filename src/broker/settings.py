@@ -9,6 +9,7 @@ setting is described exactly once, here.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -69,6 +70,29 @@ class Settings(BaseSettings):
         SecretStr(""), description="JupyterHub service API token (jupyterhub backend)."
     )
     binder_url: str = Field("", description="BinderHub base URL (binderhub backend).")
+    hub_public_url: str = Field(
+        "",
+        description="JupyterHub backend: where the hub's proxy serves user servers "
+        "(/user/<name>/), as the broker reaches it, e.g. http://proxy-public when "
+        "BROKER_HUB_URL is the hub's internal API address. The broker joins the server paths "
+        "the hub reports (which include the hub's base_url) to this URL's scheme and host. "
+        "Empty: BROKER_HUB_URL.",
+    )
+    hub_user_prefix: str = Field(
+        "broker-",
+        description="JupyterHub backend: prefix of the hub users the broker creates "
+        "(<prefix><session id>, or <prefix>owner-<hash> with BROKER_HUB_NAMED_SERVERS), "
+        "lower-case letters, digits, '-', '_' and '.'. The broker deletes these users when "
+        "their sessions end, so give it a prefix no real user has.",
+    )
+    hub_named_servers: bool = Field(
+        False,
+        description="JupyterHub backend: false gives every session its own hub user (the "
+        "strongest isolation on the hub). True gives every owner one hub user and every "
+        "session a named server of it (needs c.JupyterHub.allow_named_servers; counts "
+        "against named_server_limit_per_user, beyond which spawns fail with 502). Either way "
+        "a session's token opens only its own server; see BROKER_HUB_USER_PREFIX.",
+    )
 
     session_max_age: int = Field(
         86400,
@@ -173,7 +197,16 @@ class Settings(BaseSettings):
             ipaddress.ip_network(net, strict=False)
         return value
 
-    @field_validator("public_url", "hub_url", "binder_url")
+    @field_validator("hub_user_prefix")
+    @classmethod
+    def _hub_prefix(cls, value: str) -> str:
+        # JupyterHub lower-cases user names; a prefix it would change would break clean-up.
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,31}", value):
+            raise ValueError("BROKER_HUB_USER_PREFIX must be 1-32 lower-case letters, digits, "
+                             "'-', '_' or '.', starting with a letter or digit")
+        return value
+
+    @field_validator("public_url", "hub_url", "hub_public_url", "binder_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
@@ -182,6 +215,8 @@ class Settings(BaseSettings):
     def _backend_needs(self) -> Settings:
         if self.backend == "jupyterhub" and not self.hub_url:
             raise ValueError("BROKER_BACKEND=jupyterhub needs BROKER_HUB_URL")
+        if self.backend == "jupyterhub" and not self.hub_api_token.get_secret_value():
+            raise ValueError("BROKER_BACKEND=jupyterhub needs BROKER_HUB_API_TOKEN")
         if self.backend == "binderhub" and not self.binder_url:
             raise ValueError("BROKER_BACKEND=binderhub needs BROKER_BINDER_URL")
         if self.redis_url and not self.secret_key.get_secret_value():

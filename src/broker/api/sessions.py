@@ -103,14 +103,17 @@ async def create_session(request: web.Request) -> web.Response:
     wanted = await parse_session_request(request)
     session, token, reused = await manager.create(wanted, request_token(request))
     if _flag(request, "wait") and session.status is Status.PENDING:
-        waited = await manager.wait(session.id, manager.settings.spawn_timeout + 5)
+        waited, final = await manager.wait_outcome(session.id, manager.settings.spawn_timeout + 5)
         session = waited or session
         if session.status is Status.FAILED:
             error = BrokerError(session.message or "The session failed to start",
                                 reason=session.ended_reason or "upstream_failed")
-            error.status = _failure_status(session.ended_reason)
+            error.status = _failure_status(session.ended_reason, final)
+            retry_after = (final or {}).get("retry_after")
+            if isinstance(retry_after, int):
+                error.headers["Retry-After"] = str(retry_after)
             body = error.body() | {"id": session.id}
-            return web.json_response(body, status=error.status)
+            return web.json_response(body, status=error.status, headers=error.headers)
     return web.json_response(
         session_body(request, session, token),
         status=200 if reused else 201,
@@ -118,7 +121,11 @@ async def create_session(request: web.Request) -> web.Response:
     )
 
 
-def _failure_status(reason: str) -> int:
+def _failure_status(reason: str, final: dict[str, Any] | None = None) -> int:
+    """The failed spawn's own status when its event has one, else one by reason."""
+    status = (final or {}).get("status_code")
+    if isinstance(status, int) and 400 <= status <= 599:
+        return status
     return {"spawn_timeout": 504, "capacity": 503, "rate_limited": 429}.get(reason, 502)
 
 

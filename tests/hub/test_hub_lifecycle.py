@@ -1,0 +1,97 @@
+"""JupyterHub backend lifecycle: failed spawns, timeouts and expiry leave nothing on the hub.
+
+The profiles used here are :mod:`tests.hubspawner`'s: ``exits`` (the server
+process dies at start-up), ``never`` (it never answers), and any unknown
+name (refused by the hub's ``apply_user_options`` as bad user_options).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from broker.models import Status
+from tests.conftest import MakeBroker, ManualClock, free_port, pid_alive
+from tests.hub.conftest import PREFIX, HubBroker, post_session
+from tests.hubfixture import RunningHub
+
+
+@pytest.mark.parametrize(
+    ("profile", "hub_says"),
+    [("no-such-profile", "No such profile: 'no-such-profile'"),
+     ("exits", "exited with code 3")],
+    ids=["bad-user-options", "server-exits"],
+)
+async def test_failed_spawn_is_502_and_leaves_no_user(
+    hub: RunningHub, hub_broker: HubBroker, profile: str, hub_says: str
+) -> None:
+    broker = await hub_broker()
+    status, _, body = await post_session(broker, profile=profile)
+    assert status == 502, body
+    assert body["reason"] == "spawn_failed"
+    assert hub_says in body["message"]  # the hub's own message, relayed
+    assert await hub.user(f"{PREFIX}{body['id']}") is None
+
+
+async def test_spawn_timeout_is_504_and_the_server_is_stopped(
+    hub: RunningHub, hub_broker: HubBroker
+) -> None:
+    broker = await hub_broker(spawn_timeout=2)
+    before = set(hub.spawned_pids())
+    status, _, body = await post_session(broker, profile="never")
+    assert status == 504, body
+    assert body["reason"] == "spawn_timeout"
+    assert await hub.user(f"{PREFIX}{body['id']}") is None
+    started = set(hub.spawned_pids()) - before
+    assert len(started) == 1  # the hub did start a process for it ...
+    assert not any(pid_alive(pid) for pid in started)  # ... and it is gone
+
+
+async def test_expired_session_is_removed_from_the_hub(
+    hub: RunningHub, hub_broker: HubBroker
+) -> None:
+    clock = ManualClock(time.time())
+    broker = await hub_broker(clock=clock, session_max_age=600)
+    session = await broker.ready_session()
+    user = f"{PREFIX}{session['id']}"
+    status, listing = await hub.api("GET", f"users/{user}/tokens")
+    assert status == 200
+    [minted] = [t for t in listing["api_tokens"]
+                if t.get("note") == f"jupyter-session-broker session {session['id']}"]
+    assert minted["expires_at"] is not None  # the hub token dies with the session too
+
+    headers = {"Authorization": f"token {session['token']}"}
+    clock.advance(599)
+    assert await broker.manager.reap_once() == 0
+    async with broker.http.get(f"{session['base_url']}api/status", headers=headers) as resp:
+        assert resp.status == 200
+    clock.advance(1)
+    async with broker.http.get(f"{session['base_url']}api/status", headers=headers) as resp:
+        assert resp.status == 404  # expired: the token opens nothing any more
+    assert await hub.user(user) is not None  # until the reaper's sweep
+    assert await broker.manager.reap_once() == 1
+    assert await hub.user(user) is None
+    ended = await broker.store.get(session["id"], include_expired=True)
+    assert ended.status is Status.STOPPED and ended.ended_reason == "max_age"
+
+
+async def test_ready_reflects_the_hub(hub: RunningHub, hub_broker: HubBroker) -> None:
+    broker = await hub_broker()
+    async with broker.http.get(f"{broker.url}/ready") as resp:
+        assert resp.status == 200
+        checks = (await resp.json())["checks"]
+    assert {"service": "backend:jupyterhub", "ok": True} in checks
+
+
+async def test_unreachable_hub_is_503_with_retry_after(make_broker: MakeBroker) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    broker = await make_broker(backend="jupyterhub", hub_url=closed, hub_api_token="unused")
+    status, headers, body = await post_session(broker)
+    assert status == 503, body
+    assert body["reason"] == "hub_unreachable"
+    assert int(headers["Retry-After"]) > 0
+    async with broker.http.get(f"{broker.url}/ready") as resp:
+        assert resp.status == 503
+        checks = (await resp.json())["checks"]
+    assert any(c["service"] == "backend:jupyterhub" and not c["ok"] for c in checks)
