@@ -338,6 +338,39 @@ def test_grafana_dashboard_configmap_ships_the_dashboard_file(helm: Helm) -> Non
     assert json.loads(configmap["data"]["session-broker.json"]) == dashboard
 
 
+NOTES_EXPECTED: dict[str, list[str]] = {
+    "default": ["Backend: local", "in-process memory", "port-forward service/t-session-broker",
+                "admin API (/api/v1/admin/...) is off"],
+    "jupyterhub": ["Backend: jupyterhub (http://hub:8081)", "Store:   Redis", "Replicas: 3",
+                   "https://broker.example.org/"],
+    "binderhub": ["Backend: binderhub", "Redis (in-chart, in-memory)", "Replicas: 2-10 (HPA)",
+                  "must reach BinderHub"],
+    "local": ["Backend: local", "Replicas: 1", "config.public_url is empty"],
+}
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_notes_render_and_say_what_was_deployed(helm: Helm, name: str) -> None:
+    """NOTES.txt is not rendered by `helm template`; a client-side dry-run install renders it."""
+    args = ["install", "t", str(CHART), "--dry-run=client", "--namespace", "jupyter",
+            *Helm._value_args(values_of(name), None)]
+    proc = helm.run(*args)
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    for line in NOTES_EXPECTED[name]:
+        assert line in notes, f"{line!r} not in NOTES:\n{notes}"
+    assert "hub.jupyter.org/network-access-hub" not in notes  # the jupyterhub set labels its pods
+
+
+def test_notes_remind_to_label_pods_for_z2jh(helm: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "hub.yaml"
+    values.write_text(yaml.safe_dump({"config": {"backend": "jupyterhub", "hub_url": "http://hub"},
+                                      "secrets": {"hub_api_token": "t"}}))
+    proc = helm.run("install", "t", str(CHART), "--dry-run=client", "--values", str(values))
+    assert proc.returncode == 0, proc.stderr
+    assert 'hub.jupyter.org/network-access-hub: "true"' in proc.stdout.split("NOTES:", 1)[1]
+
+
 # -- helm test -------------------------------------------------------------------------------
 class _Ready(BaseHTTPRequestHandler):
     status = 200
