@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import textwrap
 
@@ -32,8 +33,6 @@ def _print_config(markdown: bool) -> None:
 
 
 def _serve(settings: Settings) -> None:
-    from broker.app import create_app  # imported late: `config` must not need aiohttp apps
-
     configure(settings.log_level, settings.log_format)
     try:
         import uvloop  # optional speed-up, in the "speed" extra
@@ -41,28 +40,42 @@ def _serve(settings: Settings) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    app = create_app(settings)
-    base = settings.public_url or f"http://{settings.host}:{settings.port}"
-    store = "Redis" if settings.redis_url else "in-memory store"
+    asyncio.run(_run(settings))
 
-    async def announce(_app: web.Application) -> None:
-        log.info("session-broker %s: %s backend, %s", __version__, settings.backend, store)
-        print(
-            f"Broker listening on http://{settings.host}:{settings.port}\n"
-            f"Create a session:  curl -s -X POST '{base}/api/v1/sessions?wait=true'",
-            flush=True,
-        )
 
-    app.on_startup.append(announce)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
+async def _run(settings: Settings) -> None:
+    """Listen, announce the real address, wait for SIGTERM/SIGINT, shut down gracefully."""
+    from broker.app import create_app  # imported late: `config` must not need aiohttp apps
+
+    runner = web.AppRunner(
+        create_app(settings),
         access_log_class=AccessLogger,
-        print=None,
+        handle_signals=False,
         # Handlers get the drain period plus a little to finish after 1001.
         shutdown_timeout=settings.shutdown_drain + 5,
     )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        base = settings.public_url or f"http://{host}:{port}"
+        store = "Redis" if settings.redis_url else "in-memory store"
+        log.info("session-broker %s listening on %s:%s (%s backend, %s)", __version__, host,
+                 port, settings.backend, store)
+        print(
+            f"Broker listening on http://{host}:{port}\n"
+            f"Create a session:  curl -s -X POST '{base}/api/v1/sessions?wait=true'",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("shutting down: draining for up to %g s", settings.shutdown_drain)
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from broker.errors import (
     Unavailable,
     UpstreamFailed,
 )
+from broker.metrics import FAILURE_REASONS, REFUSAL_REASONS, Metrics, label_or_other
 from broker.models import (
     Clock,
     ProgressEvent,
@@ -82,13 +83,17 @@ class SessionManager:
         backend: Backend,
         *,
         clock: Clock = system_clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics(backend.name)
         self.store = store
         self.backend = backend
         self.clock = clock
         self._spawns: dict[str, asyncio.Task[None]] = {}
         self._closers: dict[str, set[Closer]] = {}
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
         self._background: set[asyncio.Task[Any]] = set()
         self._mint_lock = asyncio.Lock()
         #: Asks the upstream whether a session's kernels are executing (set by the app).
@@ -105,8 +110,14 @@ class SessionManager:
         if presented_token:
             reused = await self._reusable(request, presented_token)
             if reused is not None:
+                self.metrics.creations.labels("reused", "none").inc()
                 return reused, presented_token, True
-        await self._admit(request.owner)
+        try:
+            await self._admit(request.owner)
+        except BrokerError as refusal:
+            reason = label_or_other(refusal.reason, REFUSAL_REASONS, "rate_limited")
+            self.metrics.creations.labels("refused", reason).inc()
+            raise
         now = self.clock()
         token = new_token()
         session = Session(
@@ -125,6 +136,7 @@ class SessionManager:
         )
         await self.store.create(session)
         await self.store.publish(session.id, {"phase": "waiting", "message": session.message})
+        self.metrics.creations.labels("created", "none").inc()
         task = asyncio.create_task(self._spawn(session), name=f"spawn-{session.id}")
         self._spawns[session.id] = task
         task.add_done_callback(lambda _task: self._spawns.pop(session.id, None))
@@ -207,6 +219,27 @@ class SessionManager:
 
     # -- spawning ------------------------------------------------------------------------
     async def _spawn(self, session: Session) -> None:
+        backend = self.backend.name
+        started = asyncio.get_running_loop().time()
+        outcome = "failure"
+        self.metrics.spawns_in_progress.labels(backend).inc()
+        try:
+            await self._spawn_steps(session)
+            outcome = "success"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except SpawnTimeout:
+            outcome = "timeout"
+        except BrokerError:
+            pass
+        finally:
+            self.metrics.spawns_in_progress.labels(backend).dec()
+            elapsed = asyncio.get_running_loop().time() - started
+            self.metrics.spawn_duration.labels(backend, outcome).observe(elapsed)
+
+    async def _spawn_steps(self, session: Session) -> None:
+        """Run the backend's spawn; failures are recorded and re-raised for timing."""
         try:
             async with asyncio.timeout(self.settings.spawn_timeout):
                 async for event in self.backend.spawn(session):
@@ -223,11 +256,15 @@ class SessionManager:
                 f"The server did not start within {self.settings.spawn_timeout:g} s"
             )
             await self._fail(session, error)
+            raise error from None
         except BrokerError as exc:
             await self._fail(session, exc)
-        except Exception:
+            raise
+        except Exception as exc:
             log.exception("spawn of session %s failed", session.id)
-            await self._fail(session, UpstreamFailed("The server could not be started"))
+            error = UpstreamFailed("The server could not be started")
+            await self._fail(session, error)
+            raise error from exc
 
     async def _apply(self, session: Session, event: ProgressEvent) -> None:
         if event.backend_state:
@@ -247,6 +284,10 @@ class SessionManager:
         await self.store.publish(session.id, event.public())
 
     async def _fail(self, session: Session, error: BrokerError) -> None:
+        reason = label_or_other(error.reason, FAILURE_REASONS, "upstream_failed")
+        self.metrics.creations.labels("failed", reason).inc()
+        if not error.expected:
+            self.metrics.upstream_error(self.backend.name, "spawn")
         log.log(
             logging.INFO if error.expected else logging.ERROR,
             "spawn of session %s failed: %s",
@@ -336,6 +377,7 @@ class SessionManager:
     def register_closer(self, session_id: str, closer: Closer) -> Callable[[], None]:
         """Remember how to close one client connection; returns the unregister call."""
         self._closers.setdefault(session_id, set()).add(closer)
+        self._no_connections.clear()
 
         def unregister() -> None:
             closers = self._closers.get(session_id)
@@ -343,12 +385,35 @@ class SessionManager:
                 closers.discard(closer)
                 if not closers:
                     del self._closers[session_id]
+            if not self._closers:
+                self._no_connections.set()
 
         return unregister
 
     async def _close_connections(self, session_id: str, reason: str) -> None:
         closers = list(self._closers.pop(session_id, ()))
+        if not self._closers:
+            self._no_connections.set()
         await asyncio.gather(*(c(1000, f"session ended: {reason}") for c in closers),
+                             return_exceptions=True)
+
+    def open_connections(self) -> int:
+        """Kernel WebSockets open on this replica."""
+        return sum(len(c) for c in self._closers.values())
+
+    async def drain(self, limit: float) -> None:
+        """Shutdown: let connections end by themselves for ``limit`` s, then close with 1001.
+
+        1001 (going away) tells clients to reconnect — to another replica,
+        which finds the session in the shared store. Sessions are left as
+        they are.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_connections.wait(), limit)
+        closers = [c for group in list(self._closers.values()) for c in list(group)]
+        if closers:
+            log.info("closing %d kernel connections for shutdown", len(closers))
+        await asyncio.gather(*(c(1001, "server shutting down") for c in closers),
                              return_exceptions=True)
 
     # -- ending ------------------------------------------------------------------
@@ -367,6 +432,7 @@ class SessionManager:
                                               "reason": reason})
         await self._close_connections(session.id, reason)
         await self._cleanup_backend(session)
+        self.metrics.ended(reason)
         log.info("session %s stopped: %s", session.id, reason)
 
     async def on_upstream_lost(self, session_id: str, message: str) -> None:
@@ -377,6 +443,8 @@ class SessionManager:
         session.status = Status.FAILED
         session.ended_reason = "upstream_exited"
         session.message = message
+        self.metrics.ended("upstream_exited")
+        self.metrics.upstream_error(session.backend, "exited")
         await self.store.save(session)
         await self.store.publish(session_id, {"phase": "failed", "message": message,
                                               "reason": "upstream_exited"})
@@ -408,11 +476,21 @@ class SessionManager:
         return ""
 
     async def run_reaper(self) -> None:
-        """Background loop: reap every ``reap_interval`` seconds until cancelled."""
+        """Background loop: reap every ``reap_interval`` seconds until cancelled.
+
+        With several replicas, a store lock lets only one sweep at a time (the
+        lock outlives a sweep that hangs, and expires if its replica dies).
+        """
+        interval = self.settings.reap_interval
         while True:
-            await asyncio.sleep(self.settings.reap_interval)
+            await asyncio.sleep(interval)
             try:
-                await self.reap_once()
+                if not await self.store.try_lock("reaper", ttl=max(interval * 2, 60)):
+                    continue
+                try:
+                    await self.reap_once()
+                finally:
+                    await self.store.release_lock("reaper")
             except Exception:
                 log.exception("session reaper sweep failed")
 

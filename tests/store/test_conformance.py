@@ -625,3 +625,40 @@ async def test_ping_fails_only_when_the_store_is_unusable(store: SessionStore) -
                 await gone.ping()
         finally:
             await gone.close()
+
+
+# -- locks (one reaper at a time across replicas) ---------------------------------------
+
+
+async def test_lock_excludes_a_second_holder_until_released(store: SessionStore) -> None:
+    assert await store.try_lock("reaper", ttl=60)
+    assert not await store.try_lock("reaper", ttl=60)  # held, also by ourselves
+    assert await store.try_lock("other", ttl=60)  # locks are independent
+    await store.release_lock("reaper")
+    assert await store.try_lock("reaper", ttl=60)
+    await store.release_lock("reaper")
+    await store.release_lock("other")
+
+
+async def test_redis_lock_is_shared_by_replicas_and_expires(
+    redis_url: str, clock: ManualClock
+) -> None:
+    prefix = "lock-test-" + str(id(clock)) + ":"
+    first = RedisStore(redis_url, TokenCipher("k"), prefix=prefix, clock=clock)
+    second = RedisStore(redis_url, TokenCipher("k"), prefix=prefix, clock=clock)
+    try:
+        assert await first.try_lock("reaper", ttl=0.3)
+        assert not await second.try_lock("reaper", ttl=0.3)
+        await second.release_lock("reaper")  # not the holder: no effect
+        assert not await second.try_lock("reaper", ttl=0.3)
+        # A holder that vanished without releasing blocks nobody for long.
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await second.try_lock("reaper", ttl=30):
+            assert asyncio.get_running_loop().time() < deadline, "lock never expired"
+            await asyncio.sleep(0.05)
+        await second.release_lock("reaper")
+        assert await first.try_lock("reaper", ttl=30)
+        await first.release_lock("reaper")
+    finally:
+        await first.close()
+        await second.close()

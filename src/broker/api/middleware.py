@@ -127,7 +127,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(locals().get("response"), web.WebSocketResponse):
             # WebSocket handlers return when the socket closes; the bridge times
             # its handshake itself.
-            route = label_or_other(request.match_info.route.name or "other", ROUTES)
+            name = request.match_info.route.name or "other"
+            route = label_or_other("admin" if name.startswith("admin_") else name, ROUTES)
             request.app[keys.METRICS].http_duration.labels(route, f"{status // 100}xx").observe(
                 loop.time() - started
             )

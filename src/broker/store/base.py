@@ -82,6 +82,16 @@ class SessionStore(Protocol):
     ) -> AsyncIterator[dict[str, Any] | None]:
         """Replay and follow a session's events until a final phase."""
 
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        """Take a cluster-wide lock for ``ttl`` seconds unless another holder has it.
+
+        Holders are store instances (one per replica). The lock expires by
+        itself, so a replica that dies while holding it blocks no one for long.
+        """
+
+    async def release_lock(self, name: str) -> None:
+        """Release a lock this store instance holds (no-op otherwise)."""
+
     async def ping(self) -> None:
         """Raise if the store cannot be used right now (for /ready)."""
 

@@ -72,6 +72,12 @@ class InstrumentedStore:
     ) -> AsyncIterator[dict[str, Any] | None]:
         return self.inner.subscribe(session_id, keepalive=keepalive)
 
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        return await self.inner.try_lock(name, ttl)
+
+    async def release_lock(self, name: str) -> None:
+        await self.inner.release_lock(name)
+
     async def ping(self) -> None:
         await self._timed("ping", self.inner.ping)
 

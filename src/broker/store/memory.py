@@ -31,6 +31,7 @@ class MemoryStore:
         self._events: dict[str, list[dict[str, Any]]] = {}
         # Set (and replaced) whenever a session's events change or it goes away.
         self._changed: dict[str, asyncio.Event] = {}
+        self._locks: dict[str, float] = {}
 
     def _exists(self, session_id: str) -> bool:
         """Whether the record is still kept; forgets it once its retention has passed."""
@@ -149,6 +150,17 @@ class MemoryStore:
             except TimeoutError:
                 if self._exists(session_id):
                     yield None
+
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        # One process is one replica: the lock only has to expire like Redis's.
+        until = self._locks.get(name)
+        if until is not None and self._clock() < until:
+            return False
+        self._locks[name] = self._clock() + ttl
+        return True
+
+    async def release_lock(self, name: str) -> None:
+        self._locks.pop(name, None)
 
     async def ping(self) -> None:
         return None

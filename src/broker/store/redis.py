@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -94,6 +95,12 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 """
 
+# KEYS: lock   ARGV: holder (delete only a lock this instance still holds)
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: Longest single XREAD block; kept under the socket timeout.
 _BLOCK_MS = 4000
 
@@ -126,6 +133,9 @@ class RedisStore:
         self._touch = self._redis.register_script(_TOUCH)
         self._delete = self._redis.register_script(_DELETE)
         self._publish = self._redis.register_script(_PUBLISH)
+        self._release = self._redis.register_script(_RELEASE)
+        #: Identifies this store instance (replica) as a lock holder.
+        self._holder = uuid.uuid4().hex
 
     @property
     def prefix(self) -> str:
@@ -266,6 +276,14 @@ class RedisStore:
                 yield event
                 if event.get("phase") in FINAL_PHASES:
                     return
+
+    async def try_lock(self, name: str, ttl: float) -> bool:
+        taken = await self._redis.set(self._k("lock", name), self._holder, nx=True,
+                                      px=max(1, int(ttl * 1000)))
+        return bool(taken)
+
+    async def release_lock(self, name: str) -> None:
+        await self._release(keys=[self._k("lock", name)], args=[self._holder])
 
     async def ping(self) -> None:
         await self._redis.ping()

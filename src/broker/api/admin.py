@@ -1,0 +1,131 @@
+"""The operators' API: ``/api/v1/admin/...``, enabled by ``BROKER_ADMIN_TOKEN``.
+
+Without the setting every admin path answers 404, as if it did not exist.
+The admin token is compared in constant time and never logged. Session views
+here include the owner (a client IP or /64), which the public API never shows.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from broker import keys
+from broker.api.sessions import _iso
+from broker.errors import Forbidden, NotFound, Unauthorized
+from broker.models import Session
+from broker.policy.auth import request_token
+
+routes = web.RouteTableDef()
+
+
+def _require_admin(request: web.Request) -> None:
+    expected = request.app[keys.SETTINGS].admin_token.get_secret_value()
+    if not expected:
+        raise NotFound("The admin API is not enabled", reason="not_found")
+    token = request_token(request)
+    if not token:
+        raise Unauthorized("The admin token is required")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Forbidden("Wrong admin token", reason="wrong_token")
+
+
+def _admin_view(session: Session, now: float) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "owner": session.owner,
+        "backend": session.backend,
+        "status": session.status.value,
+        "spec": session.spec,
+        "profile": session.profile,
+        "created_at": _iso(session.created_at),
+        "expires_at": _iso(session.expires_at),
+        "last_activity": _iso(session.last_activity or session.created_at),
+        "age_seconds": round(now - session.created_at, 1),
+        "idle_seconds": round(now - (session.last_activity or session.created_at), 1),
+        "message": session.message,
+        "ended_reason": session.ended_reason,
+    }
+
+
+@routes.get("/api/v1/admin/sessions", name="admin_list_sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    """Every live session (``?owner=`` to filter), newest first."""
+    _require_admin(request)
+    manager = request.app[keys.MANAGER]
+    owner = request.query.get("owner")
+    now = manager.clock()
+    sessions = await manager.store.list_live()
+    views = [_admin_view(s, now) for s in sessions if owner is None or s.owner == owner]
+    views.sort(key=lambda v: v["age_seconds"])
+    return web.json_response({"sessions": views, "count": len(views)})
+
+
+@routes.delete("/api/v1/admin/sessions", name="admin_stop_owner_sessions")
+async def stop_owner_sessions(request: web.Request) -> web.Response:
+    """Stop every live session of one owner: ``?owner=<ip or /64>`` (required)."""
+    _require_admin(request)
+    owner = request.query.get("owner")
+    if not owner:
+        raise NotFound("Name the owner: ?owner=<client IP or IPv6 /64>", reason="bad_request")
+    manager = request.app[keys.MANAGER]
+    stopped = 0
+    for session in await manager.store.list_live():
+        if session.owner == owner:
+            await manager.stop(session, "admin")
+            stopped += 1
+    return web.json_response({"owner": owner, "stopped": stopped})
+
+
+@routes.get("/api/v1/admin/sessions/{sid}", name="admin_get_session")
+async def get_session(request: web.Request) -> web.Response:
+    """One session, live or recently ended."""
+    _require_admin(request)
+    manager = request.app[keys.MANAGER]
+    session = await manager.store.get(request.match_info["sid"], include_expired=True)
+    if session is None:
+        raise NotFound("No such session", reason="unknown_session")
+    return web.json_response(_admin_view(session, manager.clock()))
+
+
+@routes.delete("/api/v1/admin/sessions/{sid}", name="admin_stop_session")
+async def stop_session(request: web.Request) -> web.Response:
+    """Stop one session now (its clients see ``ended_reason: admin``)."""
+    _require_admin(request)
+    manager = request.app[keys.MANAGER]
+    session = await manager.store.get(request.match_info["sid"], include_expired=True)
+    if session is None:
+        raise NotFound("No such session", reason="unknown_session")
+    if not session.status.terminal:
+        await manager.stop(session, "admin")
+    return web.Response(status=204)
+
+
+@routes.get("/api/v1/admin/usage", name="admin_usage")
+async def usage(request: web.Request) -> web.Response:
+    """Live usage against the configured limits; the busiest owners first."""
+    _require_admin(request)
+    manager = request.app[keys.MANAGER]
+    settings = request.app[keys.SETTINGS]
+    now = manager.clock()
+    live = [s for s in await manager.store.list_live() if not s.expired(now)]
+    owners = collections.Counter(s.owner for s in live)
+    statuses = collections.Counter(s.status.value for s in live)
+    return web.json_response({
+        "sessions_live": len(live),
+        "by_status": dict(statuses),
+        "limits": {
+            "max_sessions": settings.max_sessions,
+            "max_sessions_per_owner": settings.max_sessions_per_owner,
+            "session_max_age": settings.session_max_age,
+            "session_idle_timeout": settings.session_idle_timeout,
+        },
+        "capacity_used": (len(live) / settings.max_sessions) if settings.max_sessions else None,
+        "top_owners": [{"owner": o, "sessions": n} for o, n in owners.most_common(20)],
+        "this_replica": {
+            "websockets_open": manager.open_connections(),
+        },
+    })
