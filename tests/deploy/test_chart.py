@@ -443,6 +443,15 @@ def test_templates_refuse_invalid_values_with_a_clear_message(helm: Helm, path: 
     assert _expectations(path)["template"] in proc.stderr
 
 
+def test_templates_refuse_a_drain_longer_than_the_grace_period(helm: Helm) -> None:
+    proc = helm.run("template", "t", str(CHART), "--set", "config.shutdown_drain=45")
+    assert proc.returncode != 0
+    assert "must stay below terminationGracePeriodSeconds" in proc.stderr
+    ok = helm.run("template", "t", str(CHART), "--set", "config.shutdown_drain=45",
+                  "--set", "terminationGracePeriodSeconds=60")
+    assert ok.returncode == 0, ok.stderr
+
+
 # -- the schema itself ---------------------------------------------------------------------
 def _walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     for key, prop in schema.get("properties", {}).items():

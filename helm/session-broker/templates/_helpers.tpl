@@ -136,6 +136,9 @@ Included by the Deployment, so `helm lint`, `helm template` and
 {{- if eq (int ($c.port | default 0)) 0 }}
 {{- fail "config.port must be a fixed port in a pod (0 means any free port)" }}
 {{- end }}
+{{- if and (hasKey $c "shutdown_drain") (ge (float64 $c.shutdown_drain) (float64 .Values.terminationGracePeriodSeconds)) }}
+{{- fail (printf "config.shutdown_drain (%v s) must stay below terminationGracePeriodSeconds (%v s), or the kubelet kills pods before open WebSockets are closed cleanly" $c.shutdown_drain .Values.terminationGracePeriodSeconds) }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}
 {{- end }}
