@@ -120,7 +120,9 @@ def _config_text(cfg: HubConfig, workdir: Path, ports: dict[str, int],
         "c.JupyterHub.allow_named_servers = True",
         f"c.JupyterHub.concurrent_spawn_limit = {cfg.concurrent_spawn_limit}",
         f"c.JupyterHub.active_server_limit = {cfg.active_server_limit}",
-        f"c.JupyterHub.tornado_settings = {{'slow_spawn_timeout': {cfg.slow_spawn_timeout!r}}}",
+        # As docs/jupyterhub.md recommends (update, not assign: keeps other settings).
+        "c.JupyterHub.tornado_settings.update("
+        f"{{'slow_spawn_timeout': {cfg.slow_spawn_timeout!r}}})",
         f"c.JupyterHub.services = {services!r}",
         f"c.JupyterHub.load_roles = {roles!r}",
         "c.Spawner.apply_user_options = apply_profile",
@@ -208,6 +210,23 @@ class RunningHub:
             return None
         assert status == 200, (status, body)
         return dict(body)
+
+    async def follow_progress(self, user: str, server: str = "") -> dict[str, Any]:
+        """Follow a spawn's progress stream to its end; the final (ready/failed) event."""
+        path = f"users/{user}/servers/{server}" if server else f"users/{user}/server"
+        headers = {"Authorization": f"token {self.admin_token}"}
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{self.api_url}/hub/api/{path}/progress", headers=headers,
+            timeout=aiohttp.ClientTimeout(total=60),
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    event: dict[str, Any] = json.loads(line[5:])
+                    if event.get("ready") or event.get("failed"):
+                        return event
+        raise AssertionError(f"progress of {path} ended without ready/failed")
 
     async def user_names(self, prefix: str = "") -> list[str]:
         """Names of the hub's users starting with ``prefix``."""

@@ -8,13 +8,14 @@ name (refused by the hub's ``apply_user_options`` as bad user_options).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from broker.models import Status
 from tests.conftest import MakeBroker, ManualClock, free_port, pid_alive
-from tests.hub.conftest import PREFIX, HubBroker, post_session
-from tests.hubfixture import RunningHub
+from tests.hub.conftest import PREFIX, HubBroker, post_session, read_events
+from tests.hubfixture import HubConfig, RunningHub, start_hub
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,34 @@ async def test_expired_session_is_removed_from_the_hub(
     assert await hub.user(user) is None
     ended = await broker.store.get(session["id"], include_expired=True)
     assert ended.status is Status.STOPPED and ended.ended_reason == "max_age"
+
+
+async def test_spawn_the_hub_finishes_before_answering(
+    make_broker: MakeBroker, tmp_path: Path
+) -> None:
+    """With the hub's default slow_spawn_timeout (10 s) a fast spawn is answered 201.
+
+    The progress stream then only says "ready"; the broker must still get the
+    server's URL from it and mint its token.
+    """
+    fast = start_hub(tmp_path / "hub", name="default-timeout",
+                     config=HubConfig(slow_spawn_timeout=10))
+    try:
+        broker = await make_broker(**fast.broker_settings())
+        status, _, session = await post_session(broker)
+        assert status == 201 and session["status"] == "ready", session
+        messages = [e["message"] for e in await read_events(broker, session)]
+        assert "Server requested" not in messages  # the hub had nothing left to report
+        async with broker.http.get(f"{session['base_url']}api/status",
+                                   headers={"Authorization": f"token {session['token']}"}) as resp:
+            assert resp.status == 200
+        async with broker.http.delete(f"{broker.url}/api/v1/sessions/{session['id']}",
+                                      headers={"Authorization": f"token {session['token']}"}
+                                      ) as resp:
+            assert resp.status == 204
+        assert await fast.user_names(PREFIX) == []
+    finally:
+        fast.stop()
 
 
 async def test_ready_reflects_the_hub(hub: RunningHub, hub_broker: HubBroker) -> None:
