@@ -64,6 +64,9 @@ async def test_session_spawns_with_progress_and_runs_code(
             result = await execute(ws, "print(6*7)")
         assert result.stdout == "42\n"
         assert result.reply["status"] == "ok"
+    # Reuse first asks the server, through the hub's proxy, whether it still answers.
+    status, again = await broker.create(token=session["token"])
+    assert status == 200 and again["id"] == session["id"]
 
     async with broker.http.delete(f"{broker.url}/api/v1/sessions/{session['id']}",
                                   headers=_auth(session["token"])) as resp:

@@ -30,7 +30,7 @@ async def test_failed_spawn_is_502_and_leaves_no_user(
     broker = await hub_broker()
     status, _, body = await post_session(broker, profile=profile)
     assert status == 502, body
-    assert body["reason"] == "spawn_failed"
+    assert body["reason"] == "upstream_failed"
     assert hub_says in body["message"]  # the hub's own message, relayed
     assert await hub.user(f"{PREFIX}{body['id']}") is None
 
@@ -118,7 +118,7 @@ async def test_unreachable_hub_is_503_with_retry_after(make_broker: MakeBroker) 
     broker = await make_broker(backend="jupyterhub", hub_url=closed, hub_api_token="unused")
     status, headers, body = await post_session(broker)
     assert status == 503, body
-    assert body["reason"] == "hub_unreachable"
+    assert body["reason"] == "upstream_unreachable"
     assert int(headers["Retry-After"]) > 0
     async with broker.http.get(f"{broker.url}/ready") as resp:
         assert resp.status == 503

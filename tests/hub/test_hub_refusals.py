@@ -2,7 +2,7 @@
 
 ``limited_hub`` runs with ``concurrent_spawn_limit=1`` and
 ``active_server_limit=1``: a second spawn while one is pending is throttled
-(hub: 429 with Retry-After → broker: 429 ``spawn_limit`` with the hub's
+(hub: 429 with Retry-After → broker: 429 ``rate_limited`` with the hub's
 Retry-After), and a second server while one runs finds no room (hub: 429
 without Retry-After → broker: 503 ``capacity`` with Retry-After). Either way
 the refused session's hub user is removed again.
@@ -35,7 +35,7 @@ async def test_concurrent_spawn_limit_is_429_with_the_hubs_retry_after(
 
     status, headers, refused = await post_session(broker)
     assert status == 429, refused
-    assert refused["reason"] == "spawn_limit"
+    assert refused["reason"] == "rate_limited"
     # JupyterHub suggests a delay from spawn_throttle_retry_range (default 30-60 s).
     assert 30 <= int(headers["Retry-After"]) <= 60
     assert headers["Retry-After"] in refused["message"]

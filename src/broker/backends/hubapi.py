@@ -74,7 +74,7 @@ class HubAPI:
     def _unreachable(self, method: str, path: str, why: str) -> Unavailable:
         log.warning("JupyterHub did not answer %s %s: %s", method, path, why)
         return Unavailable("JupyterHub cannot be reached right now; try again soon",
-                           reason="hub_unreachable", retry_after=UNREACHABLE_RETRY_AFTER)
+                           reason="upstream_unreachable", retry_after=UNREACHABLE_RETRY_AFTER)
 
     async def request(self, method: str, path: str, body: Any = None) -> HubReply:
         """One API call. Raises :class:`Unavailable` when the hub does not answer."""

@@ -27,12 +27,13 @@ Invariants:
   the server is removed, its token revoked, and the owner's user deleted
   once it has no server left. Per-owner user operations are serialised
   within a replica so a stop cannot delete a user another spawn just used.
-* Hub refusals become broker errors: ``concurrent_spawn_limit`` (429 with
-  ``Retry-After``) → 429 ``spawn_limit`` with the hub's Retry-After;
+* Hub refusals become broker errors, with the reasons the rest of the
+  broker (and its metrics) use: ``concurrent_spawn_limit`` (429 with
+  ``Retry-After``) → 429 ``rate_limited`` with the hub's Retry-After;
   ``active_server_limit`` (429 without it) → 503 ``capacity``; hub
-  unreachable → 503 ``hub_unreachable``; a failed spawn → 502
-  ``spawn_failed`` with the hub's message. Spawn timeouts are the session
-  manager's (BROKER_SPAWN_TIMEOUT → 504, then ``stop``).
+  unreachable → 503 ``upstream_unreachable``; a failed spawn → 502
+  ``upstream_failed`` with the hub's message. Spawn timeouts are the session
+  manager's (BROKER_SPAWN_TIMEOUT → 504 ``spawn_timeout``, then ``stop``).
 * Upstream tokens go only into the session (encrypted at rest by the store)
   and into Authorization headers; they are never logged.
 * ``close`` stops nothing: sessions live in the shared store and outlive
@@ -181,11 +182,11 @@ class JupyterHubBackend:
                 if isinstance(event, HubReply):
                     raise UpstreamFailed(
                         f"JupyterHub is not starting the server: {event.message}",
-                        reason="spawn_failed")
+                        reason="upstream_failed")
                 if event.get("failed"):
                     message = scrub(str(event.get("message") or "Spawn failed"))
                     raise UpstreamFailed(f"JupyterHub could not start the server: {message}",
-                                         reason="spawn_failed")
+                                         reason="upstream_failed")
                 if event.get("ready"):
                     ready_url = str(event.get("url") or "")
                     break
@@ -196,7 +197,7 @@ class JupyterHubBackend:
                         progress=progress if isinstance(progress, int) else None)
         if ready_url is None:
             raise UpstreamFailed("JupyterHub's progress stream ended before the server was ready",
-                                 reason="spawn_failed")
+                                 reason="upstream_failed")
         token, token_id = await self._mint_token(session, user, server)
         yield ProgressEvent(
             "ready", "The server is ready", progress=100,
@@ -224,7 +225,7 @@ class JupyterHubBackend:
                 seconds = _seconds(retry_after)
                 raise RateLimited(
                     f"JupyterHub is starting too many servers at once; try again in "
-                    f"{seconds} seconds", reason="spawn_limit", retry_after=seconds)
+                    f"{seconds} seconds", retry_after=seconds)
             raise Unavailable(  # active_server_limit: no room until servers stop
                 "JupyterHub has no room for another server; try again in a few minutes",
                 reason="capacity", retry_after=CAPACITY_RETRY_AFTER)
@@ -236,9 +237,9 @@ class JupyterHubBackend:
                       "role scopes (admin:users, servers, tokens)", action, reply.status,
                       reply.message)
             return UpstreamFailed(f"The broker is not allowed to {action} on JupyterHub",
-                                  reason="hub_forbidden")
+                                  reason="upstream_failed")
         return UpstreamFailed(f"JupyterHub could not {action}: {reply.message}",
-                              reason="spawn_failed")
+                              reason="upstream_failed")
 
     async def _mint_token(self, session: Session, user: str, server: str) -> tuple[str, str]:
         """A token for this one server, expiring when the session does."""
