@@ -18,8 +18,10 @@ from aiohttp import web
 
 from broker import keys
 from broker.api import health, openapi, sessions
+from broker.api.build import routes as build_routes
 from broker.api.middleware import add_cors_headers, errors_and_origin
 from broker.backends.base import Backend
+from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
 from broker.models import Clock, system_clock
@@ -60,6 +62,16 @@ def make_backend(
             named_servers=settings.hub_named_servers,
             request_timeout=settings.upstream_timeout,
             clock=clock,  # token lifetimes follow the sessions' clock
+        )
+    if settings.backend == "binderhub":
+        return BinderHubBackend(
+            http,
+            binder_url=settings.binder_url,
+            hub_url=settings.binder_hub_url,
+            hub_api_token=settings.binder_hub_api_token.get_secret_value(),
+            connect_timeout=settings.binder_connect_timeout,
+            read_timeout=settings.binder_read_timeout,
+            request_timeout=settings.upstream_timeout,
         )
     raise RuntimeError(f"BROKER_BACKEND={settings.backend} is not available in this version")
 
@@ -122,6 +134,7 @@ def create_app(
     app.on_response_prepare.append(add_cors_headers)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)
+    app.add_routes(build_routes)
     app.add_routes(openapi.routes)
     app.add_routes(proxy_routes.routes)
     return app

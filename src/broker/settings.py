@@ -70,6 +70,62 @@ class Settings(BaseSettings):
         SecretStr(""), description="JupyterHub service API token (jupyterhub backend)."
     )
     binder_url: str = Field("", description="BinderHub base URL (binderhub backend).")
+    binder_hub_url: str = Field(
+        "",
+        description="BinderHub backend: base URL of the JupyterHub behind the BinderHub, as the "
+        "broker reaches it, used only to stop servers (with BROKER_BINDER_HUB_API_TOKEN). "
+        "Empty: the part of each server URL before /user/.",
+    )
+    binder_hub_api_token: SecretStr = Field(
+        SecretStr(""),
+        description="BinderHub backend: a token of the BinderHub's JupyterHub allowed to stop "
+        "user servers (scope admin:servers), so an ended session's server stops at once. "
+        "Empty: BinderHub has no stop call, so the server runs until the hub's idle culler "
+        "removes it; the session still ends for its clients immediately.",
+    )
+    binder_connect_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="BinderHub backend: seconds to connect to BROKER_BINDER_URL before the "
+        "launch fails (502).",
+    )
+    binder_read_timeout: float = Field(
+        90.0,
+        gt=0,
+        description="BinderHub backend: longest silence, in seconds, on a /build stream before "
+        "the launch fails (502). BinderHub sends a keepalive every ~25 s, so silence beyond "
+        "that means a dead connection. The whole build and launch is bounded by "
+        "BROKER_SPAWN_TIMEOUT; raise that for repositories whose images are not built yet.",
+    )
+    build_keepalive: float = Field(
+        25.0,
+        gt=0,
+        description="Seconds between ':keepalive' comments on the broker's own /build event "
+        "streams (BinderHub's interval), so proxies do not drop a launch that is waiting.",
+    )
+    build_reuse: bool = Field(
+        True,
+        description="/build: hand a visitor who launches the same spec again their live session "
+        "(checked alive upstream first) with a freshly minted token, instead of a new session. "
+        "The visitor is the client address (BROKER_TRUSTED_PROXIES) plus the page's Origin, "
+        "plus BROKER_BUILD_VISITOR_COOKIE when on; people behind one NAT on the same page "
+        "therefore share a session. Turn off where that is unacceptable (then every launch is "
+        "a new session, limited by BROKER_MAX_SESSIONS_PER_OWNER).",
+    )
+    build_visitor_cookie: bool = Field(
+        False,
+        description="/build: also identify visitors by a first-party cookie the broker sets, so "
+        "people behind one NAT get separate sessions. Only works for pages served from the "
+        "broker's own origin (a cross-origin EventSource sends no cookies); on other pages "
+        "leave it off, or every launch would start a new session.",
+    )
+    build_profiles: CommaList = Field(
+        default_factory=list,
+        description="/build: comma-separated pattern=profile pairs (shell-style patterns on "
+        "provider/spec, e.g. gh/my-org/*=python,gh/my-org/gpu-*=gpu); the first match gives the "
+        "session's profile (the jupyterhub backend passes it, with the spec, as user_options). "
+        "A spec matching nothing launches without a profile.",
+    )
     hub_public_url: str = Field(
         "",
         description="JupyterHub backend: where the hub's proxy serves user servers "
@@ -210,6 +266,30 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("binder_hub_url")
+    @classmethod
+    def _strip_binder_hub_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("build_profiles", mode="before")
+    @classmethod
+    def _profile_pairs(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("build_profiles")
+    @classmethod
+    def _valid_profile_pairs(cls, value: list[str]) -> list[str]:
+        for pair in value:
+            pattern, sep, profile = pair.partition("=")
+            name = profile.strip()
+            name_ok = 0 < len(name) <= 100 and name[0].isalnum() and all(
+                c.isascii() and (c.isalnum() or c in "._-") for c in name
+            )
+            if not sep or not pattern.strip() or not name_ok:
+                raise ValueError(f"BROKER_BUILD_PROFILES entry {pair!r} is not pattern=profile "
+                                 "(profile: letters, digits, '.', '_', '-')")
+        return value
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Settings:
