@@ -9,7 +9,7 @@ from broker.errors import BadRequest
 from broker.policy.auth import request_token
 from broker.proxy.paths import CHANNELS, check_remainder
 from broker.proxy.rest import forward
-from broker.proxy.websocket import bridge
+from broker.proxy.wsbridge import bridge
 
 routes = web.RouteTableDef()
 

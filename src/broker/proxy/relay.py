@@ -1,0 +1,567 @@
+"""A WebSocket relay that forwards frames as bytes: the kernel hot path.
+
+After both handshakes, each direction is forwarded as the bytes it arrived
+in, from one transport's ``data_received`` straight into the other's
+``write``: no task switch, no frame assembly, no re-encoding. This is sound
+because neither leg negotiates an extension, so frames are byte-compatible
+in both directions: client frames are masked and the upstream expects masked
+frames from us (its client); upstream frames are unmasked and the browser
+expects exactly that.
+
+To still enforce everything the broker promises, a :class:`FrameScanner` per
+direction parses frame *headers* only (2-14 bytes) and keeps frame
+boundaries, so the relay can count messages and bytes, notice close and pong
+frames, refuse oversized messages (1009), apply a per-connection rate limit
+to client messages and inject its own pings and close frames between frames.
+It peeks into payloads only where an answer lives: the first bytes of a
+client data frame (``execute_request``, channel) and the first or last bytes
+of a kernel frame (channel, ``execute_reply``); kernel output is never
+decoded.
+
+Flow control: when one leg's write buffer passes the transport's high-water
+mark, the other leg stops reading until it drains, so a slow client cannot
+make the broker buffer a kernel's output without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_CHANNELS = {b"shell": "shell", b"iopub": "iopub", b"stdin": "stdin", b"control": "control"}
+#: How far into a payload the relay looks for a message type or channel.
+PEEK = 512
+_MAX_HANDSHAKE = 64 * 1024
+
+
+def unmask(data: bytes, mask: bytes, offset: int) -> bytes:
+    """Unmask payload bytes that start ``offset`` bytes into their frame's payload."""
+    if not data:
+        return b""
+    shift = offset % 4
+    key = (mask[shift:] + mask[:shift]) * (len(data) // 4 + 1)
+    n = len(data)
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key[:n], "big")).to_bytes(n, "big")
+
+
+def close_frame(code: int, reason: str, *, masked: bool) -> bytes:
+    """A close frame; masked for the upstream (we are its client), plain for the client."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    if not masked:
+        return bytes([0x80 | OP_CLOSE, len(payload)]) + payload
+    mask = os.urandom(4)
+    return bytes([0x80 | OP_CLOSE, 0x80 | len(payload)]) + mask + unmask(payload, mask, 0)
+
+
+def ping_frame(*, masked: bool) -> bytes:
+    """An empty ping; the relay injects these only between frames."""
+    return bytes([0x80 | OP_PING, 0x80]) + os.urandom(4) if masked else b"\x89\x00"
+
+
+class TooBig(Exception):
+    """A message exceeds the size cap; ``offset`` is where its frame starts in the chunk."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+@dataclass
+class FrameEvent:
+    """A data frame that started in the chunk just scanned."""
+
+    opcode: int
+    length: int
+    fin: bool
+    head: bytes  # first up to PEEK payload bytes present in this chunk (unmasked)
+    tail: bytes  # last up to 64 payload bytes, when the frame ended in this chunk
+
+
+@dataclass
+class ScanResult:
+    """What one chunk contained, for the relay's bookkeeping."""
+
+    frames: list[FrameEvent] = field(default_factory=list)
+    control: list[int] = field(default_factory=list)  # opcodes of control frames seen
+    close_code: int | None = None
+
+
+class FrameScanner:
+    """Follows frame boundaries in one direction of a WebSocket byte stream.
+
+    Invariant: after :meth:`scan`, ``at_boundary`` tells whether the bytes
+    seen so far end exactly between two frames, which is the only place a
+    frame of the broker's own may be inserted.
+    """
+
+    __slots__ = ("_head", "_mask", "_offset", "_opcode", "_remaining", "_ev",
+                 "masked", "max_message", "message_length")
+
+    def __init__(self, *, masked: bool, max_message: int) -> None:
+        self.masked = masked
+        self.max_message = max_message
+        self.message_length = 0
+        self._head = b""  # an incomplete frame header carried to the next chunk
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._offset = 0  # payload bytes of the current frame already seen
+        self._opcode = 0
+        self._mask = b""
+        self._ev: FrameEvent | None = None
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no frame is partly seen."""
+        return self._remaining == 0 and not self._head
+
+    def scan(self, data: bytes) -> ScanResult:
+        """Walk ``data``; raises :class:`TooBig` before passing an oversized frame."""
+        result = ScanResult()
+        pos = 0
+        end = len(data)
+        if self._head:
+            data = self._head + data
+            pos, end = 0, len(data)
+            base = len(self._head)
+            self._head = b""
+        else:
+            base = 0
+        while pos < end:
+            if self._remaining:
+                take = min(self._remaining, end - pos)
+                self._observe(data, pos, take, result)
+                pos += take
+                continue
+            # A frame header: 2 bytes, + 2 or 8 of length, + 4 of mask.
+            if end - pos < 2:
+                self._head = data[pos:end]
+                break
+            b0, b1 = data[pos], data[pos + 1]
+            length = b1 & 0x7F
+            need = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if b1 & 0x80 else 0)
+            if end - pos < need:
+                self._head = data[pos:end]
+                break
+            at = pos + 2
+            if length == 126:
+                length = int.from_bytes(data[at:at + 2], "big")
+                at += 2
+            elif length == 127:
+                length = int.from_bytes(data[at:at + 8], "big")
+                at += 8
+            self._mask = data[at:at + 4] if b1 & 0x80 else b""
+            opcode = b0 & 0x0F
+            if opcode < OP_CLOSE:  # data or continuation: counts towards the message
+                total = length if opcode != OP_CONT else self.message_length + length
+                if total > self.max_message:
+                    raise TooBig(max(0, pos - base))
+                self.message_length = 0 if b0 & 0x80 else total
+                if opcode != OP_CONT:
+                    self._ev = FrameEvent(opcode, length, bool(b0 & 0x80), b"", b"")
+                    result.frames.append(self._ev)
+                else:
+                    self._ev = None
+            else:
+                self._ev = None
+                result.control.append(opcode)
+            self._opcode = opcode
+            self._remaining = length
+            self._offset = 0
+            pos = at + len(self._mask)
+            if length == 0:
+                continue
+            take = min(length, end - pos)
+            self._observe(data, pos, take, result)
+            pos += take
+        return result
+
+    def _observe(self, data: bytes, pos: int, take: int, result: ScanResult) -> None:
+        """Account for ``take`` payload bytes at ``pos``; peek where it is cheap."""
+        ev = self._ev
+        offset = self._offset
+        if ev is not None:
+            if offset < PEEK and not ev.head:
+                chunk = data[pos:pos + min(take, PEEK - offset)]
+                ev.head = unmask(chunk, self._mask, offset) if self._mask else chunk
+            if take == self._remaining:  # the frame ends in this chunk
+                start = max(pos, pos + take - 64)
+                chunk = data[start:pos + take]
+                ev.tail = (unmask(chunk, self._mask, offset + start - pos) if self._mask
+                           else chunk)
+        elif self._opcode == OP_CLOSE and offset == 0 and take >= 2:
+            raw = data[pos:pos + 2]
+            code = unmask(raw, self._mask, 0) if self._mask else raw
+            result.close_code = int.from_bytes(code, "big")
+        self._offset = offset + take
+        self._remaining -= take
+
+
+def peek_channel(ev: FrameEvent) -> str:
+    """The Jupyter channel of a frame from what was peeked (``other`` if unseen)."""
+    if ev.opcode == OP_BINARY:
+        head = ev.head
+        if len(head) >= 24:
+            start = int.from_bytes(head[8:16], "little")
+            stop = int.from_bytes(head[16:24], "little")
+            if stop <= len(head):
+                return _CHANNELS.get(head[start:stop], "other")
+        return "other"
+    for text in (ev.tail, ev.head):
+        at = text.rfind(b'"channel"')
+        if at >= 0:
+            quote = text.find(b'"', at + 9)
+            close = text.find(b'"', quote + 1) if quote >= 0 else -1
+            if close > quote >= 0:
+                return _CHANNELS.get(text[quote + 1:close], "other")
+    return "other"
+
+
+def peek_has(ev: FrameEvent, needle: bytes) -> bool:
+    """Whether the peeked start of a frame (a v1 header, or JSON) contains ``needle``."""
+    return needle in ev.head
+
+
+# -- the upstream handshake -------------------------------------------------------------
+
+
+class HandshakeRefused(Exception):
+    """The upstream answered the upgrade with something other than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+
+
+class _Leg(asyncio.Protocol):
+    """A transport's protocol that hands every event to its relay."""
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.transport: asyncio.Transport | None = None
+        self._handshake: asyncio.Future[tuple[bytes, bytes]] | None = None
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+
+class UpstreamLeg(_Leg):
+    """The broker's connection to the upstream kernel WebSocket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handshake = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.from_upstream(data)
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        fut = self._handshake
+        if fut is None or fut.done():
+            return
+        if end >= 0:
+            fut.set_result((self._buffer[:end], self._buffer[end + 4:]))
+            self._buffer = b""
+        elif len(self._buffer) > _MAX_HANDSHAKE:
+            fut.set_exception(ConnectionError("oversized upstream handshake"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.relay is not None:
+            self.relay.leg_lost(self, exc)
+        elif self._handshake is not None and not self._handshake.done():
+            self._handshake.set_exception(ConnectionError("upstream closed during handshake"))
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.pause(self)
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.resume(self)
+
+    async def handshake(self) -> tuple[bytes, bytes]:
+        """The upstream's response head and whatever frame bytes followed it."""
+        assert self._handshake is not None
+        return await self._handshake
+
+
+class ClientLeg(_Leg):
+    """Takes over the client's transport after aiohttp answered the upgrade."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        assert self.relay is not None
+        self.relay.from_client(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        assert self.relay is not None
+        self.relay.leg_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        assert self.relay is not None
+        self.relay.pause(self)
+
+    def resume_writing(self) -> None:
+        assert self.relay is not None
+        self.relay.resume(self)
+
+
+@dataclass
+class Upstream:
+    """An upstream WebSocket ready for relaying."""
+
+    transport: asyncio.Transport
+    leg: UpstreamLeg
+    protocol: str | None
+    leftover: bytes
+
+
+async def connect_upstream(url: URL, headers: dict[str, str], protocols: list[str],
+                           timeout: float) -> Upstream:
+    """Open the upstream WebSocket ourselves: a plain HTTP/1.1 upgrade, no extensions."""
+    loop = asyncio.get_running_loop()
+    secure = url.scheme in ("wss", "https")
+    host = url.raw_host or "127.0.0.1"
+    port = url.port or (443 if secure else 80)
+    context = ssl.create_default_context() if secure else None
+    async with asyncio.timeout(timeout):
+        transport, leg = await loop.create_connection(
+            UpstreamLeg, host, port, ssl=context, server_hostname=host if secure else None)
+        try:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = base64.b64encode(os.urandom(16)).decode()
+            default_port = port == (443 if secure else 80)
+            lines = [
+                f"GET {url.raw_path_qs} HTTP/1.1",
+                f"Host: {host if default_port else f'{host}:{port}'}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key}",
+                "Sec-WebSocket-Version: 13",
+            ]
+            if protocols:
+                lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+            lines += [f"{name}: {value}" for name, value in headers.items()]
+            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head, leftover = await leg.handshake()
+        except BaseException:
+            transport.abort()
+            raise
+    status_line, _, rest = head.decode("latin-1").partition("\r\n")
+    parts = status_line.split(" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if status != 101:
+        transport.abort()
+        raise HandshakeRefused(status)
+    answer: dict[str, str] = {}
+    for line in rest.split("\r\n"):
+        name, _, value = line.partition(":")
+        answer[name.strip().lower()] = value.strip()
+    expected = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()  # noqa: S324
+    if answer.get("sec-websocket-accept") != expected or answer.get("sec-websocket-extensions"):
+        transport.abort()
+        raise ConnectionError("upstream WebSocket handshake is invalid")
+    return Upstream(transport, leg, answer.get("sec-websocket-protocol") or None, leftover)
+
+
+# -- the relay itself -------------------------------------------------------------------
+
+
+class Hooks:
+    """What the relay reports to, and asks of, the rest of the broker (all synchronous).
+
+    Subclass and override; the defaults do nothing. Called from protocol
+    callbacks, so they must not block.
+    """
+
+    def client_message(self, ev: FrameEvent) -> float:
+        """A client data message started; return seconds to pause reading (rate limit)."""
+        return 0.0
+
+    def kernel_message(self, ev: FrameEvent) -> None:
+        """A kernel data message started (peeked head/tail in ``ev``)."""
+
+    def finished(self, code: int, reason: str) -> None:
+        """The relay ended, with the close code the client was given."""
+
+
+class Relay:
+    """Pumps bytes between a client leg and an upstream leg until either ends."""
+
+    def __init__(self, client: asyncio.Transport, upstream: Upstream, *, max_message: int,
+                 heartbeat: float, hooks: Hooks,
+                 on_done: Callable[[], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.upstream = upstream.transport
+        self.hooks = hooks
+        self.to_upstream = FrameScanner(masked=True, max_message=max_message)
+        self.to_client = FrameScanner(masked=False, max_message=max_message)
+        self.done: asyncio.Future[tuple[int, str]] = self.loop.create_future()
+        self._on_done = on_done
+        self._paused: dict[str, set[str]] = {"client": set(), "upstream": set()}
+        self._heartbeat = heartbeat
+        self._last_seen = {"client": self.loop.time(), "upstream": self.loop.time()}
+        self._timer: asyncio.TimerHandle | None = None
+        self._rate_timer: asyncio.TimerHandle | None = None
+        self.client_leg = ClientLeg(self)
+        self.client_leg.transport = client
+        self.upstream_leg = upstream.leg
+        self.upstream_leg.relay = self
+        self._quickack = _quickack_for(self.upstream)
+        if heartbeat:
+            self._timer = self.loop.call_later(heartbeat, self._beat)
+        if upstream.leftover:  # replayed kernel output may follow the 101 at once
+            self.from_upstream(upstream.leftover)
+
+    # -- data ----------------------------------------------------------------------
+    def from_client(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._last_seen["client"] = self.loop.time()
+        try:
+            result = self.to_upstream.scan(data)
+        except TooBig as big:
+            self.upstream.write(data[:big.offset])
+            self.finish(1009, "message too big")
+            return
+        self.upstream.write(data)
+        delay = 0.0
+        for ev in result.frames:
+            delay = max(delay, self.hooks.client_message(ev))
+        if result.close_code is not None or OP_CLOSE in result.control:
+            self._closing = True
+        if delay < 0:  # the limiter says: sustained abuse
+            self.finish(1008, "message rate limit exceeded")
+        elif delay > 0:
+            self._pause_for_rate(delay)
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        if self._quickack is not None:
+            self._quickack()
+        self._last_seen["upstream"] = self.loop.time()
+        try:
+            result = self.to_client.scan(data)
+        except TooBig as big:
+            self.client.write(data[:big.offset])
+            self.finish(1009, "kernel message too big")
+            return
+        self.client.write(data)
+        for ev in result.frames:
+            self.hooks.kernel_message(ev)
+        if result.close_code is not None:
+            self._upstream_close = result.close_code
+
+    # -- flow control ------------------------------------------------------------------
+    def _set_paused(self, side: str, reason: str, paused: bool) -> None:
+        reasons = self._paused[side]
+        before = bool(reasons)
+        if paused:
+            reasons.add(reason)
+        else:
+            reasons.discard(reason)
+        transport = self.client if side == "client" else self.upstream
+        if before != bool(reasons) and not transport.is_closing():
+            if reasons:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def pause(self, leg: _Leg) -> None:
+        """``leg``'s write buffer is full: stop reading from the other side."""
+        other = "upstream" if leg is self.client_leg else "client"
+        self._set_paused(other, "backpressure", True)
+
+    def resume(self, leg: _Leg) -> None:
+        other = "upstream" if leg is self.client_leg else "client"
+        self._set_paused(other, "backpressure", False)
+
+    def _pause_for_rate(self, delay: float) -> None:
+        self._set_paused("client", "rate", True)
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+        self._rate_timer = self.loop.call_later(
+            delay, lambda: self._set_paused("client", "rate", False))
+
+    # -- heartbeat ---------------------------------------------------------------------
+    def _beat(self) -> None:
+        if self.done.done():
+            return
+        now = self.loop.time()
+        for side, seen in self._last_seen.items():
+            if now - seen > 2 * self._heartbeat + 5:
+                self.finish(1011 if side == "upstream" else 1001,
+                            "kernel connection lost" if side == "upstream" else "client gone")
+                return
+        if self.to_client.at_boundary:
+            self.client.write(ping_frame(masked=False))
+        if self.to_upstream.at_boundary:
+            self.upstream.write(ping_frame(masked=True))
+        self._timer = self.loop.call_later(self._heartbeat, self._beat)
+
+    # -- ending ------------------------------------------------------------------------
+    _closing = False
+    _upstream_close: int | None = None
+
+    def leg_lost(self, leg: _Leg, exc: BaseException | None) -> None:
+        if leg is self.client_leg:
+            self.finish(1000 if self._closing else 1001, "client closed")
+        else:
+            code = self._upstream_close
+            if code is None or code in (1005, 1006, 1015):
+                self.finish(1011, "kernel connection lost")
+            else:
+                self.finish(code, "kernel connection closed")
+
+    def finish(self, code: int, reason: str) -> None:
+        """End both legs: a close frame where one may still be sent, then the TCP close."""
+        if self.done.done():
+            return
+        for timer in (self._timer, self._rate_timer):
+            if timer is not None:
+                timer.cancel()
+        if not self.client.is_closing() and self.to_client.at_boundary \
+                and self._upstream_close is None:
+            self.client.write(close_frame(code, reason, masked=False))
+        if not self.upstream.is_closing() and self.to_upstream.at_boundary and not self._closing:
+            self.upstream.write(close_frame(1000 if code in (1001, 1000) else code, reason,
+                                            masked=True))
+        self.upstream.close()
+        self.done.set_result((code, reason))
+        self.hooks.finished(code, reason)
+        if self._on_done is not None:
+            self._on_done()
+
+
+def _quickack_for(transport: asyncio.Transport) -> Callable[[], None] | None:
+    """Re-arming TCP_QUICKACK after each read (see the module docstring of websocket.py)."""
+    sock: Any = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return None
+
+    def quickack() -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+    return quickack

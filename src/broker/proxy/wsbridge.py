@@ -1,0 +1,185 @@
+"""The kernel WebSocket endpoint: ``/s/{id}/api/kernels/{kid}/channels``.
+
+All policy happens on the upgrade request (authentication, origin, path,
+rate admission); then the upstream WebSocket is opened *first*, so the
+client's handshake is answered with the subprotocol the upstream chose
+(``v1.kernel.websocket.jupyter.org`` binary frames, or none for JSON text)
+and an upstream refusal (unknown kernel) is still an ordinary JSON HTTP
+error. aiohttp answers the client's upgrade; then the connection is handed
+to a :class:`~broker.proxy.relay.Relay`, which forwards bytes between the
+two sockets from their protocol callbacks (see that module for why this is
+sound and what it still inspects).
+
+Per message, the hooks below do integer bookkeeping only: activity is
+written to the store at most every few seconds, and message/byte counts are
+flushed to the metrics on the same schedule and at the end.
+
+Closing: whichever leg ends first ends the other. A client close reaches the
+upstream as the client sent it; an upstream close is passed on with its code
+(1011 when the upstream vanished without one); an oversized message closes
+both with 1009; a session that ends closes with 1000 and the reason; a
+shutting-down broker with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from broker import keys
+from broker.errors import NotFound, UpstreamFailed
+from broker.metrics import Direction, Metrics, WsCounts
+from broker.models import Session
+from broker.proxy.paths import join
+from broker.proxy.relay import (
+    OP_TEXT,
+    FrameEvent,
+    HandshakeRefused,
+    Hooks,
+    Relay,
+    connect_upstream,
+    peek_channel,
+    peek_has,
+)
+from broker.proxy.rest import forward_query
+
+log = logging.getLogger(__name__)
+
+#: Seconds between activity writes (and metric flushes) per connection.
+FLUSH_EVERY = 5.0
+_TO_KERNEL = Direction.TO_KERNEL.value
+_TO_CLIENT = Direction.TO_CLIENT.value
+
+
+class KernelHooks(Hooks):
+    """Activity, metrics and execution timing for one kernel connection."""
+
+    def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
+                 limiter: Callable[[int], float] | None = None) -> None:
+        self.metrics = metrics
+        self.counts = WsCounts()
+        self.loop = asyncio.get_running_loop()
+        self.executions: collections.deque[float] = collections.deque(maxlen=256)
+        self._note_activity = note_activity
+        self._limiter = limiter
+        self._last_flush = self.loop.time() - FLUSH_EVERY  # the first activity is written at once
+
+    def _housekeeping(self) -> None:
+        now = self.loop.time()
+        if now - self._last_flush >= FLUSH_EVERY:
+            self._last_flush = now
+            self._note_activity()
+            self.counts.flush(self.metrics)
+
+    def client_message(self, ev: FrameEvent) -> float:
+        channel = peek_channel(ev)
+        self.counts.add(_TO_KERNEL, channel, ev.length)
+        if (channel == "shell" or ev.opcode == OP_TEXT) and peek_has(ev, b'"execute_request"'):
+            self.executions.append(self.loop.time())
+            self.metrics.executions.inc()
+            self._housekeeping()
+        return self._limiter(ev.length) if self._limiter is not None else 0.0
+
+    def kernel_message(self, ev: FrameEvent) -> None:
+        channel = peek_channel(ev)
+        self.counts.add(_TO_CLIENT, channel, ev.length)
+        if channel == "shell" and self.executions and peek_has(ev, b'"execute_reply"'):
+            self.metrics.execution_duration.observe(self.loop.time() - self.executions.popleft())
+        self._housekeeping()
+
+    def finished(self, code: int, reason: str) -> None:
+        self.counts.flush(self.metrics)
+
+
+async def bridge(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
+    """Connect the client's kernel WebSocket to the session's upstream kernel."""
+    settings = request.app[keys.SETTINGS]
+    manager = request.app[keys.MANAGER]
+    metrics = manager.metrics
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
+               for p in header.split(",") if p.strip()]
+    http_url = join(session.upstream_url, remainder)
+    url = http_url.with_scheme("wss" if http_url.scheme == "https" else "ws").with_query(
+        forward_query(request))
+    try:
+        upstream = await connect_upstream(
+            url, {"Authorization": f"token {session.upstream_token}"}, offered,
+            timeout=settings.upstream_timeout)
+    except HandshakeRefused as exc:
+        if exc.status == 404:
+            raise NotFound("No such kernel in this session", reason="unknown_kernel") from exc
+        metrics.upstream_error(session.backend, "refused")
+        raise UpstreamFailed(f"The kernel refused the connection ({exc.status})",
+                             reason="upstream_refused") from exc
+    except (OSError, TimeoutError) as exc:
+        metrics.upstream_error(session.backend, "unreachable")
+        raise UpstreamFailed("The session's Jupyter server did not answer",
+                             reason="upstream_unreachable") from exc
+
+    # aiohttp answers the client's upgrade (101, the upstream's subprotocol, no
+    # extensions); after that the socket is ours.
+    ws = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), compress=False,
+        autoping=False, max_msg_size=settings.ws_max_message_size)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        upstream.transport.abort()
+        raise
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        upstream.transport.abort()
+        return ws
+    hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
+                        limiter=_limiter_for(request))
+    original = transport.get_protocol()
+    relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
+                  heartbeat=settings.ws_heartbeat, hooks=hooks)
+    transport.set_protocol(relay.client_leg)
+    with contextlib.suppress(OSError):
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def close(code: int, reason: str) -> None:
+        relay.finish(code, reason)
+
+    unregister = manager.register_closer(session.id, close)
+    metrics.http_duration.labels("jupyter_ws", "2xx").observe(loop.time() - started)
+    metrics.ws_open.inc()
+    try:
+        await asyncio.shield(relay.done)
+    finally:
+        unregister()
+        metrics.ws_open.dec()
+        if not relay.done.done():
+            relay.finish(1001, "server shutting down")
+        # Give the connection back to aiohttp so it does its own bookkeeping
+        # (its connection_lost), with the WebSocket already closed on the wire.
+        _mark_closed(ws, relay.done.result()[0])
+        transport.set_protocol(original)
+        if transport.is_closing():
+            original.connection_lost(None)
+        else:
+            transport.close()
+    return ws
+
+
+def _limiter_for(request: web.Request) -> Callable[[int], float] | None:
+    """The per-connection client message limiter, when limits are configured."""
+    return None
+
+
+def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:
+    """Tell aiohttp's response the close handshake already happened (on the relay)."""
+    ws._closed = True  # noqa: SLF001 - no public API marks a hijacked response closed
+    ws._close_code = code  # noqa: SLF001
