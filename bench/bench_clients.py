@@ -2,9 +2,9 @@
 
 A :class:`Target` is one way to reach a Jupyter server's API: a base URL and
 a token, plus the PIDs whose CPU time the measurement should charge to it
-(``upstream``, ``kernel``, ``proxy``, ``store``). Direct, through the broker,
-and later through configurable-http-proxy are all just targets, and every
-scenario runs the same code against each.
+(``upstream``, ``kernel``, ``proxy``, ``store``). Direct, through
+configurable-http-proxy and through the broker are all just targets, and
+every scenario runs the same code against each.
 
 Each scenario connects, warms up, then measures between ``CpuWindow.start``
 and ``stop`` only: connection set-up is not charged to anyone. A round trip
@@ -174,10 +174,11 @@ async def echo_sequential(http: aiohttp.ClientSession, target: Target, scenario:
 
 
 async def echo_concurrent(http: aiohttp.ClientSession, target: Target, scenario: str,
-                          payload: str, connections: int, per_connection: int,
-                          deadline: float) -> Result:
+                          payload: str | bytes, connections: int, per_connection: int,
+                          deadline: float, protocols: Sequence[str] = ()) -> Result:
     """``connections`` sockets, each doing ``per_connection`` sequential round trips at once."""
-    sockets = await asyncio.gather(*(connect(http, target) for _ in range(connections)))
+    sockets = await asyncio.gather(*(connect(http, target, protocols)
+                                     for _ in range(connections)))
     latencies: list[int] = []
     clock = time.perf_counter_ns
     try:

@@ -3,9 +3,12 @@
 Run as its own process (``python bench/echo_upstream.py --token T``, or the
 token in ``$ECHO_UPSTREAM_TOKEN``). It binds 127.0.0.1 on a free port and,
 once it accepts connections, prints ``port <N>`` on one line of stdout.
+``--base-path /user/bench/`` serves everything under that prefix instead of
+``/``, as a JupyterHub single-user server serves under its ``base_url`` (a
+proxy routing the way JupyterHub does forwards the prefix unchanged).
 
-What it serves, shaped like jupyter_server so a Jupyter proxy forwards it
-unchanged:
+What it serves (under the base path), shaped like jupyter_server so a
+Jupyter proxy forwards it unchanged:
 
 ``/api/kernels/{kid}/channels`` (WebSocket)
     Echoes every text and binary frame back as it came. Accepts the
@@ -110,26 +113,27 @@ async def channels(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def create_app(token: str) -> web.Application:
-    """The echo upstream, answering only requests that carry ``token``."""
+def create_app(token: str, base_path: str = "/") -> web.Application:
+    """The echo upstream under ``base_path``, answering only requests that carry ``token``."""
+    base = "/" + base_path.strip("/") + "/" if base_path.strip("/") else "/"
     app = web.Application(middlewares=[require_token])
     app[TOKEN] = token
     app[STARTED] = datetime.datetime.now(datetime.UTC).isoformat()
     app[CONNECTIONS] = set()
-    app.router.add_get("/api/status", status)
-    app.router.add_get("/api/kernels", kernels)
-    app.router.add_get("/api/kernels/{kid}", kernel)
-    app.router.add_get("/api/kernels/{kid}/channels", channels)
+    app.router.add_get(f"{base}api/status", status)
+    app.router.add_get(f"{base}api/kernels", kernels)
+    app.router.add_get(f"{base}api/kernels/{{kid}}", kernel)
+    app.router.add_get(f"{base}api/kernels/{{kid}}/channels", channels)
     return app
 
 
-async def serve(token: str, port: int) -> None:
+async def serve(token: str, port: int, base_path: str = "/") -> None:
     """Listen until SIGTERM or SIGINT; announce the bound port on stdout."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(token), access_log=None)
+    runner = web.AppRunner(create_app(token, base_path), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", port)
@@ -155,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=os.environ.get("ECHO_UPSTREAM_TOKEN", ""),
                         help="token clients must present (default: $ECHO_UPSTREAM_TOKEN)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (0 = any free)")
+    parser.add_argument("--base-path", default="/",
+                        help="URL prefix everything is served under (default /), e.g. "
+                        "/user/bench/ like a JupyterHub single-user server")
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("a token is required (--token or $ECHO_UPSTREAM_TOKEN)")
-    run(serve(args.token, args.port))
+    run(serve(args.token, args.port, args.base_path))
     return 0
 
 

@@ -1,27 +1,39 @@
-"""Kernel-WebSocket benchmark: the same traffic direct to an upstream and through the broker.
+"""Proxy benchmark: the same traffic direct, through configurable-http-proxy, and the broker.
 
 Run ``make bench`` (or ``.venv/bin/python bench/ws_bench.py [--quick]``). One
 run starts, each as its own loopback process: a private ``redis-server``, the
 echo upstream (``bench/echo_upstream.py``), a plain ``jupyter server`` for the
-direct real-kernel numbers, and ``session-broker serve`` (local backend, that
-Redis). The broker reaches the echo upstream through a ready session written
-into its Redis with the broker's own store classes; it reaches a real kernel
-through a session created on its API, exactly as a visitor would.
+direct and CHP real-kernel numbers, configurable-http-proxy (CHP) started
+and routed as JupyterHub does (``bench/bench_chp.py``), and
+``session-broker serve`` (local backend, that Redis). The echo upstream and
+that jupyter server are two JupyterHub-style "users", serving under
+``/user/bench/`` and ``/user/bench-kernel/``, the prefixes CHP forwards
+unchanged; "direct" uses the same paths. The broker reaches the echo
+upstream through a ready session written into its Redis with the broker's
+own store classes; it reaches a real kernel through a session created on its
+API, exactly as a visitor would.
 
-Scenarios, each against every target (direct, broker) in the same run:
+Scenarios, each against every target (direct, chp, broker) in the same run:
 
-a  200-byte text frames, sequential round trips on one connection
-b  the same on 64 connections at once
-c  1 MiB binary frames echoed on one connection
-d1 ``kernel_info_request`` round trips on a real ipykernel
-d2 ``execute_request`` of ``1`` (until ``execute_reply`` and ``status: idle``)
+a   200-byte text frames, sequential round trips on one connection
+b   the same on 64 connections at once
+c   1 MiB binary frames echoed on one connection
+c64 the same on 64 connections at once (a few MiB per connection)
+h1  HTTP GET ``api/kernels`` (Jupyter REST), sequential, one keep-alive connection
+h64 the same on 64 connections at once
+d1  ``kernel_info_request`` round trips on a real ipykernel
+d2  ``execute_request`` of ``1`` (until ``execute_reply`` and ``status: idle``)
 
-It prints two Markdown tables: throughput and latency per target with the
-ratio to direct, and CPU microseconds per round trip for each process
-(client = this process, upstream, kernel, proxy = the broker, store = Redis).
-A target is only a base URL, a token and the PIDs to charge, so another proxy
-(configurable-http-proxy, say) is one more :class:`Target` per scenario.
-Every process is stopped by its PID when the run ends, however it ends.
+Then, with ``--idle N``, the idle footprint: N kernel WebSockets held open
+through the broker (and CHP) and the proxy's RSS per connection
+(``bench/bench_idle.py``). It prints Markdown tables (``bench/bench_report.py``):
+throughput and latency per target with ratios, CPU microseconds per round
+trip for each process (client = this process, upstream, kernel, proxy = CHP
+or the broker, store = Redis), the idle footprint, and a verdict against the
+issue's targets (informative: the exit status is 0 either way). A target is
+only a base URL, a token and the PIDs to charge, so another proxy is one
+more :class:`Target` per scenario. Every process is stopped by its PID when
+the run ends, however it ends.
 """
 
 from __future__ import annotations
@@ -30,7 +42,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import os
 import platform
 import secrets
@@ -46,6 +57,7 @@ from typing import Any
 
 import aiohttp
 
+from bench_chp import chp_version, start_chp, user_prefix
 from bench_clients import (
     V1,
     Result,
@@ -58,6 +70,8 @@ from bench_clients import (
     text_payload,
     wait_kernel_ready,
 )
+from bench_http import http_concurrent
+from bench_idle import IdleResult, idle_capacity, idle_footprint, raise_nofile
 from bench_procs import (
     Proc,
     child_running,
@@ -69,6 +83,7 @@ from bench_procs import (
     stop_pid,
     wait_http,
 )
+from bench_report import idle_report, report, verdict
 from broker.models import Session, Status, hash_token, new_session_id
 from broker.store.crypto import TokenCipher
 from broker.store.redis import RedisStore
@@ -78,10 +93,15 @@ SCENARIOS: dict[str, str] = {
     "a": "text 200 B ping-pong, 1 connection",
     "b": "text 200 B ping-pong, {connections} connections",
     "c": "binary 1 MiB echo, 1 connection",
+    "c64": "binary 1 MiB echo, {connections} connections",
+    "h1": "HTTP GET api/kernels, 1 connection",
+    "h64": "HTTP GET api/kernels, {connections} connections",
     "d1": "real kernel: kernel_info_request",
     "d2": "real kernel: execute_request '1'",
 }
 REDIS_PREFIX = "bench:"
+#: JupyterHub-style user names: the echo upstream's and the real jupyter_server's.
+ECHO_USER, KERNEL_USER = "bench", "bench-kernel"
 #: Seconds any process may take to become ready.
 START_TIMEOUT = 60.0
 
@@ -92,16 +112,26 @@ class Config:
     connections: int = 64
     per_connection: int = 100
     binary_messages: int = 100
+    binary_per_connection: int = 4
+    http_requests: int = 2000
+    http_per_connection: int = 100
     kernel_round_trips: int = 200
     max_seconds: float = 10.0
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
     kernel_protocol: str = "v1"
-    client_ack: str = "quick"
+    client_ack: str = "delayed"
+    idle: int = 5000
+    idle_seconds: float = 60.0
+    idle_settle: float = 1.0
     json_path: str = ""
 
 
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
-         "kernel_round_trips": 20, "max_seconds": 3.0}
+         "binary_per_connection": 1, "http_requests": 200, "http_per_connection": 5,
+         "kernel_round_trips": 20, "max_seconds": 3.0,
+         "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2}
+#: The REST call of scenarios h1 and h64 (a client polling its kernels).
+HTTP_PATH = "api/kernels"
 
 
 @dataclass
@@ -179,18 +209,27 @@ async def kernel_target(http: aiohttp.ClientSession, world: World, target: Targe
 
 
 # -- the run -----------------------------------------------------------------------------------
-async def run(config: Config, world: World) -> list[Result]:
+@dataclass
+class Outcome:
+    results: list[Result] = field(default_factory=list)
+    idle: list[IdleResult] = field(default_factory=list)
+
+
+async def run(config: Config, world: World) -> Outcome:
     want_kernel = any(s.startswith("d") for s in config.scenarios)
     echo_token, jupyter_token, broker_token = (secrets.token_urlsafe(24) for _ in range(3))
     secret = secrets.token_urlsafe(32)
     redis_port, broker_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     logs = world.tmp
+    # Upstream paths, as JupyterHub's single-user servers serve them and CHP forwards them.
+    echo_prefix, kernel_prefix = user_prefix(ECHO_USER), user_prefix(KERNEL_USER)
 
     redis = world.add(spawn("redis", ["redis-server", "--port", str(redis_port), "--bind",
                                       "127.0.0.1", "--save", "", "--appendonly", "no"], logs,
                             cwd=world.tmp))
-    echo = world.add(spawn("echo-upstream", [python(), str(HERE / "echo_upstream.py")], logs,
+    echo = world.add(spawn("echo-upstream", [python(), str(HERE / "echo_upstream.py"),
+                                             "--base-path", echo_prefix], logs,
                            env=clean_env(ECHO_UPSTREAM_TOKEN=echo_token), stdout_pipe=True))
     jupyter: Proc | None = None
     jupyter_url = ""
@@ -202,12 +241,15 @@ async def run(config: Config, world: World) -> list[Result]:
             "jupyter-direct",
             [python(), "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={jupyter_port}", "--ServerApp.port_retries=0",
+             f"--ServerApp.base_url={kernel_prefix}",
              "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
              f"--ServerApp.root_dir={world.tmp / 'direct'}",
              "--ServerApp.terminals_enabled=False"],
             logs, cwd=world.tmp / "direct",
             env=clean_env(JUPYTER_TOKEN=jupyter_token,
                           JUPYTER_RUNTIME_DIR=str(world.tmp / "direct" / ".runtime"))))
+    chp = start_chp(logs, world.tmp)
+    world.add(chp.proc)
     broker = world.add(spawn(
         "broker", [str(Path(python()).parent / "session-broker"), "serve"], logs, cwd=world.tmp,
         env=clean_env(BROKER_HOST="127.0.0.1", BROKER_PORT=str(broker_port),
@@ -218,24 +260,31 @@ async def run(config: Config, world: World) -> list[Result]:
     broker_url = f"http://127.0.0.1:{broker_port}"
 
     echo_port = int((await read_line(echo, "port ", START_TIMEOUT)).split()[1])
-    echo_url = f"http://127.0.0.1:{echo_port}/"
+    echo_origin = f"http://127.0.0.1:{echo_port}/"
     store = RedisStore(redis_url, TokenCipher(secret), prefix=REDIS_PREFIX)
     try:
         await wait_redis(redis, store)
-        echo_sid = await insert_session(store, echo_url, echo_token, broker_token)
+        echo_sid = await insert_session(store, echo_origin + echo_prefix[1:], echo_token,
+                                        broker_token)
     finally:
         await store.close()
+    await chp.route_hub(START_TIMEOUT)
+    chp_echo = await chp.add_user(ECHO_USER, echo_origin)
+    chp_kernel = await chp.add_user(KERNEL_USER, jupyter_url) if jupyter_url else ""
     await wait_http(broker, f"{broker_url}/health", START_TIMEOUT)
     if jupyter is not None:
-        await wait_http(jupyter, f"{jupyter_url}api/status", START_TIMEOUT,
+        await wait_http(jupyter, f"{jupyter_url}{kernel_prefix[1:]}api/status", START_TIMEOUT,
                         {"Authorization": f"token {jupyter_token}"})
 
+    proxy_pids = {"chp": {"proxy": [chp.proc.pid]},
+                  "broker": {"proxy": [broker.pid], "store": [redis.pid]}}
     echo_targets = [
-        Target("direct", echo_url, echo_token, {"upstream": [echo.pid]}),
+        Target("direct", echo_origin + echo_prefix[1:], echo_token, {"upstream": [echo.pid]}),
+        Target("chp", chp_echo, echo_token, {"upstream": [echo.pid], **proxy_pids["chp"]}),
         Target("broker", f"{broker_url}/s/{echo_sid}/", broker_token,
-               {"upstream": [echo.pid], "proxy": [broker.pid], "store": [redis.pid]}),
+               {"upstream": [echo.pid], **proxy_pids["broker"]}),
     ]
-    results: list[Result] = []
+    outcome = Outcome()
     async with aiohttp.ClientSession() as http:
         kernel_targets: list[Target] = []
         real: dict[str, Any] = {}
@@ -246,21 +295,41 @@ async def run(config: Config, world: World) -> list[Result]:
                 if upstream is None:
                     raise RuntimeError("the broker's session has no jupyter server process")
                 world.strays[upstream] = "jupyter_server"
+                direct = await kernel_target(http, world, Target(
+                    "direct", jupyter_url + kernel_prefix[1:], jupyter_token,
+                    {"upstream": [jupyter.pid]}), jupyter.pid)
+                # CHP reaches the same server and kernel as direct: only the hop differs.
                 kernel_targets = [
-                    await kernel_target(http, world, Target(
-                        "direct", jupyter_url, jupyter_token, {"upstream": [jupyter.pid]}),
-                        jupyter.pid),
+                    direct,
+                    dataclasses.replace(direct, name="chp", base_url=chp_kernel,
+                                        pids={**direct.pids, **proxy_pids["chp"]}),
                     await kernel_target(http, world, Target(
                         "broker", real["base_url"], real["token"],
-                        {"upstream": [upstream], "proxy": [broker.pid], "store": [redis.pid]}),
-                        upstream),
+                        {"upstream": [upstream], **proxy_pids["broker"]}), upstream),
                 ]
-            results = await scenarios(http, config, echo_targets, kernel_targets)
+            outcome.results = await scenarios(http, config, echo_targets, kernel_targets)
+            if config.idle > 0:
+                outcome.idle = await idle(config, echo_targets)
         finally:
             if real:  # the broker stops the session's server and kernel itself
                 await http.delete(f"{broker_url}/api/v1/sessions/{real['id']}",
                                   headers={"Authorization": f"token {real['token']}"})
-    return results
+    return outcome
+
+
+async def idle(config: Config, targets: Sequence[Target]) -> list[IdleResult]:
+    """The idle footprint through each proxy (the broker first: it is the one judged)."""
+    count = idle_capacity(config.idle)
+    if count < config.idle:
+        print(f"# idle: RLIMIT_NOFILE leaves room for {count} proxied connections, not "
+              f"{config.idle}", flush=True)
+    found = []
+    for name in ("broker", "chp"):
+        for target in targets:
+            if target.name == name:
+                found.append(await idle_footprint(target, count, config.idle_seconds,
+                                                  config.idle_settle))
+    return found
 
 
 async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[Target],
@@ -281,6 +350,15 @@ async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[
             elif scenario == "c":
                 job = echo_sequential(http, target, scenario, blob, config.binary_messages,
                                       limit, protocols=[V1])
+            elif scenario == "c64":
+                job = echo_concurrent(http, target, scenario, blob, config.connections,
+                                      config.binary_per_connection, limit, protocols=[V1])
+            elif scenario == "h1":
+                job = http_concurrent(target, scenario, HTTP_PATH, 1, config.http_requests,
+                                      limit)
+            elif scenario == "h64":
+                job = http_concurrent(target, scenario, HTTP_PATH, config.connections,
+                                      config.http_per_connection, limit)
             else:
                 msg_type = "kernel_info_request" if scenario == "d1" else "execute_request"
                 protocols = [V1] if config.kernel_protocol == "v1" else []
@@ -298,68 +376,6 @@ async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[
 
 
 # -- report ------------------------------------------------------------------------------------
-def fmt(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.2g}"
-
-
-def metrics(scenario: str) -> list[tuple[str, str]]:
-    """(label, Result attribute or percentile) rows shown for a scenario."""
-    first = ("MiB/s", "mib_per_s") if scenario == "c" else ("round trips/s", "rate")
-    return [first, ("p50 ms", "p50"), ("p99 ms", "p99")]
-
-
-def value(result: Result, key: str) -> float:
-    if key == "p50":
-        return result.percentile(0.50)
-    if key == "p99":
-        return result.percentile(0.99)
-    return float(getattr(result, key))
-
-
-def report(config: Config, results: Sequence[Result]) -> str:
-    names = list(dict.fromkeys(r.target for r in results))
-    others = [n for n in names if n != "direct"]
-    by = {(r.scenario, r.target): r for r in results}
-    lines = [
-        "| id | scenario | metric | " + " | ".join(names) + " | "
-        + " | ".join(f"{n}/direct" for n in others) + " |",
-        "|---|---|---|" + "---:|" * (len(names) + len(others)),
-    ]
-    for scenario in config.scenarios:
-        label = SCENARIOS[scenario].format(connections=config.connections)
-        for metric, key in metrics(scenario):
-            values = [value(by[scenario, n], key) if (scenario, n) in by else None
-                      for n in names]
-            base = values[names.index("direct")] if "direct" in names else None
-            ratios = [v / base if v is not None and base else None
-                      for v in values[len(names) - len(others):]]
-            lines.append(f"| {scenario} | {label} | {metric} | "
-                         + " | ".join(fmt(v) for v in values) + " | "
-                         + " | ".join(fmt(r) for r in ratios) + " |")
-    roles = ["client", "upstream", "kernel", "proxy", "store"]
-    lines += [
-        "",
-        "CPU per round trip (microseconds of CPU time, all threads, over the measured window):",
-        "",
-        "| id | target | round trips | seconds | " + " | ".join(roles)
-        + " | proxy/upstream |",
-        "|---|---|---:|---:|" + "---:|" * (len(roles) + 1),
-    ]
-    for r in results:
-        cpu = {role: r.cpu_per_round_trip(role) for role in roles}
-        proxy, upstream = cpu["proxy"], cpu["upstream"]
-        ratio = proxy / upstream if proxy is not None and upstream else None
-        lines.append(f"| {r.scenario} | {r.target} | {r.round_trips} | {r.seconds:.2f} | "
-                     + " | ".join(fmt(cpu[role]) for role in roles) + f" | {fmt(ratio)} |")
-    return "\n".join(lines)
-
-
 def environment() -> str:
     def version(dist: str) -> str:
         try:
@@ -371,7 +387,8 @@ def environment() -> str:
         load = " ".join(fh.read().split()[:3])
     return (f"{os.cpu_count()} CPUs, load {load}; Python {platform.python_version()}, "
             f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
-            f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}")
+            f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
+            f"configurable-http-proxy {chp_version()}")
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -383,6 +400,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--per-connection", type=int,
                         help="scenario b round trips per connection (100)")
     parser.add_argument("--binary-messages", type=int, help="scenario c 1 MiB messages (100)")
+    parser.add_argument("--binary-per-connection", type=int,
+                        help="scenario c64 1 MiB messages per connection (4)")
+    parser.add_argument("--http-requests", type=int, help="scenario h1 GET requests (2000)")
+    parser.add_argument("--http-per-connection", type=int,
+                        help="scenario h64 GET requests per connection (100)")
     parser.add_argument("--kernel-round-trips", type=int,
                         help="scenario d1 and d2 round trips each (200)")
     parser.add_argument("--max-seconds", type=float,
@@ -390,16 +412,23 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--kernel-protocol", choices=["v1", "json"],
                         help="real-kernel frames: v1 binary subprotocol (default) or JSON text")
-    parser.add_argument("--client-ack", choices=["quick", "delayed"],
-                        help="real-kernel client: TCP_QUICKACK after each read (default), or "
-                        "the stock delayed ACKs of a browser, which add ~40 ms to every round "
-                        "trip against jupyter_server and so hide what a proxy adds")
+    parser.add_argument("--client-ack", choices=["delayed", "quick"],
+                        help="real-kernel client: the stock delayed ACKs of a browser or any "
+                        "Linux client (default; ~40 ms per round trip directly against "
+                        "jupyter_server, which leaves Nagle on), or TCP_QUICKACK after each "
+                        "read, which shows the server's own latency")
+    parser.add_argument("--idle", type=int,
+                        help="kernel WebSockets held open through each proxy for the idle "
+                        "footprint (5000; 0 skips it)")
+    parser.add_argument("--idle-seconds", type=float,
+                        help="cap on the time spent opening them, per proxy (60)")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     args = parser.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     for name in ("round_trips", "connections", "per_connection", "binary_messages",
+                 "binary_per_connection", "http_requests", "http_per_connection",
                  "kernel_round_trips", "max_seconds", "kernel_protocol", "client_ack",
-                 "json_path"):
+                 "idle", "idle_seconds", "json_path"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.scenarios:
@@ -424,12 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    print(f"# kernel WebSocket benchmark: {environment()}", flush=True)
+    nofile = raise_nofile()  # before any child starts: they inherit it
+    print(f"# proxy benchmark: {environment()}; open files {nofile}", flush=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
         world = World(Path(tmp))
         try:
-            results = runner(run(config, world))
+            outcome: Outcome = runner(run(config, world))
         except Exception as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             for proc in world.procs:
@@ -443,11 +473,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# real-kernel frames: {config.kernel_protocol}, client ACKs: {config.client_ack}; "
           "whole run "
           f"{time.monotonic() - started:.1f} s\n")
-    print(report(config, results))
+    labels = {s: SCENARIOS[s].format(connections=config.connections) for s in SCENARIOS}
+    print(report(config.scenarios, labels, outcome.results))
+    if outcome.idle:
+        print("\n" + idle_report(outcome.idle))
+    print("\n" + verdict(outcome.results, outcome.idle, config.client_ack))
     if config.json_path:
         Path(config.json_path).write_text(json.dumps(
             {"environment": environment(), "config": config.__dict__,
-             "results": [r.as_dict() for r in results]}, indent=2))
+             "results": [r.as_dict() for r in outcome.results],
+             "idle": [r.as_dict() for r in outcome.idle]}, indent=2))
     return 0
 
 

@@ -1,0 +1,198 @@
+"""The benchmark's tables and its verdict against the issue's targets.
+
+Three Markdown tables (throughput and latency per target with ratios; CPU
+per round trip per process; the idle footprint) and a verdict block. Ratios
+are ``<target>/direct`` for every proxy and ``<target>/chp`` for every
+other proxy, computed within one run: only those are comparable on a shared
+machine. The verdict is informative: it never changes the exit status.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from bench_clients import Result
+from bench_idle import IdleResult
+
+#: CPU roles, in column order.
+ROLES = ("client", "upstream", "kernel", "proxy", "store")
+#: WebSocket scenarios where the proxy's CPU is held against the upstream's.
+WS_SCENARIOS = ("a", "b", "c", "c64")
+HTTP_SCENARIOS = ("h1", "h64")
+#: Issue targets.
+WS_CPU_MAX = 1.2
+C64_THROUGHPUT_MIN = 1.3
+KERNEL_P50_MAX_MS = 10.0
+IDLE_KIB_MAX = 20.0
+
+
+def fmt(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.2g}"
+
+
+def throughput_metric(scenario: str) -> tuple[str, str]:
+    """(label, Result attribute) of a scenario's throughput."""
+    if scenario.startswith("c"):
+        return "MiB/s", "mib_per_s"
+    if scenario.startswith("h"):
+        return "requests/s", "rate"
+    return "round trips/s", "rate"
+
+
+def metrics(scenario: str) -> list[tuple[str, str]]:
+    """(label, Result attribute or percentile) rows shown for a scenario."""
+    return [throughput_metric(scenario), ("p50 ms", "p50"), ("p99 ms", "p99")]
+
+
+def value(result: Result, key: str) -> float:
+    if key == "p50":
+        return result.percentile(0.50)
+    if key == "p99":
+        return result.percentile(0.99)
+    return float(getattr(result, key))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def ratio_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Every proxy against direct, then every other proxy against chp."""
+    proxies = [n for n in names if n != "direct"]
+    pairs = [(n, "direct") for n in proxies if "direct" in names]
+    pairs += [(n, "chp") for n in proxies if n != "chp" and "chp" in names]
+    return pairs
+
+
+def proxy_share(result: Result) -> float | None:
+    """The proxy's CPU per round trip over the upstream's."""
+    return ratio(result.cpu_per_round_trip("proxy"), result.cpu_per_round_trip("upstream"))
+
+
+def report(scenarios: Sequence[str], labels: Mapping[str, str],
+           results: Sequence[Result]) -> str:
+    names = list(dict.fromkeys(r.target for r in results))
+    pairs = ratio_pairs(names)
+    by = {(r.scenario, r.target): r for r in results}
+    lines = [
+        "| id | scenario | metric | " + " | ".join(names) + " | "
+        + " | ".join(f"{a}/{b}" for a, b in pairs) + " |",
+        "|---|---|---|" + "---:|" * (len(names) + len(pairs)),
+    ]
+    for scenario in scenarios:
+        for metric, key in metrics(scenario):
+            values = {n: value(by[scenario, n], key) if (scenario, n) in by else None
+                      for n in names}
+            lines.append(f"| {scenario} | {labels[scenario]} | {metric} | "
+                         + " | ".join(fmt(values[n]) for n in names) + " | "
+                         + " | ".join(fmt(ratio(values[a], values[b])) for a, b in pairs)
+                         + " |")
+    lines += [
+        "",
+        "CPU per round trip (microseconds of CPU time, all threads, over the measured window):",
+        "",
+        "| id | target | round trips | seconds | " + " | ".join(ROLES) + " | proxy/upstream |",
+        "|---|---|---:|---:|" + "---:|" * (len(ROLES) + 1),
+    ]
+    for r in results:
+        cpu = {role: r.cpu_per_round_trip(role) for role in ROLES}
+        lines.append(f"| {r.scenario} | {r.target} | {r.round_trips} | {r.seconds:.2f} | "
+                     + " | ".join(fmt(cpu[role]) for role in ROLES)
+                     + f" | {fmt(proxy_share(r))} |")
+    return "\n".join(lines)
+
+
+def idle_report(idle: Sequence[IdleResult]) -> str:
+    lines = [
+        "Idle footprint (kernel WebSockets held open to the echo upstream; "
+        "RSS from /proc/<pid>/status):",
+        "",
+        "| target | connections | opened | open s | proxy RSS before MiB | proxy RSS open MiB "
+        "| proxy KiB per connection | proxy RSS after close MiB | upstream KiB per connection |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in idle:
+        lines.append(f"| {r.target} | {r.requested} | {r.opened} | {r.seconds_to_open:.1f} | "
+                     f"{fmt(r.proxy_before_kib / 1024)} | {fmt(r.proxy_open_kib / 1024)} | "
+                     f"{fmt(r.proxy_per_connection_kib)} | {fmt(r.proxy_closed_kib / 1024)} | "
+                     f"{fmt(r.upstream_per_connection_kib)} |")
+        if r.error:
+            lines.append(f"\n{r.target}: opening stopped at the first refusal: {r.error}")
+    return "\n".join(lines)
+
+
+def _line(met: bool | None, text: str) -> str:
+    mark = "n/a" if met is None else ("met" if met else "NOT met")
+    return f"- [{mark}] {text}"
+
+
+def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: str,
+            proxy: str = "broker", reference: str = "chp") -> str:
+    """The issue's targets for ``proxy``, each met / not met with this run's numbers."""
+    by = {(r.scenario, r.target): r for r in results}
+    scenarios = list(dict.fromkeys(r.scenario for r in results))
+    out = [f"Verdict for {proxy} against the issue's targets (this run only; informative):", ""]
+
+    shares = {s: proxy_share(by[s, proxy]) for s in WS_SCENARIOS if (s, proxy) in by}
+    known = [v for v in shares.values() if v is not None]
+    out.append(_line(
+        all(v <= WS_CPU_MAX for v in known) if known else None,
+        f"WS proxy CPU <= {WS_CPU_MAX}x the upstream's: "
+        + ", ".join(f"{s} {fmt(v)}x" for s, v in shares.items())
+        + (f" ({reference}: " + ", ".join(
+            f"{s} {fmt(proxy_share(by[s, reference]))}x" for s in shares
+            if (s, reference) in by) + ")" if any((s, reference) in by for s in shares)
+           else "")))
+
+    http = [(s, by[s, proxy].cpu_per_round_trip("proxy"), by[s, reference].cpu_per_round_trip(
+        "proxy")) for s in HTTP_SCENARIOS if (s, proxy) in by and (s, reference) in by]
+    out.append(_line(
+        all(a is not None and b is not None and a < b for _, a, b in http) if http else None,
+        f"HTTP GET proxy CPU below {reference}'s: "
+        + ", ".join(f"{s} {fmt(a)} vs {fmt(b)} us" for s, a, b in http)))
+
+    tput: dict[str, float | None] = {}
+    for s in scenarios:
+        if (s, proxy) in by and (s, reference) in by:
+            _label, key = throughput_metric(s)
+            tput[s] = ratio(value(by[s, proxy], key), value(by[s, reference], key))
+    known = [v for v in tput.values() if v is not None]
+    out.append(_line(
+        all(v >= 1.0 for v in known) if known else None,
+        f"throughput >= {reference}'s in every scenario ({proxy}/{reference}): "
+        + ", ".join(f"{s} {fmt(v)}" for s, v in tput.items())))
+    c64 = tput.get("c64")
+    out.append(_line(None if c64 is None else c64 >= C64_THROUGHPUT_MIN,
+                     f"WS 1 MiB x 64 connections throughput >= {C64_THROUGHPUT_MIN}x "
+                     f"{reference}'s: {fmt(c64)}x"))
+
+    for s, what in (("d2", "execute_request"), ("d1", "kernel_info_request")):
+        if (s, proxy) not in by:
+            out.append(_line(None, f"kernel {what} p50 <= {KERNEL_P50_MAX_MS:g} ms: not run"))
+            continue
+        p50 = by[s, proxy].percentile(0.5)
+        others = ", ".join(f"{n} {fmt(by[s, n].percentile(0.5))} ms" for n in ("direct", reference)
+                           if (s, n) in by)
+        out.append(_line(p50 <= KERNEL_P50_MAX_MS,
+                         f"kernel {what} p50 <= {KERNEL_P50_MAX_MS:g} ms: {fmt(p50)} ms "
+                         f"({others}; client ACKs: {client_ack})"))
+
+    mine = [r for r in idle if r.target == proxy]
+    if mine:
+        r = mine[0]
+        out.append(_line(r.opened == r.requested and r.proxy_per_connection_kib < IDLE_KIB_MAX,
+                         f"idle: {r.opened} of {r.requested} kernel WebSockets open, RSS growth "
+                         f"{fmt(r.proxy_per_connection_kib)} KiB per client+upstream pair "
+                         f"(target < {IDLE_KIB_MAX:g})"))
+    else:
+        out.append(_line(None, "idle footprint: not run"))
+    return "\n".join(out)
