@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from broker import keys
-from broker.api import health, openapi, sessions
+from broker.api import execute, files, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import add_cors_headers, errors_and_origin
 from broker.backends.base import Backend
@@ -130,11 +130,13 @@ def create_app(
     app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
         app[keys.STORE] = store
-    app.cleanup_ctx.extend([_http_client, _store, _sessions])
+    app.cleanup_ctx.extend([_http_client, _store, _sessions, execute.kernels_ctx])
     app.on_response_prepare.append(add_cors_headers)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)
     app.add_routes(build_routes)
+    app.add_routes(execute.routes)
+    app.add_routes(files.routes)
     app.add_routes(openapi.routes)
     app.add_routes(proxy_routes.routes)
     return app

@@ -9,6 +9,7 @@ from broker.backends.base import Backend
 from broker.metrics import Metrics
 from broker.models import Clock
 from broker.policy.identity import Network
+from broker.proxy.kernel_client import AgentKernels
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
@@ -21,3 +22,4 @@ STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)
 METRICS = web.AppKey("metrics", Metrics)
+KERNELS = web.AppKey("agent_kernels", AgentKernels)

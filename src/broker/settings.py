@@ -217,6 +217,41 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for an upstream REST reply."
     )
+    execute_timeout_default: float = Field(
+        30.0,
+        gt=0,
+        description="Execute API: seconds a call may run when it names no timeout. At the "
+        "limit the kernel is interrupted (not restarted: its state survives) and the call "
+        "answers status 'timeout' with the output so far. See BROKER_EXECUTE_TIMEOUT_MAX.",
+    )
+    execute_timeout_max: float = Field(
+        300.0,
+        gt=0,
+        description="Execute API: the largest timeout a call may ask for; larger requests are "
+        "lowered to this. Keep it below the idle timeout of any proxy in front of the broker "
+        "for non-streaming calls (streaming calls send keep-alive comments).",
+    )
+    execute_max_output: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Execute API: bytes of output (stdout, stderr, result and display "
+        "bundles) one call collects. Beyond it further output is dropped, the call keeps "
+        "running, and its answer says truncated=true.",
+    )
+    max_upload_size: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Files API: largest file, in bytes, an upload may carry; a larger one is "
+        "refused with 413 before anything reaches the session's server. Independent of "
+        "BROKER_MAX_REQUEST_BODY.",
+    )
+    max_download_size: int = Field(
+        32 * 1024 * 1024,
+        ge=1,
+        description="Files API: largest file, in bytes, a download may return; a larger one is "
+        "refused with 413 (the session's server sends files base64-encoded in one JSON "
+        "document, which the broker holds in memory while it decodes it).",
+    )
     local_root_dir: str = Field(
         "",
         description="Local backend: directory under which each session gets its own working "

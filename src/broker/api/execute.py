@@ -1,0 +1,157 @@
+"""The execute API for AI agents: ``POST /api/v1/sessions/{id}/execute``.
+
+Code-interpreter style: JSON in (``code``, optional ``timeout`` and
+``kernel_name``), JSON out (``status``, ``stdout``, ``stderr``, ``result``,
+``display``, ``error``, ...), on the session's default kernel, whose state
+persists across calls. The kernel work is :mod:`broker.proxy.kernel_client`;
+this module is the HTTP face: who may call, what the body means, and the two
+answer shapes.
+
+With ``Accept: text/event-stream`` the same call streams: one server-sent
+event per output as it arrives (``event: stream|display|update_display|
+result|error|clear_output``), ``:keepalive`` comments while the code is
+silent, and finally ``event: done`` carrying the same summary the JSON call
+returns. Refusals found before the stream starts (token, body) are ordinary
+JSON errors; anything after (kernel start, lost connection) ends the stream
+with ``event: failed`` carrying the error body and the HTTP status the JSON
+call would have answered. A client that disconnects mid-stream interrupts
+its execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from broker import keys
+from broker.errors import BadRequest, BrokerError
+from broker.models import Session
+from broker.policy.auth import request_token
+from broker.proxy.kernel_client import AgentKernels
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+#: Seconds between keep-alive comments on a silent stream.
+KEEPALIVE = 15.0
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
+}
+
+
+async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx step (after the session manager): the default-kernel registry.
+
+    Closed before the manager and backend, so kernel sockets end before servers stop.
+    """
+    app[keys.KERNELS] = AgentKernels(app[keys.HTTP], app[keys.SETTINGS], app[keys.MANAGER])
+    yield
+    await app[keys.KERNELS].close()
+
+
+async def agent_session(request: web.Request) -> Session:
+    """The ready session an agent request acts on, or the refusal.
+
+    The one place the agent surfaces (execute, files) check credentials:
+    today the session's own token. API keys (a later limits issue) slot in
+    here: a key maps to an owner, and the session's ``owner`` must match.
+    """
+    manager = request.app[keys.MANAGER]
+    return await manager.ready_session(request.match_info["sid"], request_token(request))
+
+
+def parse_execute(raw: bytes, settings: Settings) -> tuple[str, float, str]:
+    """Validate an execute body; returns (code, timeout in seconds, kernel name)."""
+    try:
+        data: Any = json.loads(raw) if raw.strip() else None
+    except ValueError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest('The body must be a JSON object like {"code": "print(1)"}')
+    unknown = set(data) - {"code", "timeout", "kernel_name"}
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}")
+    code = data.get("code")
+    if not isinstance(code, str):
+        raise BadRequest("'code' is required and must be a string")
+    timeout = data.get("timeout")
+    if timeout is None:
+        timeout = settings.execute_timeout_default
+    elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise BadRequest("'timeout' must be a positive number of seconds")
+    kernel_name = data.get("kernel_name") or ""
+    if not isinstance(kernel_name, str) or (kernel_name and not _NAME.match(kernel_name)):
+        raise BadRequest("'kernel_name' may only contain letters, digits, '.', '_' and '-'")
+    return code, min(float(timeout), settings.execute_timeout_max), kernel_name
+
+
+def _wants_stream(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+@routes.post("/api/v1/sessions/{sid}/execute")
+async def execute(request: web.Request) -> web.StreamResponse:
+    """Run code on the session's default kernel and answer with its outputs."""
+    session = await agent_session(request)
+    code, timeout, kernel_name = parse_execute(await request.read(), request.app[keys.SETTINGS])
+    kernel_name = kernel_name or session.kernel_name
+    kernels = request.app[keys.KERNELS]
+    if not _wants_stream(request):
+        result = await kernels.execute(session, code, time_limit=timeout, kernel_name=kernel_name)
+        return web.json_response(result.body())
+
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def emit(event: dict[str, Any]) -> None:
+        queue.put_nowait(event)
+
+    async def run() -> None:
+        try:
+            result = await kernels.execute(session, code, time_limit=timeout,
+                                           kernel_name=kernel_name, emit=emit)
+            queue.put_nowait({"type": "done", **result.body()})
+        except BrokerError as exc:
+            queue.put_nowait({"type": "failed", "status_code": exc.status, **exc.body()})
+        except Exception:
+            log.exception("streamed execution in session %s failed", session.id)
+            error = BrokerError("Internal error")
+            queue.put_nowait({"type": "failed", "status_code": error.status, **error.body()})
+        finally:
+            queue.put_nowait(None)
+
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    task = asyncio.create_task(run(), name=f"execute-{session.id}")
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE)
+            except TimeoutError:
+                await response.write(b":keepalive\n\n")
+                continue
+            if event is None:
+                break
+            await response.write(_sse(event))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client of session %s left a streamed execution", session.id)
+    finally:
+        if not task.done():
+            task.cancel()  # the kernel is interrupted, see kernel_client
+        await asyncio.gather(task, return_exceptions=True)
+    return response

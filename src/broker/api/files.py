@@ -1,0 +1,296 @@
+"""The files API for AI agents: ``/api/v1/sessions/{id}/files[/{path}]``.
+
+``PUT`` uploads the raw request body, ``GET`` downloads raw bytes (a path
+ending in ``/``, or none, lists a directory), ``DELETE`` removes. Every call
+goes through the session's upstream Jupyter server and its contents API
+(base64 in JSON), so it works for every backend; the kernel started by the
+execute API works in the same directory, so ``open("data.csv")`` in code
+reads what ``PUT .../files/data.csv`` wrote.
+
+Paths are confined to the session's working directory. The rules, applied
+to the raw request path after ``/files/``:
+
+* it is percent-decoded exactly once (UTF-8), so ``my%20file.csv`` is
+  ``my file.csv`` and ``a%2Fb`` is ``a/b``; the decoded path is what is
+  checked and, re-encoded segment by segment, what the upstream receives
+  (which decodes once too), so no double-decoding can sneak past the check;
+* it must be relative (no leading ``/``), without backslashes or control
+  characters, without empty, ``.`` or ``..`` segments, and without hidden
+  (``.``-prefixed) segments, which Jupyter Server refuses as well; at most
+  1024 characters and 32 levels;
+* symbolic links: Jupyter Server follows them, even out of its root. Where
+  the broker can see the session's directory (the local backend), it
+  resolves the path itself and refuses one that leaves the directory (403
+  ``path_escape``). Elsewhere the session's own container is the boundary:
+  a link there reaches only files that code in the same session can read
+  anyway.
+
+Downloads are served as attachments with ``nosniff`` and a sandboxing
+Content-Security-Policy: a file an agent's code wrote is never a page that
+runs in the broker's origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import mimetypes
+import os
+import urllib.parse
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from broker import keys
+from broker.api.execute import agent_session
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamFailed,
+)
+from broker.models import Session
+from broker.proxy.paths import join
+
+routes = web.RouteTableDef()
+
+MAX_PATH = 1024
+MAX_DEPTH = 32
+_CHUNK = 64 * 1024
+_DOWNLOAD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+def parse_path(raw: str) -> list[str]:
+    """The checked segments of a raw (still percent-encoded) path; [] is the root."""
+    try:
+        path = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("The path is not valid UTF-8", reason="bad_path") from exc
+    if len(path) > MAX_PATH:
+        raise BadRequest(f"The path is longer than {MAX_PATH} characters", reason="bad_path")
+    if path.startswith("/"):
+        raise BadRequest("Absolute paths are not allowed; paths are relative to the "
+                         "session's working directory", reason="bad_path")
+    if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise BadRequest("The path contains a backslash or a control character",
+                         reason="bad_path")
+    if path in ("", "/"):
+        return []
+    segments = path.removesuffix("/").split("/")
+    if any(seg in ("", ".", "..") for seg in segments):
+        raise BadRequest("The path may not contain empty, '.' or '..' segments",
+                         reason="bad_path")
+    if any(seg.startswith(".") for seg in segments):
+        raise BadRequest("Hidden files and directories ('.'-prefixed) are not served",
+                         reason="bad_path")
+    if len(segments) > MAX_DEPTH:
+        raise BadRequest(f"The path is deeper than {MAX_DEPTH} levels", reason="bad_path")
+    return segments
+
+
+def _raw_tail(request: web.Request, sid: str) -> str:
+    """The raw path after ``/files``, as the client sent it (the router's is decoded)."""
+    raw = request.raw_path.split("?", 1)[0]
+    prefix = f"/api/v1/sessions/{sid}/files"
+    if not raw.startswith(prefix):
+        raise BadRequest("The request target is not under the session's files",
+                         reason="bad_path")
+    return raw[len(prefix):].removeprefix("/")
+
+
+def _api_path(segments: list[str]) -> str:
+    return "/".join(urllib.parse.quote(seg, safe="") for seg in segments)
+
+
+async def _confined(session: Session, segments: list[str]) -> None:
+    """Refuse a path that resolves (through symlinks) outside a local session's directory."""
+    workdir = session.backend_state.get("workdir") if session.backend == "local" else None
+    if not workdir or not segments:
+        return
+
+    def escapes() -> bool:
+        root = os.path.realpath(workdir)
+        target = os.path.realpath(os.path.join(root, *segments))
+        return target != root and not target.startswith(root + os.sep)
+
+    if await asyncio.to_thread(escapes):
+        raise Forbidden("The path leads out of the session's working directory",
+                        reason="path_escape")
+
+
+def _refusal(status: int, body: bytes) -> BrokerError:
+    """A broker error for an upstream contents API refusal."""
+    try:
+        message = str(json.loads(body).get("message") or "")[:300]
+    except (ValueError, AttributeError):
+        message = ""
+    if status == 404:
+        return NotFound("No such file or directory", reason="no_such_file")
+    if status == 400:
+        return BadRequest(message or "The session's server refused the request",
+                          reason="bad_request")
+    if status == 403:
+        return Forbidden(message or "The session's server refused access", reason="forbidden")
+    if status == 409:
+        return Conflict(message or "Conflict", reason="conflict")
+    if status == 413:
+        return PayloadTooLarge("The session's server refused the file as too large")
+    return UpstreamFailed(f"The session's server failed ({status})", reason="upstream_failed")
+
+
+async def _contents(
+    request: web.Request,
+    session: Session,
+    method: str,
+    segments: list[str],
+    *,
+    params: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
+    limit: int = 1 << 20,
+) -> tuple[int, bytes]:
+    """One contents API call upstream: (status, body), the body read up to ``limit``."""
+    url = join(session.upstream_url, "api/contents/" + _api_path(segments))
+    settings = request.app[keys.SETTINGS]
+    try:
+        async with request.app[keys.HTTP].request(
+            method, url, params=params, json=body,
+            headers={"Authorization": f"token {session.upstream_token}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                          sock_read=settings.upstream_timeout),
+        ) as resp:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"The file is larger than {settings.max_download_size} bytes "
+                        "(BROKER_MAX_DOWNLOAD_SIZE)", reason="file_too_large")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamFailed("The session's Jupyter server did not answer",
+                             reason="upstream_unreachable") from exc
+    if resp.status >= 400:
+        raise _refusal(resp.status, data)
+    return resp.status, data
+
+
+def _entry(model: dict[str, Any]) -> dict[str, Any]:
+    """The client view of a contents model."""
+    kind = model.get("type")
+    return {
+        "name": model.get("name", ""),
+        "path": model.get("path", ""),
+        "type": "directory" if kind == "directory" else "file",
+        "size": model.get("size"),
+        "last_modified": model.get("last_modified"),
+        "mimetype": model.get("mimetype"),
+    }
+
+
+async def _listing(request: web.Request, session: Session,
+                   segments: list[str]) -> web.Response:
+    await _confined(session, segments)
+    _, raw = await _contents(request, session, "GET", segments,
+                             params={"type": "directory", "content": "1"}, limit=16 << 20)
+    model = json.loads(raw)
+    entries = sorted((_entry(m) for m in model.get("content") or []), key=lambda e: e["name"])
+    return web.json_response({"path": "/".join(segments), "entries": entries})
+
+
+@routes.get("/api/v1/sessions/{sid}/files")
+async def list_root(request: web.Request) -> web.Response:
+    """List the session's working directory."""
+    session = await agent_session(request)
+    request.app[keys.MANAGER].note_activity(session.id)
+    return await _listing(request, session, [])
+
+
+@routes.get("/api/v1/sessions/{sid}/files/{path:.*}")
+async def get_file(request: web.Request) -> web.StreamResponse:
+    """Download a file's bytes, or list a directory (a path ending in ``/``)."""
+    session = await agent_session(request)
+    tail = _raw_tail(request, session.id)
+    segments = parse_path(tail)
+    request.app[keys.MANAGER].note_activity(session.id)
+    if not segments or tail.endswith("/"):
+        return await _listing(request, session, segments)
+    await _confined(session, segments)
+    cap = request.app[keys.SETTINGS].max_download_size
+    _, raw = await _contents(request, session, "GET", segments,
+                             params={"type": "file", "format": "base64", "content": "1"},
+                             limit=cap * 37 // 27 + _CHUNK)  # base64 with newlines, JSON
+    model = json.loads(raw)
+    try:
+        data = base64.b64decode(model.get("content") or "")
+    except (binascii.Error, ValueError) as exc:
+        raise UpstreamFailed("The session's server sent an undecodable file") from exc
+    if len(data) > cap:
+        raise PayloadTooLarge(f"The file is larger than {cap} bytes (BROKER_MAX_DOWNLOAD_SIZE)",
+                              reason="file_too_large")
+    name = segments[-1]
+    content_type = (model.get("mimetype") or mimetypes.guess_type(name)[0]
+                    or "application/octet-stream")
+    disposition = f"attachment; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+    return web.Response(body=data, headers={**_DOWNLOAD_HEADERS, "Content-Type": content_type,
+                                            "Content-Disposition": disposition})
+
+
+async def _read_upload(request: web.Request, cap: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``cap``."""
+    too_large = PayloadTooLarge(f"The file is larger than {cap} bytes (BROKER_MAX_UPLOAD_SIZE)",
+                                reason="file_too_large")
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@routes.put("/api/v1/sessions/{sid}/files/{path:.*}")
+async def put_file(request: web.Request) -> web.Response:
+    """Upload the raw body as a file (parent directories are created); 201 new, 200 replaced."""
+    session = await agent_session(request)
+    tail = _raw_tail(request, session.id)
+    segments = parse_path(tail)
+    if not segments or tail.endswith("/"):
+        raise BadRequest("Name a file to upload, not a directory", reason="bad_path")
+    await _confined(session, segments)
+    data = await _read_upload(request, request.app[keys.SETTINGS].max_upload_size)
+    request.app[keys.MANAGER].note_activity(session.id)
+    for depth in range(1, len(segments)):
+        await _contents(request, session, "PUT", segments[:depth], body={"type": "directory"})
+    status, raw = await _contents(
+        request, session, "PUT", segments,
+        body={"type": "file", "format": "base64", "content": base64.b64encode(data).decode()},
+    )
+    return web.json_response(_entry(json.loads(raw)), status=201 if status == 201 else 200)
+
+
+@routes.delete("/api/v1/sessions/{sid}/files/{path:.*}")
+async def delete_file(request: web.Request) -> web.Response:
+    """Delete a file or an empty directory."""
+    session = await agent_session(request)
+    segments = parse_path(_raw_tail(request, session.id))
+    if not segments:
+        raise BadRequest("The working directory itself cannot be deleted", reason="bad_path")
+    await _confined(session, segments)
+    request.app[keys.MANAGER].note_activity(session.id)
+    await _contents(request, session, "DELETE", segments)
+    return web.Response(status=204)

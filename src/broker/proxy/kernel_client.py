@@ -1,0 +1,472 @@
+"""The broker's own kernel client: run code on a session's default kernel.
+
+The execute API (``api/execute.py``) does what a notebook frontend does --
+send an ``execute_request``, collect outputs until the kernel is idle -- so an
+AI agent does not have to speak the wire protocol. It talks to the session's
+upstream Jupyter server with the upstream token, over the same REST and
+WebSocket routes every Jupyter client uses, so it works for every backend.
+
+Invariants:
+
+* One default kernel per session, found or started through the upstream's
+  sessions API under the fixed path :data:`DEFAULT_KERNEL_PATH` (Jupyter
+  Server hands back the existing session for a known path). The upstream is
+  the source of truth: any replica finds the same kernel, nothing is stored in
+  the broker, and a kernel that died is replaced on the next call. Two
+  replicas racing on a session's very first call may each start one; the
+  loser's kernel is simply never used again.
+* On one replica the calls of one session run one at a time (a lock per
+  session). A call's outputs are the messages whose parent is its own
+  ``execute_request``, so even calls arriving through two replicas never mix.
+* A call ends at ``execute_reply`` plus ``status: idle`` for its request. On
+  timeout the kernel is interrupted (never restarted: its state survives) and
+  the call waits :data:`INTERRUPT_GRACE` seconds more for the kernel to settle.
+  If the kernel restarts or dies meanwhile, the call ends with an error.
+* Output is capped per call (``execute_max_output``); beyond the cap it is
+  dropped, not buffered, and the result says ``truncated``.
+* One upstream WebSocket per session's default kernel stays open on this
+  replica, shared by its calls. It ends when the session's server goes away
+  (stopped by any replica: the upstream closes it) or the app stops; it is
+  not a client connection, so it is not among the manager's closers and
+  does not hold up a shutdown drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType
+
+from broker.errors import BadRequest, Conflict, UpstreamFailed
+from broker.models import Session
+from broker.proxy.paths import join
+from broker.sessions import SessionManager
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The Jupyter session path that names a broker session's default kernel.
+#: Not a file: Jupyter Server only uses it as a key (and the kernel's working
+#: directory is its dirname, the server's root: where uploaded files land).
+DEFAULT_KERNEL_PATH = "broker-execute"
+#: Seconds to wait, after interrupting a timed-out call, for the kernel to go idle.
+INTERRUPT_GRACE = 5.0
+#: thebe-style ``python`` means the Python kernel, as on the proxy surface.
+KERNEL_ALIASES = {"python": "python3"}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+#: Receives each output of a running call as a JSON-ready event (streaming mode).
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclasses.dataclass
+class ExecutionResult:
+    """The answer of one execute call; :meth:`body` is its JSON form."""
+
+    status: str = "ok"  # ok | error | timeout
+    execution_count: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    result: dict[str, Any] | None = None
+    display: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    error: dict[str, Any] | None = None
+    duration_ms: int = 0
+    truncated: bool = False
+
+    def body(self) -> dict[str, Any]:
+        """The JSON-ready mapping sent to clients."""
+        return dataclasses.asdict(self)
+
+
+def _error(ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
+    # Tracebacks are for agents and logs, not terminals: drop ANSI colours.
+    return {"ename": ename, "evalue": evalue,
+            "traceback": [_ANSI.sub("", line) for line in traceback or []]}
+
+
+class _Collector:
+    """Folds one call's iopub/shell messages into an :class:`ExecutionResult`."""
+
+    def __init__(self, limit: int, emit: Emit | None) -> None:
+        self.out = ExecutionResult()
+        self._limit = limit
+        self._used = 0
+        self._emit = emit
+        self._display_ids: dict[str, int] = {}
+        self.replied = False
+        self.idle = False
+
+    def _take(self, size: int) -> bool:
+        """Account ``size`` bytes of output; False (and truncated) once over the cap."""
+        if self.out.truncated or self._used + size > self._limit:
+            self.out.truncated = True
+            return False
+        self._used += size
+        return True
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        if self._emit is not None:
+            await self._emit(event)
+
+    async def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("header", {}).get("msg_type", "")
+        content: dict[str, Any] = msg.get("content") or {}
+        out = self.out
+        if kind == "stream":
+            name = "stderr" if content.get("name") == "stderr" else "stdout"
+            text = str(content.get("text", ""))
+            room = max(0, self._limit - self._used)
+            if len(text.encode()) > room and not out.truncated:
+                text = text.encode()[:room].decode(errors="ignore")
+                self._take(len(text.encode()))
+                out.truncated = True
+            elif not self._take(len(text.encode())):
+                return
+            if text:
+                setattr(out, name, getattr(out, name) + text)
+                await self._send({"type": "stream", "name": name, "text": text})
+        elif kind in ("display_data", "execute_result", "update_display_data"):
+            data = content.get("data") or {}
+            if not self._take(len(json.dumps(data))):
+                return
+            await self._bundle(kind, content, data)
+        elif kind == "execute_input":
+            out.execution_count = content.get("execution_count", out.execution_count)
+        elif kind == "error":
+            out.error = _error(str(content.get("ename", "")), str(content.get("evalue", "")),
+                               content.get("traceback"))
+            await self._send({"type": "error", **out.error})
+        elif kind == "clear_output":
+            # As in a notebook: what the cell showed so far is gone.
+            out.stdout = out.stderr = ""
+            out.display = []
+            self._display_ids.clear()
+            await self._send({"type": "clear_output"})
+        elif kind == "execute_reply":
+            self.replied = True
+            out.execution_count = content.get("execution_count", out.execution_count)
+            status = content.get("status", "ok")
+            if status == "aborted":
+                out.error = out.error or _error("ExecutionAborted", "The kernel aborted this "
+                                                "request because an earlier one failed")
+            elif status == "error" and out.error is None:
+                out.error = _error(str(content.get("ename", "")),
+                                   str(content.get("evalue", "")), content.get("traceback"))
+            if status != "ok":
+                out.status = "error"
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+
+    async def _bundle(self, kind: str, content: dict[str, Any], data: dict[str, Any]) -> None:
+        out = self.out
+        display_id = (content.get("transient") or {}).get("display_id")
+        if kind == "execute_result":
+            out.result = data
+            out.execution_count = content.get("execution_count", out.execution_count)
+            await self._send({"type": "result", "data": data,
+                              "execution_count": out.execution_count})
+        elif kind == "display_data":
+            if display_id:
+                self._display_ids[display_id] = len(out.display)
+            out.display.append(data)
+            await self._send({"type": "display", "data": data})
+        elif display_id in self._display_ids:  # update_display_data for one of ours
+            index = self._display_ids[display_id]
+            out.display[index] = data
+            await self._send({"type": "update_display", "index": index, "data": data})
+
+
+def _decode(frame: aiohttp.WSMessage) -> dict[str, Any] | None:
+    """A kernel message from a JSON text frame or a legacy binary frame (JSON part only)."""
+    if frame.type is WSMsgType.TEXT:
+        raw: bytes | str = frame.data
+    elif frame.type is WSMsgType.BINARY and len(frame.data) >= 8:
+        # Legacy protocol with buffers: u32 count, u32 offsets, then JSON, buffers.
+        data: bytes = frame.data
+        count = int.from_bytes(data[:4], "big")
+        if count < 1 or len(data) < 4 * (count + 1):
+            return None
+        start = int.from_bytes(data[4:8], "big")
+        end = int.from_bytes(data[8:12], "big") if count > 1 else len(data)
+        raw = data[start:end]
+    else:
+        return None
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+class KernelConnection:
+    """One upstream kernel WebSocket, routing messages to the call that caused them."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, kernel_id: str,
+                 kernel_name: str, on_closed: Callable[[], None] | None = None) -> None:
+        self.ws = ws
+        self.kernel_id = kernel_id
+        self.kernel_name = kernel_name
+        self.session = uuid.uuid4().hex
+        self._listeners: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
+        self._on_closed = on_closed
+        self._reader = asyncio.create_task(self._read(), name=f"kernel-{kernel_id}")
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket or its reader ended; the next call reconnects."""
+        return self.ws.closed or self._reader.done()
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                msg = _decode(frame)
+                if msg is None:
+                    continue
+                parent = (msg.get("parent_header") or {}).get("msg_id")
+                queue = self._listeners.get(parent) if parent else None
+                if queue is not None:
+                    queue.put_nowait(msg)
+                elif msg.get("header", {}).get("msg_type") == "status" and (
+                    (msg.get("content") or {}).get("execution_state") in ("restarting", "dead")
+                ):
+                    # Jupyter Server's own notice (no parent): every running call is over.
+                    for waiting in self._listeners.values():
+                        waiting.put_nowait(msg)
+        finally:
+            for waiting in self._listeners.values():
+                waiting.put_nowait(None)
+            if self._on_closed is not None:
+                self._on_closed()
+
+    async def request(self, code: str) -> tuple[str, asyncio.Queue[dict[str, Any] | None]]:
+        """Send an execute_request; returns its msg_id and the queue of its messages."""
+        msg_id = uuid.uuid4().hex
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._listeners[msg_id] = queue
+        message = {
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "broker",
+                       "session": self.session, "version": "5.3", "date": ""},
+            "parent_header": {},
+            "metadata": {},
+            "channel": "shell",
+            "buffers": [],
+            # stop_on_error off: a failure must not abort calls queued from elsewhere.
+            "content": {"code": code, "silent": False, "store_history": True,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": False},
+        }
+        try:
+            await self.ws.send_str(json.dumps(message))
+        except (ConnectionError, RuntimeError) as exc:
+            self._listeners.pop(msg_id, None)
+            raise UpstreamFailed("The kernel connection was lost",
+                                 reason="kernel_lost") from exc
+        return msg_id, queue
+
+    def done(self, msg_id: str) -> None:
+        """Stop routing messages of a finished call."""
+        self._listeners.pop(msg_id, None)
+
+    async def close(self) -> None:
+        """Close the socket and wait for the reader to end."""
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Per-session state on this replica: the call lock and the open connection."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    connection: KernelConnection | None = None
+
+
+class AgentKernels:
+    """Per-app registry of sessions' default kernels (created in ``cleanup_ctx``)."""
+
+    def __init__(self, http: aiohttp.ClientSession, settings: Settings,
+                 manager: SessionManager) -> None:
+        self._http = http
+        self._settings = settings
+        self._manager = manager
+        self._slots: dict[str, _Slot] = {}
+
+    def _headers(self, session: Session) -> dict[str, str]:
+        return {"Authorization": f"token {session.upstream_token}"}
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                     sock_read=self._settings.upstream_timeout)
+
+    # -- the default kernel ---------------------------------------------------------
+    async def _kernel(self, session: Session, kernel_name: str) -> tuple[str, str]:
+        """(id, name) of the session's default kernel, started if there is none."""
+        body: dict[str, Any] = {"path": DEFAULT_KERNEL_PATH, "name": DEFAULT_KERNEL_PATH,
+                                "type": "console"}
+        if kernel_name:
+            body["kernel"] = {"name": kernel_name}
+        try:
+            async with self._http.post(
+                str(join(session.upstream_url, "api/sessions")), json=body,
+                headers=self._headers(session), timeout=self._timeout(),
+            ) as resp:
+                if resp.status in (404, 501) and kernel_name:
+                    raise BadRequest(f"The session has no kernel named {kernel_name!r}",
+                                     reason="unknown_kernel_name")
+                if resp.status != 201:
+                    raise UpstreamFailed(f"The session's server could not start a kernel "
+                                         f"({resp.status})", reason="kernel_start_failed")
+                model = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamFailed("The session's Jupyter server did not answer",
+                                 reason="upstream_unreachable") from exc
+        kernel = model.get("kernel") or {}
+        return str(kernel.get("id", "")), str(kernel.get("name", ""))
+
+    async def _connect(self, session: Session, slot: _Slot,
+                       kernel_name: str) -> KernelConnection:
+        """The slot's open connection, (re)connecting to the default kernel if needed."""
+        conn = slot.connection
+        if conn is None or conn.closed:
+            if conn is not None:
+                await conn.close()
+            slot.connection = None
+            kernel_id, actual = await self._kernel(session, kernel_name)
+            url = join(_ws_base(session.upstream_url), f"api/kernels/{kernel_id}/channels")
+            try:
+                ws = await self._http.ws_connect(
+                    url, params={"session_id": uuid.uuid4().hex},
+                    headers=self._headers(session),
+                    heartbeat=self._settings.ws_heartbeat or None,
+                    max_msg_size=self._settings.ws_max_message_size, compress=0,
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamFailed("Could not connect to the session's kernel",
+                                     reason="kernel_unreachable") from exc
+            conn = slot.connection = KernelConnection(
+                ws, kernel_id, actual, on_closed=lambda: self._drop_idle(session.id, slot))
+        if kernel_name and conn.kernel_name and kernel_name != conn.kernel_name:
+            raise Conflict(f"This session's kernel runs {conn.kernel_name!r}, not "
+                           f"{kernel_name!r}; start another session for another kernel",
+                           reason="kernel_name_mismatch")
+        return conn
+
+    async def _interrupt(self, session: Session, kernel_id: str) -> None:
+        url = join(session.upstream_url, f"api/kernels/{kernel_id}/interrupt")
+        try:
+            async with self._http.post(str(url), headers=self._headers(session),
+                                       timeout=self._timeout()) as resp:
+                if resp.status >= 300:
+                    log.warning("interrupting the kernel of session %s answered %s",
+                                session.id, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not interrupt the kernel of session %s: %s", session.id,
+                        type(exc).__name__)
+
+    # -- running code -------------------------------------------------------------
+    async def execute(self, session: Session, code: str, *, time_limit: float,
+                      kernel_name: str = "", emit: Emit | None = None) -> ExecutionResult:
+        """Run ``code`` on the session's default kernel; one call at a time per session.
+
+        ``time_limit`` counts from when the code is sent, not while the call waits
+        for an earlier one of the same session.
+        """
+        kernel_name = KERNEL_ALIASES.get(kernel_name, kernel_name)
+        while True:
+            slot = self._slots.setdefault(session.id, _Slot())
+            async with slot.lock:
+                if self._slots.get(session.id) is not slot:
+                    continue  # dropped while this call waited: take the current one
+                self._manager.note_activity(session.id)
+                conn = await self._connect(session, slot, kernel_name)
+                try:
+                    return await self._run(session, conn, code, time_limit, emit)
+                finally:
+                    self._manager.note_activity(session.id)
+
+    async def _run(self, session: Session, conn: KernelConnection, code: str,
+                   time_limit: float, emit: Emit | None) -> ExecutionResult:
+        loop = asyncio.get_running_loop()
+        collector = _Collector(self._settings.execute_max_output, emit)
+        started = time.monotonic()
+        msg_id, queue = await conn.request(code)
+        deadline = loop.time() + time_limit
+        timed_out = False
+        try:
+            while not (collector.idle and collector.replied):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if timed_out:
+                        log.warning("kernel of session %s did not settle after an interrupt",
+                                    session.id)
+                        break
+                    timed_out = True
+                    await self._interrupt(session, conn.kernel_id)
+                    deadline = loop.time() + INTERRUPT_GRACE
+                    continue
+                try:
+                    msg = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    continue
+                if msg is None:
+                    raise UpstreamFailed("The kernel connection was lost during execution",
+                                         reason="kernel_lost")
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    state = (msg.get("content") or {}).get("execution_state")
+                    collector.out.status = "error"
+                    collector.out.error = _error(
+                        "KernelRestarted" if state == "restarting" else "KernelDied",
+                        "The kernel died during execution; its state is lost"
+                        + (" (it was restarted)" if state == "restarting" else ""))
+                    await collector._send({"type": "error", **collector.out.error})
+                    break
+                await collector.handle(msg)
+        except asyncio.CancelledError:
+            # The caller went away mid-run: do not leave the kernel busy for the next one.
+            await asyncio.shield(self._interrupt(session, conn.kernel_id))
+            raise
+        finally:
+            conn.done(msg_id)
+        out = collector.out
+        if timed_out:
+            out.status = "timeout"
+            if out.error is None or out.error.get("ename") == "KeyboardInterrupt":
+                out.error = _error("TimeoutError", f"Execution exceeded {time_limit:g} s and "
+                                   "was interrupted; the kernel and its state are kept",
+                                   (out.error or {}).get("traceback"))
+        out.duration_ms = round((time.monotonic() - started) * 1000)
+        return out
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _drop_idle(self, session_id: str, slot: _Slot) -> None:
+        """A connection closed by the upstream (server gone, maybe stopped by another
+        replica): forget the slot unless a call is using it, so slots do not pile up."""
+        if self._slots.get(session_id) is slot and not slot.lock.locked():
+            del self._slots[session_id]
+
+    async def forget(self, session_id: str) -> None:
+        """Drop a session's connection and close it."""
+        slot = self._slots.pop(session_id, None)
+        if slot is not None and slot.connection is not None:
+            await slot.connection.close()
+
+    async def close(self) -> None:
+        """Close every connection (app shutdown)."""
+        await asyncio.gather(*(self.forget(sid) for sid in list(self._slots)),
+                             return_exceptions=True)
+
+
+def _ws_base(http_url: str) -> str:
+    return "ws" + http_url[4:] if http_url.startswith("http") else http_url
