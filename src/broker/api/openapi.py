@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import __version__
+from broker.api import openapi_agent
 
 routes = web.RouteTableDef()
 
@@ -84,14 +85,15 @@ DOCUMENT: dict[str, Any] = {
         "title": "jupyter-session-broker",
         "version": __version__,
         "description": "Per-visitor Jupyter sessions. After creation, talk Jupyter Server's "
-        "REST API and kernel WebSocket protocol to `base_url` with the session token.",
+        "REST API and kernel WebSocket protocol to `base_url` with the session token, or "
+        "(AI agents) run code with `/execute` and move files with `/files` as plain JSON.",
     },
     "components": {
         "securitySchemes": {
             "sessionToken": {"type": "apiKey", "in": "header", "name": "Authorization",
                              "description": "`token <session token>` (or `Bearer`)."},
         },
-        "schemas": {"Error": _ERROR, "Session": _SESSION},
+        "schemas": {"Error": _ERROR, "Session": _SESSION, **openapi_agent.SCHEMAS},
     },
     "paths": {
         "/api/v1/sessions": {
@@ -139,6 +141,7 @@ DOCUMENT: dict[str, Any] = {
                               **_errors(401, 403, 404)},
             },
         },
+        **openapi_agent.PATHS,
         "/s/{sid}/api/…": {
             "summary": "Jupyter Server REST API and kernel WebSocket of the session",
             "description": "api/status, api/kernelspecs, api/kernels[/{id}[/interrupt|"
