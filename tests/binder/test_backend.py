@@ -129,8 +129,15 @@ async def test_binderhub_refusals_become_broker_errors_with_its_message(
         setattr(standin, knob, 1)
     elif knob == "fail_builds":
         standin.fail_builds.add("broken")
-    code, body = await broker.create(spec=spec)
+    async with broker.http.post(f"{broker.url}/api/v1/sessions", params={"wait": "true"},
+                                json={"spec": spec}) as resp:
+        code, body = resp.status, await resp.json()
+        retry_after = resp.headers.get("Retry-After")
     assert code == status, body
+    if knob == "rate_limit":
+        # "Try again in N seconds" becomes Retry-After: N.
+        assert retry_after is not None
+        assert body["message"].endswith(f"Try again in {retry_after} seconds.")
     assert body["reason"] == reason
     assert body["message"].startswith(message)
     assert not body["message"].endswith("\n")
