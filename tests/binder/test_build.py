@@ -250,8 +250,13 @@ async def test_broker_refusals_are_failed_events_with_their_status(
     assert full.final is not None and full.final["status_code"] == 503
 
 
-async def test_a_foreign_origin_gets_no_stream(make_broker: MakeBroker) -> None:
+async def test_a_foreign_origin_or_a_head_request_gets_no_stream(
+    make_broker: MakeBroker,
+) -> None:
     broker = await make_broker(allowed_origins=[BOOK])
+    async with broker.http.head(f"{broker.url}/build/{SPEC}",
+                                headers={"Accept": "text/event-stream"}) as resp:
+        assert resp.status == 405
     async with broker.http.get(f"{broker.url}/build/{SPEC}",
                                headers={"Accept": "text/event-stream",
                                         "Origin": "https://evil.example"}) as resp:

@@ -207,7 +207,8 @@ async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
                                     reason="session_ended", retry_after=5))
 
 
-@routes.get("/build/{provider}/{spec:.+}", name="build")
+# No HEAD: a link checker's HEAD request must not launch a session.
+@routes.get("/build/{provider}/{spec:.+}", name="build", allow_head=False)
 async def build(request: web.Request) -> web.StreamResponse:
     """Launch (or find again) the visitor's session for a spec, as BinderHub's event stream."""
     settings = request.app[keys.SETTINGS]
