@@ -17,7 +17,7 @@ import os
 import time
 from urllib.parse import urlsplit
 
-from bench_clients import RECEIVE_TIMEOUT, Result, Target
+from bench_clients import RECEIVE_TIMEOUT, Result, Target, warmup_count
 from bench_procs import CpuWindow
 
 
@@ -95,7 +95,7 @@ async def http_concurrent(target: Target, scenario: str, path: str, connections:
     clock = time.perf_counter_ns
     try:
         async def warm(conn: HttpConnection) -> int:
-            for _ in range(min(20, per_connection) - 1):
+            for _ in range(warmup_count(per_connection) - 1):
                 await conn.get()
             return await conn.get()
 

@@ -144,14 +144,13 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
 
     shares = {s: proxy_share(by[s, proxy]) for s in WS_SCENARIOS if (s, proxy) in by}
     known = [v for v in shares.values() if v is not None]
+    theirs = ", ".join(f"{s} {fmt(proxy_share(by[s, reference]))}x" for s in shares
+                       if (s, reference) in by)
     out.append(_line(
         all(v <= WS_CPU_MAX for v in known) if known else None,
         f"WS proxy CPU <= {WS_CPU_MAX}x the upstream's: "
         + ", ".join(f"{s} {fmt(v)}x" for s, v in shares.items())
-        + (f" ({reference}: " + ", ".join(
-            f"{s} {fmt(proxy_share(by[s, reference]))}x" for s in shares
-            if (s, reference) in by) + ")" if any((s, reference) in by for s in shares)
-           else "")))
+        + (f" ({reference}: {theirs})" if theirs else "")))
 
     http = [(s, by[s, proxy].cpu_per_round_trip("proxy"), by[s, reference].cpu_per_round_trip(
         "proxy")) for s in HTTP_SCENARIOS if (s, proxy) in by and (s, reference) in by]

@@ -46,6 +46,7 @@ import os
 import platform
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -388,7 +389,22 @@ def environment() -> str:
     return (f"{os.cpu_count()} CPUs, load {load}; Python {platform.python_version()}, "
             f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
             f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
-            f"configurable-http-proxy {chp_version()}")
+            f"configurable-http-proxy {chp_version()}; broker {broker_revision()}")
+
+
+def broker_revision() -> str:
+    """The commit the broker runs from, and whether src/ has uncommitted changes."""
+    root = HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown revision"
+    if not head:
+        return "unknown revision"
+    return f"{head} + uncommitted changes in src/" if dirty else head
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
