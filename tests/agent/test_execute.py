@@ -197,3 +197,23 @@ async def test_execute_counts_as_activity(make_broker: MakeBroker) -> None:
         assert (await resp.json())["status"] == "ready"
     clock.advance(61)
     assert await broker.manager.reap_once() == 1
+
+
+async def test_a_kernel_shut_down_elsewhere_is_replaced(agent: Agent) -> None:
+    # The default kernel is visible on the Jupyter surface; shutting it down there
+    # leaves the broker's socket open but deaf. The next call must notice.
+    await agent.execute("before = 1")
+    base = agent.session["base_url"]
+    async with agent.http.get(f"{base}api/sessions", headers=agent.headers) as resp:
+        (jupyter_session,) = await resp.json()
+    kernel_id = jupyter_session["kernel"]["id"]
+    async with agent.http.delete(f"{base}api/kernels/{kernel_id}",
+                                 headers=agent.headers) as resp:
+        assert resp.status == 204
+    started = time.monotonic()
+    out = await agent.execute("'before' in globals()", timeout=20)
+    assert out["status"] == "ok", out
+    assert out["result"] == {"text/plain": "False"}
+    assert time.monotonic() - started < 10
+    async with agent.http.get(f"{base}api/kernels", headers=agent.headers) as resp:
+        assert [k["id"] for k in await resp.json()] != [kernel_id]

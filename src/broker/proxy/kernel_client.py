@@ -105,6 +105,8 @@ class _Collector:
         self._display_ids: dict[str, int] = {}
         self.replied = False
         self.idle = False
+        #: Whether the kernel answered at all (a deaf connection sends nothing).
+        self.heard = False
 
     def _take(self, size: int) -> bool:
         """Account ``size`` bytes of output; False (and truncated) once over the cap."""
@@ -114,11 +116,14 @@ class _Collector:
         self._used += size
         return True
 
-    async def _send(self, event: dict[str, Any]) -> None:
+    async def send(self, event: dict[str, Any]) -> None:
+        """Emit one event to a streaming caller (no-op otherwise)."""
         if self._emit is not None:
             await self._emit(event)
 
     async def handle(self, msg: dict[str, Any]) -> None:
+        """Fold one message of this call into the result (and emit it when streaming)."""
+        self.heard = True
         kind = msg.get("header", {}).get("msg_type", "")
         content: dict[str, Any] = msg.get("content") or {}
         out = self.out
@@ -134,7 +139,7 @@ class _Collector:
                 return
             if text:
                 setattr(out, name, getattr(out, name) + text)
-                await self._send({"type": "stream", "name": name, "text": text})
+                await self.send({"type": "stream", "name": name, "text": text})
         elif kind in ("display_data", "execute_result", "update_display_data"):
             data = content.get("data") or {}
             if not self._take(len(json.dumps(data))):
@@ -145,13 +150,13 @@ class _Collector:
         elif kind == "error":
             out.error = _error(str(content.get("ename", "")), str(content.get("evalue", "")),
                                content.get("traceback"))
-            await self._send({"type": "error", **out.error})
+            await self.send({"type": "error", **out.error})
         elif kind == "clear_output":
             # As in a notebook: what the cell showed so far is gone.
             out.stdout = out.stderr = ""
             out.display = []
             self._display_ids.clear()
-            await self._send({"type": "clear_output"})
+            await self.send({"type": "clear_output"})
         elif kind == "execute_reply":
             self.replied = True
             out.execution_count = content.get("execution_count", out.execution_count)
@@ -173,17 +178,17 @@ class _Collector:
         if kind == "execute_result":
             out.result = data
             out.execution_count = content.get("execution_count", out.execution_count)
-            await self._send({"type": "result", "data": data,
+            await self.send({"type": "result", "data": data,
                               "execution_count": out.execution_count})
         elif kind == "display_data":
             if display_id:
                 self._display_ids[display_id] = len(out.display)
             out.display.append(data)
-            await self._send({"type": "display", "data": data})
+            await self.send({"type": "display", "data": data})
         elif display_id in self._display_ids:  # update_display_data for one of ours
             index = self._display_ids[display_id]
             out.display[index] = data
-            await self._send({"type": "update_display", "index": index, "data": data})
+            await self.send({"type": "update_display", "index": index, "data": data})
 
 
 def _decode(frame: aiohttp.WSMessage) -> dict[str, Any] | None:
@@ -337,13 +342,22 @@ class AgentKernels:
 
     async def _connect(self, session: Session, slot: _Slot,
                        kernel_name: str) -> KernelConnection:
-        """The slot's open connection, (re)connecting to the default kernel if needed."""
+        """An open connection to the session's current default kernel.
+
+        The upstream is asked on every call (one cheap REST request): a kernel
+        shut down through the Jupyter surface leaves its WebSocket open but
+        deaf, and only the server knows it is gone; then a new one is started.
+        """
+        kernel_id, actual = await self._kernel(session, kernel_name)
+        if kernel_name and actual and kernel_name != actual:
+            raise Conflict(f"This session's kernel runs {actual!r}, not {kernel_name!r}; "
+                           "start another session for another kernel",
+                           reason="kernel_name_mismatch")
         conn = slot.connection
-        if conn is None or conn.closed:
-            if conn is not None:
-                await conn.close()
-            slot.connection = None
-            kernel_id, actual = await self._kernel(session, kernel_name)
+        if conn is not None and (conn.closed or conn.kernel_id != kernel_id):
+            await conn.close()
+            conn = slot.connection = None
+        if conn is None:
             url = join(_ws_base(session.upstream_url), f"api/kernels/{kernel_id}/channels")
             try:
                 ws = await self._http.ws_connect(
@@ -357,10 +371,6 @@ class AgentKernels:
                                      reason="kernel_unreachable") from exc
             conn = slot.connection = KernelConnection(
                 ws, kernel_id, actual, on_closed=lambda: self._drop_idle(session.id, slot))
-        if kernel_name and conn.kernel_name and kernel_name != conn.kernel_name:
-            raise Conflict(f"This session's kernel runs {conn.kernel_name!r}, not "
-                           f"{kernel_name!r}; start another session for another kernel",
-                           reason="kernel_name_mismatch")
         return conn
 
     async def _interrupt(self, session: Session, kernel_id: str) -> None:
@@ -430,7 +440,7 @@ class AgentKernels:
                         "KernelRestarted" if state == "restarting" else "KernelDied",
                         "The kernel died during execution; its state is lost"
                         + (" (it was restarted)" if state == "restarting" else ""))
-                    await collector._send({"type": "error", **collector.out.error})
+                    await collector.send({"type": "error", **collector.out.error})
                     break
                 await collector.handle(msg)
         except asyncio.CancelledError:
@@ -439,6 +449,8 @@ class AgentKernels:
             raise
         finally:
             conn.done(msg_id)
+        if timed_out and not collector.heard:
+            await conn.close()  # nothing came back at all: reconnect next time
         out = collector.out
         if timed_out:
             out.status = "timeout"
