@@ -37,6 +37,7 @@ from aiohttp import web
 
 from broker import keys
 from broker.app import create_app
+from broker.logs import AccessLogger
 from broker.settings import Settings
 from broker.store.crypto import TokenCipher
 from broker.store.memory import MemoryStore
@@ -164,7 +165,8 @@ async def make_broker(tmp_path: Any) -> AsyncIterator[MakeBroker]:
         if clock is not None:
             kwargs["clock"] = clock
         app = create_app(settings, **kwargs)
-        runner = web.AppRunner(app)
+        # The production access logger, so test logs are scrubbed the same way.
+        runner = web.AppRunner(app, access_log_class=AccessLogger)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
