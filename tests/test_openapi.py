@@ -6,7 +6,8 @@ from typing import Any
 
 from yarl import URL
 
-from tests.conftest import BrokerHarness
+from tests.agent.conftest import HARD_DELETE
+from tests.conftest import BrokerHarness, MakeBroker
 
 
 def _check(schema: dict[str, Any], value: dict[str, Any]) -> None:
@@ -45,7 +46,8 @@ async def test_openapi_documents_real_responses(broker: BrokerHarness) -> None:
     assert "400" in doc["paths"]["/api/v1/sessions"]["post"]["responses"]
 
 
-async def test_openapi_documents_agent_responses(broker: BrokerHarness) -> None:
+async def test_openapi_documents_agent_responses(make_broker: MakeBroker) -> None:
+    broker = await make_broker(local_server_args=HARD_DELETE)
     async with broker.http.get(f"{broker.url}/api/v1/openapi.json") as resp:
         doc = await resp.json()
     schemas = doc["components"]["schemas"]

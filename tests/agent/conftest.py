@@ -5,6 +5,8 @@
     (a real ``jupyter server`` with ipykernel), wrapped in :class:`Agent`.
 ``make_agent``
     The same with settings overrides, e.g. ``await make_agent(max_upload_size=1024)``.
+``agent_broker``
+    Just the broker (for tests that create sessions themselves, e.g. with the client).
 """
 
 from __future__ import annotations
@@ -94,11 +96,16 @@ class Fetched:
 
 MakeAgent = Callable[..., Awaitable[Agent]]
 
+#: jupyter_server moves deleted files to the OS user's trash by default, which for
+#: the local backend is outside the session's directory and outlives it; the
+#: tests must not fill the machine's trash (the backend itself should pass this).
+HARD_DELETE = ["--FileContentsManager.delete_to_trash=False"]
+
 
 @pytest.fixture
 async def make_agent(make_broker: MakeBroker) -> MakeAgent:
     async def start(**settings: Any) -> Agent:
-        broker = await make_broker(**settings)
+        broker = await make_broker(**{"local_server_args": HARD_DELETE, **settings})
         return Agent(broker, await broker.ready_session())
 
     return start
@@ -107,3 +114,8 @@ async def make_agent(make_broker: MakeBroker) -> MakeAgent:
 @pytest.fixture
 async def agent(make_agent: MakeAgent) -> Agent:
     return await make_agent()
+
+
+@pytest.fixture
+async def agent_broker(make_broker: MakeBroker) -> BrokerHarness:
+    return await make_broker(local_server_args=HARD_DELETE)

@@ -14,7 +14,8 @@ from broker.client import (
 from tests.conftest import BrokerHarness
 
 
-async def test_client_lifecycle(broker: BrokerHarness) -> None:
+async def test_client_lifecycle(agent_broker: BrokerHarness) -> None:
+    broker = agent_broker
     async with AgentSession(broker.url) as sandbox:
         assert sandbox.id and sandbox.token and not sandbox.reused
         first = await sandbox.execute("import math\nr = 2")
@@ -65,7 +66,8 @@ async def test_client_lifecycle(broker: BrokerHarness) -> None:
         assert (await resp.json())["status"] == "stopped"
 
 
-async def test_client_reuses_a_kept_session(broker: BrokerHarness) -> None:
+async def test_client_reuses_a_kept_session(agent_broker: BrokerHarness) -> None:
+    broker = agent_broker
     async with AgentSession(broker.url, keep=True) as first:
         await first.execute("remembered = 'yes'")
     assert first.token is not None
