@@ -217,3 +217,16 @@ async def test_a_kernel_shut_down_elsewhere_is_replaced(agent: Agent) -> None:
     assert time.monotonic() - started < 10
     async with agent.http.get(f"{base}api/kernels", headers=agent.headers) as resp:
         assert [k["id"] for k in await resp.json()] != [kernel_id]
+
+
+async def test_execute_is_counted_like_kernel_traffic(agent: Agent) -> None:
+    registry = agent.broker.manager.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    before = sample("broker_kernel_executions_total")
+    await agent.execute("1")
+    await agent.execute("2")
+    assert sample("broker_kernel_executions_total") == before + 2
+    assert sample("broker_kernel_execution_duration_seconds_count") >= 2

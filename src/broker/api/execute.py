@@ -104,7 +104,7 @@ def _sse(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-@routes.post("/api/v1/sessions/{sid}/execute")
+@routes.post("/api/v1/sessions/{sid}/execute", name="execute")
 async def execute(request: web.Request) -> web.StreamResponse:
     """Run code on the session's default kernel and answer with its outputs."""
     session = await agent_session(request)

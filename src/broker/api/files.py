@@ -60,6 +60,9 @@ from broker.proxy.paths import join
 
 routes = web.RouteTableDef()
 
+#: One resource for ``.../files`` and ``.../files/{path}`` (one route name for metrics);
+#: the handlers read the raw path themselves.
+FILES_ROUTE = "/api/v1/sessions/{sid}/files{tail:(?:/.*)?}"
 MAX_PATH = 1024
 MAX_DEPTH = 32
 _CHUNK = 64 * 1024
@@ -179,8 +182,11 @@ async def _contents(
                 chunks.append(chunk)
             data = b"".join(chunks)
     except (aiohttp.ClientError, TimeoutError) as exc:
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
+    if resp.status >= 500:
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
     if resp.status >= 400:
         raise _refusal(resp.status, data)
     return resp.status, data
@@ -209,17 +215,9 @@ async def _listing(request: web.Request, session: Session,
     return web.json_response({"path": "/".join(segments), "entries": entries})
 
 
-@routes.get("/api/v1/sessions/{sid}/files")
-async def list_root(request: web.Request) -> web.Response:
-    """List the session's working directory."""
-    session = await agent_session(request)
-    request.app[keys.MANAGER].note_activity(session.id)
-    return await _listing(request, session, [])
-
-
-@routes.get("/api/v1/sessions/{sid}/files/{path:.*}")
+@routes.get(FILES_ROUTE, name="files")
 async def get_file(request: web.Request) -> web.StreamResponse:
-    """Download a file's bytes, or list a directory (a path ending in ``/``)."""
+    """Download a file's bytes, or list a directory (no path, or one ending in ``/``)."""
     session = await agent_session(request)
     tail = _raw_tail(request, session.id)
     segments = parse_path(tail)
@@ -263,7 +261,7 @@ async def _read_upload(request: web.Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-@routes.put("/api/v1/sessions/{sid}/files/{path:.*}")
+@routes.put(FILES_ROUTE, name="files")
 async def put_file(request: web.Request) -> web.Response:
     """Upload the raw body as a file (parent directories are created); 201 new, 200 replaced."""
     session = await agent_session(request)
@@ -283,7 +281,7 @@ async def put_file(request: web.Request) -> web.Response:
     return web.json_response(_entry(json.loads(raw)), status=201 if status == 201 else 200)
 
 
-@routes.delete("/api/v1/sessions/{sid}/files/{path:.*}")
+@routes.delete(FILES_ROUTE, name="files")
 async def delete_file(request: web.Request) -> web.Response:
     """Delete a file or an empty directory."""
     session = await agent_session(request)

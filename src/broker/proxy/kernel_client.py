@@ -331,10 +331,12 @@ class AgentKernels:
                     raise BadRequest(f"The session has no kernel named {kernel_name!r}",
                                      reason="unknown_kernel_name")
                 if resp.status != 201:
+                    self._manager.metrics.upstream_error(session.backend, "bad_response")
                     raise UpstreamFailed(f"The session's server could not start a kernel "
                                          f"({resp.status})", reason="kernel_start_failed")
                 model = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._manager.metrics.upstream_error(session.backend, "unreachable")
             raise UpstreamFailed("The session's Jupyter server did not answer",
                                  reason="upstream_unreachable") from exc
         kernel = model.get("kernel") or {}
@@ -367,6 +369,7 @@ class AgentKernels:
                     max_msg_size=self._settings.ws_max_message_size, compress=0,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                self._manager.metrics.upstream_error(session.backend, "refused")
                 raise UpstreamFailed("Could not connect to the session's kernel",
                                      reason="kernel_unreachable") from exc
             conn = slot.connection = KernelConnection(
@@ -412,8 +415,11 @@ class AgentKernels:
         collector = _Collector(self._settings.execute_max_output, emit)
         started = time.monotonic()
         msg_id, queue = await conn.request(code)
-        deadline = loop.time() + time_limit
-        timed_out = False
+        metrics = self._manager.metrics  # the same series as kernel WebSocket traffic
+        metrics.executions.inc()
+        sent = deadline = loop.time()
+        deadline += time_limit
+        timed_out = measured = False
         try:
             while not (collector.idle and collector.replied):
                 remaining = deadline - loop.time()
@@ -443,6 +449,9 @@ class AgentKernels:
                     await collector.send({"type": "error", **collector.out.error})
                     break
                 await collector.handle(msg)
+                if collector.replied and not measured:
+                    measured = True
+                    metrics.execution_duration.observe(loop.time() - sent)
         except asyncio.CancelledError:
             # The caller went away mid-run: do not leave the kernel busy for the next one.
             await asyncio.shield(self._interrupt(session, conn.kernel_id))
