@@ -153,6 +153,11 @@ async def test_kernel_names(agent: Agent) -> None:
                                json={"code": "1", "kernel_name": "no-such-kernel"}) as resp:
         assert resp.status == 400
         assert (await resp.json())["reason"] == "unknown_kernel_name"
+    # Streaming: the stream has started, so the same refusal is its last event.
+    events = [event async for event in agent.events("1", kernel_name="no-such-kernel")]
+    assert [name for name, _ in events] == ["failed"]
+    assert events[0][1]["status_code"] == 400
+    assert events[0][1]["reason"] == "unknown_kernel_name"
     assert (await agent.execute("1", kernel_name="python"))["status"] == "ok"  # alias
     assert (await agent.execute("2", kernel_name="python3"))["result"] == {"text/plain": "2"}
     async with agent.http.post(agent.url("execute"), headers=agent.headers,
