@@ -111,11 +111,11 @@ START_TIMEOUT = 60.0
 class Config:
     round_trips: int = 2000
     connections: int = 64
-    per_connection: int = 100
+    per_connection: int = 300
     binary_messages: int = 100
     binary_per_connection: int = 4
     http_requests: int = 2000
-    http_per_connection: int = 100
+    http_per_connection: int = 200
     kernel_round_trips: int = 200
     max_seconds: float = 10.0
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
@@ -412,15 +412,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--quick", action="store_true",
                         help="a few-second smoke run with small counts")
     parser.add_argument("-n", "--round-trips", type=int, help="scenario a round trips (2000)")
-    parser.add_argument("--connections", type=int, help="scenario b connections (64)")
+    parser.add_argument("--connections", type=int,
+                        help="connections of scenarios b, c64 and h64 (64)")
     parser.add_argument("--per-connection", type=int,
-                        help="scenario b round trips per connection (100)")
+                        help="scenario b round trips per connection (300)")
     parser.add_argument("--binary-messages", type=int, help="scenario c 1 MiB messages (100)")
     parser.add_argument("--binary-per-connection", type=int,
                         help="scenario c64 1 MiB messages per connection (4)")
     parser.add_argument("--http-requests", type=int, help="scenario h1 GET requests (2000)")
     parser.add_argument("--http-per-connection", type=int,
-                        help="scenario h64 GET requests per connection (100)")
+                        help="scenario h64 GET requests per connection (200)")
     parser.add_argument("--kernel-round-trips", type=int,
                         help="scenario d1 and d2 round trips each (200)")
     parser.add_argument("--max-seconds", type=float,
