@@ -101,6 +101,9 @@ class LocalBackend:
             "--ServerApp.open_browser=False",
             f"--ServerApp.root_dir={workdir}",
             "--ServerApp.terminals_enabled=False",
+            # Files deleted through the API must go with the session, not into
+            # the broker user's trash where they would outlive it.
+            "--FileContentsManager.delete_to_trash=False",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--ServerApp.allow_root=True")
