@@ -270,6 +270,19 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the broker's own loggers."
     )
+    log_format: Literal["json", "plain"] = Field(
+        "json",
+        description="'json': one JSON object per line (time, level, logger, message, "
+        "request_id, fields), for log collectors; 'plain': human-readable lines. Tokens are "
+        "scrubbed from both.",
+    )
+    shutdown_drain: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM, seconds to let open kernel WebSockets finish before they are "
+        "closed with 1001 (going away) so clients reconnect to another replica. Sessions stay "
+        "in the store. Keep it below the pod's terminationGracePeriodSeconds.",
+    )
 
     @field_validator("allowed_origins", "trusted_proxies", "local_server_args", mode="before")
     @classmethod
