@@ -131,8 +131,10 @@ def idle_report(idle: Sequence[IdleResult]) -> str:
 
 
 def _line(met: bool | None, text: str) -> str:
-    mark = "n/a" if met is None else ("met" if met else "NOT met")
-    return f"- [{mark}] {text}"
+    """One verdict line; ``met`` None means the scenarios it needs were not run."""
+    if met is None:
+        return f"- [n/a] {text.split(':')[0]}: not run"
+    return f"- [{'met' if met else 'NOT met'}] {text}"
 
 
 def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: str,
