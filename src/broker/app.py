@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -25,7 +25,9 @@ from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
 from broker.models import Clock, system_clock
+from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
+from broker.policy.kernels import KernelGate
 from broker.proxy import routes as proxy_routes
 from broker.proxy.rest import kernels_busy
 from broker.sessions import SessionManager
@@ -98,7 +100,8 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    backend = make_backend(settings, app[keys.HTTP], app[keys.CLOCK])
+    backend = app.get(keys.BACKEND_FACTORY, make_backend)(settings, app[keys.HTTP],
+                                                         app[keys.CLOCK])
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
     backend.on_lost = manager.on_upstream_lost
     http = app[keys.HTTP]
@@ -114,13 +117,36 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     await backend.close()
 
 
+async def _limits(app: web.Application) -> AsyncIterator[None]:
+    """The kernels-per-session gate and the deny list's reload loop."""
+    settings = app[keys.SETTINGS]
+    if settings.max_kernels_per_session:
+        app[keys.KERNEL_GATE] = KernelGate(
+            settings.max_kernels_per_session, app[keys.STORE], app[keys.HTTP],
+            timeout=settings.upstream_timeout,
+            on_refusal=lambda: app[keys.MANAGER].metrics.limit_refused("kernels_per_session"))
+    watcher = None
+    if settings.deny_list_file:
+        watcher = asyncio.create_task(app[keys.DENY].watch(settings.deny_list_reload),
+                                      name="deny-list-reload")
+    yield
+    if watcher is not None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     clock: Clock = system_clock,
     store: SessionStore | None = None,
+    backend: Callable[[Settings, aiohttp.ClientSession, Clock], Backend] | None = None,
 ) -> web.Application:
-    """Build the broker application; resources are created when it starts."""
+    """Build the broker application; resources are created when it starts.
+
+    ``store`` and ``backend`` (a factory like :func:`make_backend`) replace the
+    configured ones, for tests and embedding.
+    """
     settings = settings or Settings()
     app = web.Application(
         middlewares=[errors_and_origin], client_max_size=settings.max_request_body
@@ -130,7 +156,15 @@ def create_app(
     app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
         app[keys.STORE] = store
+    if backend is not None:
+        app[keys.BACKEND_FACTORY] = backend
+    app[keys.DENY] = DenyList(settings.deny_networks, settings.deny_list_file)
+    # Inside errors_and_origin, so a refusal is the usual JSON error with CORS headers.
+    app.middlewares.append(deny_middleware(
+        app[keys.DENY], app[keys.TRUSTED],
+        lambda request: request.app[keys.MANAGER].metrics.limit_refused("denied")))
     app.cleanup_ctx.extend([_http_client, _store, _sessions, execute.kernels_ctx])
+    app.cleanup_ctx.append(_limits)
     app.on_response_prepare.append(add_cors_headers)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from aiohttp import web
 
 from broker.backends.base import Backend
 from broker.metrics import Metrics
 from broker.models import Clock
+from broker.policy.denylist import DenyList
 from broker.policy.identity import Network
+from broker.policy.kernels import KernelGate
 from broker.proxy.kernel_client import AgentKernels
 from broker.sessions import SessionManager
 from broker.settings import Settings
@@ -21,5 +25,11 @@ HTTP = web.AppKey("http_client", aiohttp.ClientSession)
 STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)
+#: Builds the backend (create_app(backend=...); default app.make_backend).
+BACKEND_FACTORY: web.AppKey[Callable[[Settings, aiohttp.ClientSession, Clock], Backend]] = (
+    web.AppKey("backend_factory"))
+DENY = web.AppKey("deny_list", DenyList)
+#: Set only when BROKER_MAX_KERNELS_PER_SESSION is on.
+KERNEL_GATE = web.AppKey("kernel_gate", KernelGate)
 METRICS = web.AppKey("metrics", Metrics)
 KERNELS = web.AppKey("agent_kernels", AgentKernels)

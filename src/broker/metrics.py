@@ -28,6 +28,11 @@ Labels:
     ``to_kernel`` or ``to_client``; shell, iopub, stdin, control, or other.
 ``route`` / ``status_class`` (HTTP)
     the named route (sessions_create, jupyter_rest, ...) and 2xx..5xx.
+``reason`` (limit refusals)
+    creation_rate, owner_sessions, spec_capacity, capacity, spawn_concurrency
+    (session creations), kernels_per_session (kernel starts), ws_rate (kernel
+    WebSockets closed with 1008 after sustained throttling), denied (deny list).
+    docs/limits.md describes each limit.
 ``kind`` (upstream errors)
     unreachable, refused, bad_response, exited, spawn.
 ``op`` (store)
@@ -55,7 +60,11 @@ BACKENDS = ("local", "jupyterhub", "binderhub")
 STATUSES = ("pending", "ready", "failed", "stopped")
 SPAWN_OUTCOMES = ("success", "failure", "timeout", "cancelled")
 REFUSAL_REASONS = ("capacity", "owner_sessions", "rate_limited", "origin", "bad_request",
-                   "forbidden", "unauthorized")
+                   "forbidden", "unauthorized", "creation_rate", "spec_capacity",
+                   "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
+#: Reasons of ``broker_limit_refusals_total``: every limit of :mod:`broker.policy`.
+LIMIT_REASONS = ("creation_rate", "owner_sessions", "spec_capacity", "capacity",
+                 "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
 FAILURE_REASONS = ("upstream_failed", "spawn_timeout", "upstream_unreachable", "capacity",
                    "rate_limited", "internal")
 ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
@@ -131,6 +140,14 @@ class Metrics:
             "How late a 1 s timer fired on the event loop, last measurement.", registry=r)
         self.sessions_ended = Counter(
             "broker_sessions_ended_total", "Sessions ended, by reason.", ["reason"], registry=r)
+        self.limit_refusals = Counter(
+            "broker_limit_refusals_total",
+            "Requests refused by a rate limit, quota or the deny list, by reason (creations, "
+            "kernel starts, WebSocket closes with 1008).", ["reason"], registry=r)
+        self.ws_throttled = Counter(
+            "broker_websocket_throttled_total",
+            "Client kernel WebSocket messages after which reading paused (rate limit "
+            "backpressure).", registry=r)
         self._precreate()
 
     def _precreate(self) -> None:
@@ -160,6 +177,8 @@ class Metrics:
             self.store_errors.labels(op)
         for reason in ENDED_REASONS:
             self.sessions_ended.labels(reason)
+        for reason in LIMIT_REASONS:
+            self.limit_refusals.labels(reason)
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """Count one upstream failure (kind kept inside its enum)."""
@@ -167,6 +186,10 @@ class Metrics:
             label_or_other(backend, BACKENDS, "local"),
             label_or_other(kind, UPSTREAM_ERROR_KINDS, "bad_response"),
         ).inc()
+
+    def limit_refused(self, reason: str) -> None:
+        """Count one refusal by a limit (reason kept inside LIMIT_REASONS)."""
+        self.limit_refusals.labels(label_or_other(reason, LIMIT_REASONS, "capacity")).inc()
 
     def ended(self, reason: str) -> None:
         """Count one session end."""

@@ -16,6 +16,11 @@ Invariants:
   is alive; a dead one is stopped and replaced.
 * A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout``,
   and a failed or abandoned spawn is cleaned up on the backend.
+* A new session exists only after :class:`~broker.policy.limits.AdmissionControl`
+  reserved every cluster-wide limit for it in one atomic step; a refusal
+  leaves nothing behind, and every way a session ends (stop, failed spawn,
+  upstream lost, reaper) releases its reservation. Reuse is decided first,
+  so reusing a live session never counts against a rate or a cap.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from broker.errors import (
     BrokerError,
     Forbidden,
     NotFound,
-    RateLimited,
     SpawnTimeout,
     Unauthorized,
     Unavailable,
@@ -49,6 +53,7 @@ from broker.models import (
     new_token,
     system_clock,
 )
+from broker.policy.limits import Admission, AdmissionControl
 from broker.settings import Settings
 from broker.store.base import FINAL_PHASES, SessionStore
 
@@ -84,12 +89,15 @@ class SessionManager:
         *,
         clock: Clock = system_clock,
         metrics: Metrics | None = None,
+        limiter: AdmissionControl | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(backend.name)
         self.store = store
         self.backend = backend
         self.clock = clock
+        #: Cluster-wide admission (Redis engine when the store is Redis).
+        self.limiter = limiter or AdmissionControl.for_store(settings, store, clock)
         self._spawns: dict[str, asyncio.Task[None]] = {}
         self._closers: dict[str, set[Closer]] = {}
         self._no_connections = asyncio.Event()
@@ -101,27 +109,36 @@ class SessionManager:
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
-        self, request: SessionRequest, presented_token: str | None = None
+        self,
+        request: SessionRequest,
+        presented_token: str | None = None,
+        *,
+        on_admitted: Callable[[Admission], None] | None = None,
     ) -> tuple[Session, str, bool]:
         """Reuse the owner's live session for the same spec, or start a new one.
 
-        Returns (session, broker token, reused).
+        Returns (session, broker token, reused). ``on_admitted`` receives the
+        admission of a new session (its rate-limit headers for the client).
         """
         if presented_token:
             reused = await self._reusable(request, presented_token)
             if reused is not None:
                 self.metrics.creations.labels("reused", "none").inc()
                 return reused, presented_token, True
+        session_id = new_session_id()
         try:
-            await self._admit(request.owner)
+            admission = await self.limiter.admit(session_id, request.owner, request.spec)
         except BrokerError as refusal:
             reason = label_or_other(refusal.reason, REFUSAL_REASONS, "rate_limited")
             self.metrics.creations.labels("refused", reason).inc()
+            self.metrics.limit_refused(refusal.reason)
             raise
+        if on_admitted is not None:
+            on_admitted(admission)
         now = self.clock()
         token = new_token()
         session = Session(
-            id=new_session_id(),
+            id=session_id,
             token_hash=hash_token(token),
             owner=request.owner,
             backend=self.backend.name,
@@ -134,8 +151,13 @@ class SessionManager:
             visitor=request.visitor,
             message="Waiting to launch",
         )
-        await self.store.create(session)
-        await self.store.publish(session.id, {"phase": "waiting", "message": session.message})
+        try:
+            await self.store.create(session)
+            await self.store.publish(session.id, {"phase": "waiting", "message": session.message})
+        except BaseException:
+            # Never a half-created session: no record left live, no slot kept.
+            await self._abandon(session)
+            raise
         self.metrics.creations.labels("created", "none").inc()
         task = asyncio.create_task(self._spawn(session), name=f"spawn-{session.id}")
         self._spawns[session.id] = task
@@ -203,19 +225,27 @@ class SessionManager:
             return None
         return token
 
-    async def _admit(self, owner: str) -> None:
-        cap = self.settings.max_sessions
-        if cap and await self.store.count_live() >= cap:
-            raise Unavailable(
-                "The broker is at capacity; try again soon.", reason="capacity", retry_after=30
-            )
-        per_owner = self.settings.max_sessions_per_owner
-        if per_owner and len(await self.store.list_owner(owner)) >= per_owner:
-            raise RateLimited(
-                f"You already have {per_owner} live sessions; stop one or reuse it.",
-                reason="owner_sessions",
-                retry_after=60,
-            )
+    async def _abandon(self, session: Session) -> None:
+        """Undo a creation that failed before its spawn started (store trouble)."""
+        session.status = Status.FAILED
+        session.ended_reason = "internal"
+        with contextlib.suppress(Exception):
+            await self.store.save(session)
+        await self._release(session)
+
+    async def _settle(self, session: Session, *, ready: bool) -> None:
+        """The spawn ended: free its spawn slot; a ready session keeps the rest until expiry."""
+        try:
+            await asyncio.shield(self.limiter.spawn_finished(session, ready=ready))
+        except Exception:
+            log.exception("could not settle the limits held by session %s", session.id)
+
+    async def _release(self, session: Session) -> None:
+        """Give back a session's admission slots; a failure only delays their lease expiry."""
+        try:
+            await asyncio.shield(self.limiter.release(session))
+        except Exception:
+            log.exception("could not release the limits held by session %s", session.id)
 
     # -- spawning ------------------------------------------------------------------------
     async def _spawn(self, session: Session) -> None:
@@ -237,6 +267,8 @@ class SessionManager:
             self.metrics.spawns_in_progress.labels(backend).dec()
             elapsed = asyncio.get_running_loop().time() - started
             self.metrics.spawn_duration.labels(backend, outcome).observe(elapsed)
+            if outcome != "success":  # a ready spawn settled before it said so (_apply)
+                await self._settle(session, ready=False)
 
     async def _spawn_steps(self, session: Session) -> None:
         """Run the backend's spawn; failures are recorded and re-raised for timing."""
@@ -281,6 +313,10 @@ class SessionManager:
             await self._cleanup_backend(session)
             raise asyncio.CancelledError
         await self.store.save(session)
+        if event.phase == "ready":
+            # Free the spawn slot before anyone hears "ready", so whoever reacts to it
+            # finds the slot free.
+            await self._settle(session, ready=True)
         await self.store.publish(session.id, event.public())
 
     async def _fail(self, session: Session, error: BrokerError) -> None:
@@ -299,6 +335,7 @@ class SessionManager:
         session.message = error.message
         session.ended_reason = error.reason
         await self.store.save(session)
+        await self._release(session)
         event: dict[str, Any] = {"phase": "failed", "message": error.message,
                                  "status_code": error.status, "reason": error.reason}
         if "Retry-After" in error.headers:
@@ -428,6 +465,7 @@ class SessionManager:
         session.ended_reason = reason
         session.message = f"Session stopped ({reason})"
         await self.store.save(session)
+        await self._release(session)
         await self.store.publish(session.id, {"phase": "stopped", "message": session.message,
                                               "reason": reason})
         await self._close_connections(session.id, reason)
@@ -446,6 +484,7 @@ class SessionManager:
         self.metrics.ended("upstream_exited")
         self.metrics.upstream_error(session.backend, "exited")
         await self.store.save(session)
+        await self._release(session)
         await self.store.publish(session_id, {"phase": "failed", "message": message,
                                               "reason": "upstream_exited"})
         await self._close_connections(session_id, "upstream_exited")

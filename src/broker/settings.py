@@ -182,13 +182,89 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Live sessions in total across all replicas (capacity); 0 = unlimited. "
-        "Beyond it, creation is refused with 503 and Retry-After.",
+        "Beyond it, creation is refused with 503 'capacity' and a jittered Retry-After "
+        "(/build: a failed event with status_code 503). See BROKER_MAX_SESSIONS_PER_SPEC.",
     )
     max_sessions_per_owner: int = Field(
         3,
         ge=0,
-        description="Live sessions per owner (client IP, IPv6 /64); 0 = unlimited. Beyond it, "
-        "creation is refused with 429. Reusing a session does not count.",
+        description="Live sessions per owner (client IP, IPv6 /64, or API key); 0 = unlimited. "
+        "Beyond it, creation is refused with 429 'owner_sessions' and Retry-After. Reusing a "
+        "session does not count. API keys may set their own (BROKER_API_KEYS).",
+    )
+    max_sessions_per_spec: int = Field(
+        0,
+        ge=0,
+        description="Live sessions per repository (the spec without its ref: gh/<owner>/<repo>, "
+        "gl/<namespace>, git/<url>, gist/<user>/<id>; other specs as a whole), like "
+        "BinderHub's per-repo quota; 0 = unlimited. Beyond it, creation is refused with 503 "
+        "'spec_capacity' ('Too many users running ...') and Retry-After. Sessions without a "
+        "spec are not counted. BROKER_SPEC_QUOTAS overrides it per pattern.",
+    )
+    spec_quotas: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated pattern=N pairs (shell-style patterns on the spec, e.g. "
+        "gh/my-org/*=50,gh/big/course/*=200): the first pattern matching a spec replaces "
+        "BROKER_MAX_SESSIONS_PER_SPEC for it (BinderHub's higher quota for listed repos); each "
+        "matching repository is counted on its own; N=0 means unlimited.",
+    )
+    max_creations_per_owner: int = Field(
+        0,
+        ge=0,
+        description="Sessions one owner may create per BROKER_CREATION_WINDOW, as a token "
+        "bucket (up to N at once, then one every window/N seconds); 0 = unlimited. Beyond "
+        "it, creation is refused with 429 'creation_rate', an exact Retry-After and "
+        "X-RateLimit-Limit/-Remaining/-Reset (also sent on successful creations). Reusing a "
+        "live session does not count. BinderHub's default is 10 per hour.",
+    )
+    creation_window: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds over which BROKER_MAX_CREATIONS_PER_OWNER creations are allowed.",
+    )
+    max_concurrent_spawns: int = Field(
+        0,
+        ge=0,
+        description="Spawns in progress at once across all replicas (shields the upstream from "
+        "launch storms); 0 = unlimited. Beyond it, creation is refused with 429 "
+        "'spawn_concurrency' and a short Retry-After. A spawn holds its slot until its server "
+        "is ready or failed (at most BROKER_SPAWN_TIMEOUT).",
+    )
+    max_kernels_per_session: int = Field(
+        0,
+        ge=0,
+        description="Kernels one session may run, counted on its server; 0 = unlimited. A "
+        "POST api/kernels, or a POST api/sessions that would start a kernel, beyond it is "
+        "refused with 429 'kernels_per_session' (checks of one session are serialised across "
+        "replicas, so concurrent POSTs cannot overshoot).",
+    )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description='API keys for agent platforms, as JSON: {"name": {"key_sha256": "<hex>" '
+        '(or "key": "<key>"), "max_sessions": N, "max_creations": N, "creation_window": S}}. '
+        "A session creation with Authorization: Bearer <key> belongs to the owner key:<name> "
+        "and gets that key's limits instead of BROKER_MAX_SESSIONS_PER_OWNER / "
+        "BROKER_MAX_CREATIONS_PER_OWNER / BROKER_CREATION_WINDOW (left out: those apply). "
+        "Empty: no keys; owners are client addresses.",
+    )
+    deny_networks: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated networks (CIDR) or addresses whose requests are refused "
+        "with 403 'denied' (/build: a failed event with status_code 403). The client address "
+        "is resolved as for BROKER_TRUSTED_PROXIES. Probes and /metrics are never refused. "
+        "See BROKER_DENY_LIST_FILE for a list that changes without a restart.",
+    )
+    deny_list_file: str = Field(
+        "",
+        description="A file of networks to refuse (one CIDR or address per line, # comments), "
+        "added to BROKER_DENY_NETWORKS and re-read when it changes (checked every "
+        "BROKER_DENY_LIST_RELOAD seconds), e.g. a mounted ConfigMap. A file that does not parse "
+        "keeps the previous list and logs an error.",
+    )
+    deny_list_reload: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between checks of BROKER_DENY_LIST_FILE for changes.",
     )
     trusted_proxies: CommaList = Field(
         default_factory=list,
@@ -201,6 +277,50 @@ class Settings(BaseSettings):
         description="Largest kernel WebSocket message, in bytes, either direction. A larger "
         "one closes the connection with 1009. Kernel outputs (images, data frames) can be "
         "large, so this is well above aiohttp's 4 MiB default.",
+    )
+    ws_client_max_message_size: int = Field(
+        0,
+        ge=0,
+        description="Largest message a client may send on a kernel WebSocket, in bytes; a "
+        "larger one closes the connection with 1009 before it reaches the kernel. 0: "
+        "BROKER_WS_MAX_MESSAGE_SIZE (which also bounds kernel output).",
+    )
+    ws_client_messages_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Messages per second a client may send on one kernel WebSocket (token "
+        "bucket of BROKER_WS_CLIENT_MESSAGE_BURST); 0 = unlimited. Above it the broker stops "
+        "reading the client until the bucket refills (backpressure: the client's sends slow "
+        "down, nothing is dropped); after BROKER_WS_CLIENT_THROTTLE_LIMIT seconds of unbroken "
+        "throttling it closes the connection with 1008.",
+    )
+    ws_client_message_burst: int = Field(
+        200,
+        ge=1,
+        description="Messages a client may send at once before BROKER_WS_CLIENT_MESSAGES_PER_"
+        "SECOND applies (the bucket's size).",
+    )
+    ws_client_bytes_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Bytes per second a client may send on one kernel WebSocket (token bucket "
+        "of BROKER_WS_CLIENT_BYTE_BURST); 0 = unlimited. Same backpressure and 1008 close as "
+        "BROKER_WS_CLIENT_MESSAGES_PER_SECOND.",
+    )
+    ws_client_byte_burst: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Bytes a client may send at once before BROKER_WS_CLIENT_BYTES_PER_SECOND "
+        "applies. Keep it at least BROKER_WS_CLIENT_MAX_MESSAGE_SIZE: one message larger than "
+        "the bucket waits until the debt is repaid, and is closed with 1008 if that takes "
+        "longer than BROKER_WS_CLIENT_THROTTLE_LIMIT.",
+    )
+    ws_client_throttle_limit: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a kernel WebSocket may stay throttled without a break (every "
+        "message had to wait) before it is closed with 1008 'message rate limit exceeded'. A "
+        "client that bursts and then pauses is only slowed, never closed.",
     )
     ws_heartbeat: float = Field(
         30.0,
@@ -337,6 +457,37 @@ class Settings(BaseSettings):
             if not sep or not pattern.strip() or not name_ok:
                 raise ValueError(f"BROKER_BUILD_PROFILES entry {pair!r} is not pattern=profile "
                                  "(profile: letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("spec_quotas", "deny_networks", mode="before")
+    @classmethod
+    def _limit_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("spec_quotas")
+    @classmethod
+    def _valid_spec_quotas(cls, value: list[str]) -> list[str]:
+        from broker.policy.limits import parse_spec_quotas
+
+        parse_spec_quotas(value)
+        return value
+
+    @field_validator("deny_networks")
+    @classmethod
+    def _valid_deny_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"BROKER_DENY_NETWORKS entry {net!r} is not a network") from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_api_keys(cls, value: SecretStr) -> SecretStr:
+        from broker.policy.apikeys import parse_api_keys
+
+        parse_api_keys(value.get_secret_value())
         return value
 
     @model_validator(mode="after")

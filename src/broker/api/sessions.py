@@ -18,6 +18,7 @@ from aiohttp import web
 from broker import keys
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session, Status
+from broker.policy.apikeys import OWNER_PREFIX
 from broker.policy.auth import public_base, request_owner, request_token
 from broker.sessions import SessionRequest
 
@@ -89,7 +90,9 @@ async def parse_session_request(request: web.Request) -> SessionRequest:
     for field in ("profile", "kernel_name"):
         if values[field] and not _NAME.match(values[field]):
             raise BadRequest(f"'{field}' may only contain letters, digits, '.', '_' and '-'")
-    return SessionRequest(owner=request_owner(request), **values)
+    key = request.app[keys.MANAGER].limiter.api_keys.from_request(request)
+    owner = key.owner if key is not None else request_owner(request)
+    return SessionRequest(owner=owner, **values)
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -101,7 +104,13 @@ async def create_session(request: web.Request) -> web.Response:
     """Create a session, or reuse the caller's live one for the same spec."""
     manager = request.app[keys.MANAGER]
     wanted = await parse_session_request(request)
-    session, token, reused = await manager.create(wanted, request_token(request))
+    # An API key holder's Authorization is the key: its session token comes as ?token=.
+    presented = (request.query.get("token") if wanted.owner.startswith(OWNER_PREFIX)
+                 else request_token(request))
+    limit_headers: dict[str, str] = {}
+    session, token, reused = await manager.create(
+        wanted, presented, on_admitted=lambda admission: limit_headers.update(
+            admission.headers))
     if _flag(request, "wait") and session.status is Status.PENDING:
         waited, final = await manager.wait_outcome(session.id, manager.settings.spawn_timeout + 5)
         session = waited or session
@@ -113,11 +122,12 @@ async def create_session(request: web.Request) -> web.Response:
             if isinstance(retry_after, int):
                 error.headers["Retry-After"] = str(retry_after)
             body = error.body() | {"id": session.id}
-            return web.json_response(body, status=error.status, headers=error.headers)
+            return web.json_response(body, status=error.status,
+                                     headers=error.headers | limit_headers)
     return web.json_response(
         session_body(request, session, token),
         status=200 if reused else 201,
-        headers={"Location": f"/api/v1/sessions/{session.id}"},
+        headers={"Location": f"/api/v1/sessions/{session.id}", **limit_headers},
     )
 
 

@@ -407,12 +407,15 @@ class Relay:
 
     def __init__(self, client: asyncio.Transport, upstream: Upstream, *, max_message: int,
                  heartbeat: float, hooks: Hooks,
-                 on_done: Callable[[], None] | None = None) -> None:
+                 on_done: Callable[[], None] | None = None,
+                 max_client_message: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.upstream = upstream.transport
         self.hooks = hooks
-        self.to_upstream = FrameScanner(masked=True, max_message=max_message)
+        # Clients may be held to a smaller cap than kernel output (0: the same).
+        self.to_upstream = FrameScanner(masked=True,
+                                        max_message=max_client_message or max_message)
         self.to_client = FrameScanner(masked=False, max_message=max_message)
         self.done: asyncio.Future[tuple[int, str]] = self.loop.create_future()
         self._on_done = on_done
@@ -445,7 +448,9 @@ class Relay:
         self.upstream.write(data)
         delay = 0.0
         for ev in result.frames:
-            delay = max(delay, self.hooks.client_message(ev))
+            wait = self.hooks.client_message(ev)
+            # A close (negative) must survive the answers for later frames of this read.
+            delay = wait if wait < 0 or delay < 0 else max(delay, wait)
         if result.close_code is not None or OP_CLOSE in result.control:
             self._closing = True
         if delay < 0:  # the limiter says: sustained abuse

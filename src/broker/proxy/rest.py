@@ -31,6 +31,7 @@ from yarl import URL
 from broker import keys
 from broker.errors import UpstreamFailed
 from broker.models import Session
+from broker.policy.kernels import KERNEL_STARTS
 from broker.proxy.paths import check_rest, join
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,27 @@ def _withheld(status: int, message: str) -> web.Response:
 
 
 async def forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
-    """Proxy one REST request to the session's server."""
+    """Proxy one REST request to the session's server; kernel starts pass the kernel gate.
+
+    With BROKER_MAX_KERNELS_PER_SESSION on, a POST that may start a kernel is
+    forwarded while the gate holds the session's check (see
+    :mod:`broker.policy.kernels`), so concurrent starts cannot overshoot.
+    """
+    gate = request.app.get(keys.KERNEL_GATE)
+    if gate is not None and request.method == "POST" and remainder in KERNEL_STARTS:
+        async with gate.starting(session, remainder, await request.read()):
+            return await _forward(request, session, remainder)
+    return await _forward(request, session, remainder)
+
+
+async def _forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
     method = request.method
     check_rest(remainder, method)
     url = join(session.upstream_url, remainder)
     headers = CIMultiDict({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
     headers["Authorization"] = f"token {session.upstream_token}"
-    body: bytes | None = await request.read() if request.can_read_body else None
+    # body_exists, not can_read_body: the kernel gate may have read (and cached) it already.
+    body: bytes | None = await request.read() if request.body_exists else None
     if method == "POST" and remainder in ("api/kernels", "api/sessions"):
         body = _kernel_body(body or b"", remainder, session.kernel_name)
         headers["Content-Type"] = "application/json"

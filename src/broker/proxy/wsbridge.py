@@ -35,6 +35,7 @@ from broker import keys
 from broker.errors import NotFound, UpstreamFailed
 from broker.metrics import Direction, Metrics, WsCounts
 from broker.models import Session
+from broker.policy.wsrate import WsLimits
 from broker.proxy.paths import join
 from broker.proxy.relay import (
     OP_TEXT,
@@ -141,7 +142,8 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
                         limiter=_limiter_for(request))
     original = transport.get_protocol()
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
-                  heartbeat=settings.ws_heartbeat, hooks=hooks)
+                  heartbeat=settings.ws_heartbeat, hooks=hooks,
+                  max_client_message=settings.ws_client_max_message_size)
     transport.set_protocol(relay.client_leg)
     with contextlib.suppress(OSError):
         sock = transport.get_extra_info("socket")
@@ -175,8 +177,18 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
 
 
 def _limiter_for(request: web.Request) -> Callable[[int], float] | None:
-    """The per-connection client message limiter, when limits are configured."""
-    return None
+    """The per-connection client message limiter, when limits are configured.
+
+    A fresh :class:`~broker.policy.wsrate.WsLimiter` per connection; its
+    ``take`` is the hook (see that module for the contract). Metrics are
+    touched on its slow path only.
+    """
+    limits = WsLimits.from_settings(request.app[keys.SETTINGS])
+    if limits is None:
+        return None
+    metrics = request.app[keys.MANAGER].metrics
+    return limits.new(on_throttle=metrics.ws_throttled.inc,
+                      on_close=lambda: metrics.limit_refused("ws_rate")).take
 
 
 def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:

@@ -1,0 +1,157 @@
+"""Kernels per session: refuse a kernel start beyond ``BROKER_MAX_KERNELS_PER_SESSION``.
+
+Each kernel is a process on the session's server, so one client looping
+``POST api/kernels`` could fill a node. The count is the upstream's own
+kernel list (``GET api/kernels``), not a tally of the broker's: kernels
+started or shut down by any route, or by the server culling them, are seen
+as they are.
+
+What counts as a kernel start (the Jupyter Server semantics):
+
+* ``POST api/kernels`` always starts one;
+* ``POST api/sessions`` starts one unless its body names a running kernel
+  (``kernel.id``) or a session for the same ``path`` already exists (the
+  server then answers with that session: thebe's page reloads do this).
+
+Checks of one session are serialised, so two concurrent POSTs cannot both
+see room for one more: first on this replica (an ``asyncio.Lock`` per
+session), then across replicas (the store's expiring lock, the one the
+reaper uses), held until the upstream answered the POST, so the next
+check sees the kernel it started. A refusal is 429 ``kernels_per_session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+
+from broker.errors import RateLimited, Unavailable, UpstreamFailed
+from broker.models import Session
+from broker.proxy.paths import join
+from broker.store.base import SessionStore
+
+#: Remainders of the POSTs that may start a kernel.
+KERNEL_STARTS = frozenset({"api/kernels", "api/sessions"})
+#: Seconds between attempts at another replica's lock on the same session.
+_LOCK_POLL = 0.05
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _session_path(body: dict[str, Any]) -> str | None:
+    """The ``path`` a session POST names (also the legacy ``notebook`` form)."""
+    path = body.get("path")
+    notebook = body.get("notebook")
+    if path is None and isinstance(notebook, dict):
+        path = notebook.get("name") or notebook.get("path")
+    return path if isinstance(path, str) else None
+
+
+class KernelGate:
+    """Serialised per-session checks of the kernel count before a kernel start."""
+
+    def __init__(
+        self,
+        cap: int,
+        store: SessionStore,
+        http: aiohttp.ClientSession,
+        *,
+        timeout: float = 30.0,
+        on_refusal: Callable[[], None] | None = None,
+    ) -> None:
+        self.cap = cap
+        self._store = store
+        self._http = http
+        self._timeout = timeout
+        self._on_refusal = on_refusal
+        # session id -> [lock, users]; entries go when their last user leaves.
+        self._locks: dict[str, list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _local(self, session_id: str) -> AsyncIterator[None]:
+        entry = self._locks.setdefault(session_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[session_id]
+
+    @contextlib.asynccontextmanager
+    async def _cluster(self, session_id: str) -> AsyncIterator[None]:
+        name = f"kernels:{session_id}"
+        # The lock outlives a slow kernel start (the forward's own read timeout, twice)
+        # but not a replica that died holding it.
+        ttl = self._timeout * 2 + 10
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while not await self._store.try_lock(name, ttl):
+            if loop.time() > deadline:
+                raise Unavailable("Another kernel of this session is starting; try again.",
+                                  reason="kernels_busy", retry_after=2)
+            await asyncio.sleep(_LOCK_POLL)
+        try:
+            yield
+        finally:
+            await self._store.release_lock(name)
+
+    @contextlib.asynccontextmanager
+    async def starting(self, session: Session, remainder: str, raw: bytes) -> AsyncIterator[None]:
+        """Hold the session's check while the caller forwards the POST; raise 429 at the cap."""
+        async with self._local(session.id), self._cluster(session.id):
+            if await self._would_start(session, remainder, _body(raw)):
+                kernels = await self._list(session, "api/kernels")
+                if len(kernels) >= self.cap:
+                    if self._on_refusal is not None:
+                        self._on_refusal()
+                    raise RateLimited(
+                        f"This session already runs {len(kernels)} kernels (the limit is "
+                        f"{self.cap}); shut one down before starting another.",
+                        reason="kernels_per_session", retry_after=10)
+            yield
+
+    async def _would_start(self, session: Session, remainder: str, body: dict[str, Any]) -> bool:
+        if remainder == "api/kernels":
+            return True
+        kernel = body.get("kernel")
+        kernel_id = kernel.get("id") if isinstance(kernel, dict) else None
+        if kernel_id:
+            kernels = await self._list(session, "api/kernels")
+            if any(k.get("id") == kernel_id for k in kernels):
+                return False
+        path = _session_path(body)
+        if path is not None:
+            sessions = await self._list(session, "api/sessions")
+            if any(s.get("path") == path for s in sessions):
+                return False
+        return True
+
+    async def _list(self, session: Session, what: str) -> list[dict[str, Any]]:
+        """The upstream's own list of kernels or sessions."""
+        try:
+            async with self._http.get(
+                str(join(session.upstream_url, what)),
+                headers={"Authorization": f"token {session.upstream_token}"},
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as resp:
+                if resp.status != 200:
+                    raise UpstreamFailed(f"The session's server could not list {what[4:]} "
+                                         f"({resp.status})", reason="upstream_response")
+                items = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamFailed("The session's Jupyter server did not answer",
+                                 reason="upstream_unreachable") from exc
+        return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
