@@ -96,16 +96,10 @@ class Fetched:
 
 MakeAgent = Callable[..., Awaitable[Agent]]
 
-#: jupyter_server moves deleted files to the OS user's trash by default, which for
-#: the local backend is outside the session's directory and outlives it; the
-#: tests must not fill the machine's trash (the backend itself should pass this).
-HARD_DELETE = ["--FileContentsManager.delete_to_trash=False"]
-
-
 @pytest.fixture
 async def make_agent(make_broker: MakeBroker) -> MakeAgent:
     async def start(**settings: Any) -> Agent:
-        broker = await make_broker(**{"local_server_args": HARD_DELETE, **settings})
+        broker = await make_broker(**settings)
         return Agent(broker, await broker.ready_session())
 
     return start
@@ -118,4 +112,4 @@ async def agent(make_agent: MakeAgent) -> Agent:
 
 @pytest.fixture
 async def agent_broker(make_broker: MakeBroker) -> BrokerHarness:
-    return await make_broker(local_server_args=HARD_DELETE)
+    return await make_broker()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.agent.conftest import Agent, MakeAgent
+from tests.conftest import BrokerHarness
 
 #: Every byte value, plus bytes that break naive text handling (CRLF, NUL, invalid UTF-8).
 BINARY = bytes(range(256)) * 40 + b"\r\n\x00\xff\xfe" + "é".encode("latin-1")
@@ -173,3 +174,19 @@ async def test_files_need_the_session_token(agent: Agent) -> None:
     async with agent.http.get(agent.url("files/private.txt"),
                               headers={"Authorization": f"token {other['token']}"}) as resp:
         assert resp.status == 403  # another session's token opens only that session
+
+
+async def test_deleted_files_do_not_go_to_the_trash(agent_broker: BrokerHarness) -> None:
+    """The local backend's servers delete for good: nothing outlives the session."""
+    trash = Path.home() / ".local" / "share" / "Trash" / "files"
+    before = set(trash.iterdir()) if trash.is_dir() else set()
+    session = await agent_broker.ready_session()
+    headers = {"Authorization": f"token {session['token']}"}
+    name = f"trash-check-{session['id']}.txt"
+    url = f"{agent_broker.url}/api/v1/sessions/{session['id']}/files/{name}"
+    async with agent_broker.http.put(url, data=b"x", headers=headers) as resp:
+        assert resp.status in (200, 201, 204), await resp.text()
+    async with agent_broker.http.delete(url, headers=headers) as resp:
+        assert resp.status in (200, 204), await resp.text()
+    after = set(trash.iterdir()) if trash.is_dir() else set()
+    assert not {p for p in after - before if session["id"] in p.name}
