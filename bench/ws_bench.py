@@ -58,6 +58,7 @@ from typing import Any
 
 import aiohttp
 
+import bench_limits
 from bench_chp import chp_version, start_chp, user_prefix
 from bench_clients import (
     V1,
@@ -125,6 +126,7 @@ class Config:
     idle_seconds: float = 60.0
     idle_settle: float = 1.0
     json_path: str = ""
+    limits: bool = False
 
 
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
@@ -439,6 +441,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                         "footprint (5000; 0 skips it)")
     parser.add_argument("--idle-seconds", type=float,
                         help="cap on the time spent opening them, per proxy (60)")
+    parser.add_argument("--limits", action="store_true",
+                        help="instead of the full run: scenario a through the broker with its "
+                        "limits off and on, and the ratio (bench/bench_limits.py, ~10 s)")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     args = parser.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -448,6 +453,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                  "idle", "idle_seconds", "json_path"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    values["limits"] = args.limits
     if args.scenarios:
         chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
         unknown = [s for s in chosen if s not in SCENARIOS]
@@ -463,6 +469,8 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    if config.limits:
+        return bench_limits.run(5, config.round_trips, config.max_seconds)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         import uvloop
