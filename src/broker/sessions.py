@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 
 #: Closes one open client connection of a session: (close code, reason).
 Closer = Callable[[int, str], Awaitable[None]]
+#: Seconds a ready session is served from this replica's memory (see ready_session).
+READY_CACHE_SECONDS = 2.0
+_READY_CACHE_SIZE = 10_000
 #: Seconds a pending session may outlive its spawn timeout before the reaper
 #: decides the replica that was spawning it is gone.
 _ORPHAN_GRACE = 30.0
@@ -101,6 +105,8 @@ class SessionManager:
         self._spawns: dict[str, asyncio.Task[None]] = {}
         self._closers: dict[str, set[Closer]] = {}
         self._no_connections = asyncio.Event()
+        #: session id -> (valid until, monotonic clock; session) for ready_session().
+        self._ready_cache: dict[str, tuple[float, Session]] = {}
         self._no_connections.set()
         self._background: set[asyncio.Task[Any]] = set()
         self._mint_lock = asyncio.Lock()
@@ -228,6 +234,7 @@ class SessionManager:
     async def _abandon(self, session: Session) -> None:
         """Undo a creation that failed before its spawn started (store trouble)."""
         session.status = Status.FAILED
+        self._ready_cache.pop(session.id, None)
         session.ended_reason = "internal"
         with contextlib.suppress(Exception):
             await self.store.save(session)
@@ -332,6 +339,7 @@ class SessionManager:
         )
         await self._cleanup_backend(session)
         session.status = Status.FAILED
+        self._ready_cache.pop(session.id, None)
         session.message = error.message
         session.ended_reason = error.reason
         await self.store.save(session)
@@ -365,8 +373,29 @@ class SessionManager:
         return session
 
     async def ready_session(self, session_id: str, token: str | None) -> Session:
-        """Like :meth:`authenticate`, but the session must be able to take traffic."""
+        """Like :meth:`authenticate`, but the session must be able to take traffic.
+
+        This runs on every proxied request, so ready sessions are cached on
+        this replica for :data:`READY_CACHE_SECONDS` (saving a store read and a
+        decryption per request). Expiry and tokens are still checked on every
+        use; a token the cached copy does not know is re-read from the store
+        (another replica may just have minted it). The cost: a session stopped
+        on *another* replica keeps being proxied here for at most that long.
+        """
+        if not token:
+            raise Unauthorized(
+                "A session token is required: an Authorization header or a token query parameter"
+            )
+        cached = self._ready_cache.get(session_id)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now and not cached[1].expired(self.clock()) \
+                and cached[1].token_matches(token):
+            return cached[1]
         session = await self.authenticate(session_id, token)
+        if session.status is Status.READY:
+            if len(self._ready_cache) >= _READY_CACHE_SIZE:
+                self._ready_cache.clear()
+            self._ready_cache[session_id] = (now + READY_CACHE_SECONDS, session)
         if session.status is Status.PENDING:
             raise Unavailable("The session is still starting", reason="pending", retry_after=2)
         if session.status.terminal:
@@ -462,6 +491,7 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await spawn
         session.status = Status.STOPPED
+        self._ready_cache.pop(session.id, None)
         session.ended_reason = reason
         session.message = f"Session stopped ({reason})"
         await self.store.save(session)
@@ -479,6 +509,7 @@ class SessionManager:
         if session is None or session.status.terminal:
             return
         session.status = Status.FAILED
+        self._ready_cache.pop(session.id, None)
         session.ended_reason = "upstream_exited"
         session.message = message
         self.metrics.ended("upstream_exited")
