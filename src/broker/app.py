@@ -9,7 +9,6 @@ before the backend stops its servers, and the store closes last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 
@@ -17,13 +16,14 @@ import aiohttp
 from aiohttp import web
 
 from broker import keys
-from broker.api import execute, files, health, openapi, sessions
+from broker.api import admin, execute, files, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
-from broker.api.middleware import add_cors_headers, errors_and_origin
+from broker.api.middleware import add_cors_headers, add_request_id, errors_and_origin, observe
 from broker.backends.base import Backend
 from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
+from broker.metrics import Metrics
 from broker.models import Clock, system_clock
 from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
@@ -34,6 +34,7 @@ from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
 from broker.store.crypto import TokenCipher
+from broker.store.instrumented import InstrumentedStore
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
 
@@ -93,7 +94,8 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     if keys.STORE not in app:
-        app[keys.STORE] = make_store(app[keys.SETTINGS], app[keys.CLOCK])
+        inner = make_store(app[keys.SETTINGS], app[keys.CLOCK])
+        app[keys.STORE] = InstrumentedStore(inner, app[keys.METRICS])
     yield
     await app[keys.STORE].close()
 
@@ -102,19 +104,30 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     backend = app.get(keys.BACKEND_FACTORY, make_backend)(settings, app[keys.HTTP],
                                                          app[keys.CLOCK])
-    manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK])
+    manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK],
+                             metrics=app[keys.METRICS])
     backend.on_lost = manager.on_upstream_lost
     http = app[keys.HTTP]
     manager.busy_check = functools.partial(kernels_busy, http)
     app[keys.BACKEND] = backend
     app[keys.MANAGER] = manager
-    reaper = asyncio.create_task(manager.run_reaper(), name="session-reaper")
+    tasks = [
+        asyncio.create_task(manager.run_reaper(), name="session-reaper"),
+        asyncio.create_task(gauges.track_sessions(manager), name="session-gauge"),
+        asyncio.create_task(gauges.track_loop_lag(app[keys.METRICS]), name="loop-lag"),
+    ]
     yield
-    reaper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reaper
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await manager.close()
     await backend.close()
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown (after the listener closed): drain kernel WebSockets."""
+    if keys.MANAGER in app:
+        await app[keys.MANAGER].drain(app[keys.SETTINGS].shutdown_drain)
 
 
 async def _limits(app: web.Application) -> AsyncIterator[None]:
@@ -149,9 +162,10 @@ def create_app(
     """
     settings = settings or Settings()
     app = web.Application(
-        middlewares=[errors_and_origin], client_max_size=settings.max_request_body
+        middlewares=[observe, errors_and_origin], client_max_size=settings.max_request_body
     )
     app[keys.SETTINGS] = settings
+    app[keys.METRICS] = Metrics(settings.backend)
     app[keys.CLOCK] = clock
     app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
@@ -164,13 +178,16 @@ def create_app(
         app[keys.DENY], app[keys.TRUSTED],
         lambda request: request.app[keys.MANAGER].metrics.limit_refused("denied")))
     app.cleanup_ctx.extend([_http_client, _store, _sessions, execute.kernels_ctx])
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_limits)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)
     app.add_routes(build_routes)
     app.add_routes(execute.routes)
     app.add_routes(files.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(admin.routes)
     app.add_routes(proxy_routes.routes)
     return app

@@ -92,7 +92,7 @@ async def test_counters_follow_real_traffic(make_broker: MakeBroker) -> None:
 async def test_failures_are_counted(make_broker: MakeBroker) -> None:
     broker = await make_broker(local_server_args=["--ServerApp.port=not-a-port"])
     status, body = await broker.create()
-    assert status == 502
+    assert status == 502, body
     samples = await scrape(broker)
     assert value(samples, "broker_session_creations_total", outcome="failed",
                  reason="upstream_failed") == 1

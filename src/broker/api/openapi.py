@@ -156,7 +156,7 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
-@routes.get("/api/v1/openapi.json")
+@routes.get("/api/v1/openapi.json", name="openapi")
 async def openapi(request: web.Request) -> web.Response:
     """The document above, as JSON."""
     return web.json_response(DOCUMENT)

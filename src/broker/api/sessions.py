@@ -99,7 +99,7 @@ def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true", "yes")
 
 
-@routes.post("/api/v1/sessions")
+@routes.post("/api/v1/sessions", name="sessions_create")
 async def create_session(request: web.Request) -> web.Response:
     """Create a session, or reuse the caller's live one for the same spec."""
     manager = request.app[keys.MANAGER]
@@ -139,7 +139,7 @@ def _failure_status(reason: str, final: dict[str, Any] | None = None) -> int:
     return {"spawn_timeout": 504, "capacity": 503, "rate_limited": 429}.get(reason, 502)
 
 
-@routes.get("/api/v1/sessions/{sid}")
+@routes.get("/api/v1/sessions/{sid}", name="session_get")
 async def get_session(request: web.Request) -> web.Response:
     """Describe a session (its status tells a client whether and why it ended)."""
     manager = request.app[keys.MANAGER]
@@ -147,7 +147,7 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(session_body(request, session))
 
 
-@routes.delete("/api/v1/sessions/{sid}")
+@routes.delete("/api/v1/sessions/{sid}", name="session_delete")
 async def delete_session(request: web.Request) -> web.Response:
     """Stop a session now; its server and kernels go away."""
     manager = request.app[keys.MANAGER]
@@ -157,7 +157,7 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@routes.get("/api/v1/sessions/{sid}/events")
+@routes.get("/api/v1/sessions/{sid}/events", name="session_events")
 async def session_events(request: web.Request) -> web.StreamResponse:
     """Progress of a session's spawn as server-sent events, ending at ready/failed."""
     manager = request.app[keys.MANAGER]

@@ -112,7 +112,7 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     try:
         upstream = await connect_upstream(
             url, {"Authorization": f"token {session.upstream_token}"}, offered,
-            timeout=settings.upstream_timeout)
+            limit=settings.upstream_timeout)
     except HandshakeRefused as exc:
         if exc.status == 404:
             raise NotFound("No such kernel in this session", reason="unknown_kernel") from exc
@@ -193,5 +193,5 @@ def _limiter_for(request: web.Request) -> Callable[[int], float] | None:
 
 def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:
     """Tell aiohttp's response the close handshake already happened (on the relay)."""
-    ws._closed = True  # noqa: SLF001 - no public API marks a hijacked response closed
-    ws._close_code = code  # noqa: SLF001
+    ws._closed = True
+    ws._close_code = code
