@@ -117,16 +117,16 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     context = request_id_var.set(request_id)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    status = 500
+    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
-        status = response.status
         return response
     finally:
         request_id_var.reset(context)
-        if not isinstance(locals().get("response"), web.WebSocketResponse):
-            # WebSocket handlers return when the socket closes; the bridge times
-            # its handshake itself.
+        # WebSocket handlers return when the socket closes; the bridge times
+        # its handshake itself.
+        if not isinstance(response, web.WebSocketResponse):
+            status = response.status if response is not None else 500
             name = request.match_info.route.name or "other"
             route = label_or_other("admin" if name.startswith("admin_") else name, ROUTES)
             request.app[keys.METRICS].http_duration.labels(route, f"{status // 100}xx").observe(
