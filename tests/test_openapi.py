@@ -6,7 +6,6 @@ from typing import Any
 
 from yarl import URL
 
-from tests.agent.conftest import HARD_DELETE
 from tests.conftest import BrokerHarness, MakeBroker
 
 
@@ -47,7 +46,7 @@ async def test_openapi_documents_real_responses(broker: BrokerHarness) -> None:
 
 
 async def test_openapi_documents_agent_responses(make_broker: MakeBroker) -> None:
-    broker = await make_broker(local_server_args=HARD_DELETE)
+    broker = await make_broker()
     async with broker.http.get(f"{broker.url}/api/v1/openapi.json") as resp:
         doc = await resp.json()
     schemas = doc["components"]["schemas"]
