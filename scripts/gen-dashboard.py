@@ -46,6 +46,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
          "(rate(broker_kernel_execution_duration_seconds_bucket[10m])))", "p95")], 8),
     ("WebSocket traffic", "Bps", [
         ("sum by (direction) (rate(broker_websocket_bytes_total[5m]))", "{{direction}}")], 12),
+    ("Limit refusals by reason", "reqps", [
+        ("sum by (reason) (rate(broker_limit_refusals_total[5m]))", "{{reason}}"),
+        ("sum(rate(broker_websocket_throttled_total[5m]))", "WebSocket throttled")], 12),
     ("Upstream errors", "reqps", [
         ("sum by (backend, kind) (rate(broker_upstream_errors_total[5m]))",
          "{{backend}}: {{kind}}")], 12),

@@ -120,9 +120,17 @@ async def usage(request: web.Request) -> web.Response:
         "limits": {
             "max_sessions": settings.max_sessions,
             "max_sessions_per_owner": settings.max_sessions_per_owner,
+            "max_sessions_per_spec": settings.max_sessions_per_spec,
+            "spec_quotas": settings.spec_quotas,
+            "max_creations_per_owner": settings.max_creations_per_owner,
+            "creation_window": settings.creation_window,
+            "max_concurrent_spawns": settings.max_concurrent_spawns,
+            "max_kernels_per_session": settings.max_kernels_per_session,
             "session_max_age": settings.session_max_age,
             "session_idle_timeout": settings.session_idle_timeout,
         },
+        "top_specs": [{"spec": spec, "sessions": n} for spec, n in
+                      collections.Counter(s.spec for s in live if s.spec).most_common(20)],
         "capacity_used": (len(live) / settings.max_sessions) if settings.max_sessions else None,
         "top_owners": [{"owner": o, "sessions": n} for o, n in owners.most_common(20)],
         "this_replica": {
