@@ -35,7 +35,8 @@ async def test_admin_lists_inspects_and_stops(make_broker: MakeBroker) -> None:
     assert usage["sessions_live"] == 2 and usage["limits"]["max_sessions"] == 10
     assert usage["capacity_used"] == 0.2
     assert usage["top_owners"] == [{"owner": "127.0.0.1", "sessions": 2}]
-    assert usage["limits"]["max_kernels_per_session"] == broker.app[keys.SETTINGS].max_kernels_per_session
+    settings = broker.app[keys.SETTINGS]
+    assert usage["limits"]["max_kernels_per_session"] == settings.max_kernels_per_session
     assert usage["top_specs"] == []  # both sessions were created without a spec
 
     stored = await broker.store.get(first["id"])
