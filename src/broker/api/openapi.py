@@ -117,6 +117,13 @@ DOCUMENT: dict[str, Any] = {
                     "201": _session_ref("Created"),
                     "200": _session_ref("Reused"),
                     **_errors(400, 403, 429, 502, 503, 504),
+                    "429": {"description": "Rate or quota refusal: reason creation_rate, "
+                            "owner_sessions, spawn_concurrency (Retry-After; X-RateLimit-* "
+                            "on creation_rate)", "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/Error"}}}},
+                    "503": {"description": "Capacity refusal: reason capacity or "
+                            "spec_capacity (Retry-After)", "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Error"}}}},
                 },
             },
         },
@@ -142,6 +149,28 @@ DOCUMENT: dict[str, Any] = {
             },
         },
         **openapi_agent.PATHS,
+        "/build/{provider}/{spec}": {
+            "get": {
+                "summary": "BinderHub-compatible launch stream (thebe / MyST books)",
+                "description": "Always HTTP 200 `text/event-stream`, as BinderHub answers: "
+                "unnamed `data: {\"phase\", \"message\"}` events (waiting, launching, ...), "
+                "`:keepalive` comments, and a final `ready` event whose `url` is the broker's "
+                "`/s/{id}/` and whose `token` is a broker session token, or a `failed` event "
+                "with `status_code` (400 malformed spec, 403 denied, 429 rate limits, 503 "
+                "capacity, 502/504 upstream). The same visitor launching the same spec gets "
+                "its live session back. Providers: gh, gl, git, gist, zenodo, figshare, "
+                "dataverse, hydroshare, ckan.",
+                "parameters": [
+                    {"name": "provider", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    {"name": "spec", "in": "path", "required": True,
+                     "schema": {"type": "string"},
+                     "description": "Provider-specific; may contain slashes (a gh ref)."},
+                ],
+                "responses": {"200": {"description": "Event stream",
+                                      "content": {"text/event-stream": {}}}},
+            },
+        },
         "/s/{sid}/api/…": {
             "summary": "Jupyter Server REST API and kernel WebSocket of the session",
             "description": "api/status, api/kernelspecs, api/kernels[/{id}[/interrupt|"
