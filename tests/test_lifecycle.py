@@ -184,3 +184,20 @@ async def test_idle_sessions_are_culled_but_busy_ones_are_not(
     assert ended.status is Status.STOPPED and ended.ended_reason == "idle"
     still = await broker.store.get(busy["id"])
     assert still.status is Status.READY and still.last_activity == clock.now
+
+
+async def test_reaper_reconciles_sessions_whose_upstream_is_gone(broker: BrokerHarness) -> None:
+    """A server that stopped answering is found by the sweep, not only on reuse."""
+    healthy, deaf = await asyncio.gather(broker.ready_session(), broker.ready_session())
+    pid = await _server_pid(broker, deaf["id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await broker.manager.reap_once() == 1
+        ended = await broker.store.get(deaf["id"], include_expired=True)
+        assert ended.status is Status.STOPPED and ended.ended_reason == "upstream_gone"
+        assert not pid_alive(pid)
+        kept = await broker.store.get(healthy["id"])
+        assert kept.status is Status.READY
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGCONT)

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Closes one open client connection of a session: (close code, reason).
 Closer = Callable[[int, str], Awaitable[None]]
+#: Upstream liveness checks the reaper runs at once.
+_RECONCILE_CONCURRENCY = 16
 #: Seconds a ready session is served from this replica's memory (see ready_session).
 READY_CACHE_SECONDS = 2.0
 _READY_CACHE_SIZE = 10_000
@@ -521,11 +523,24 @@ class SessionManager:
         await self._close_connections(session_id, "upstream_exited")
 
     async def reap_once(self) -> int:
-        """Stop sessions past max age, idle ones, and spawns whose replica vanished."""
+        """Stop sessions past max age, idle ones, spawns whose replica vanished,
+        and ready sessions whose upstream no longer answers (reconciliation:
+        a hub or BinderHub may cull or lose a server without telling anyone)."""
         now = self.clock()
-        stopped = 0
-        for session in await self.store.list_live():
+        checks = asyncio.Semaphore(_RECONCILE_CONCURRENCY)
+
+        async def reason_for(session: Session) -> str:
             reason = await self._reap_reason(session, now)
+            if reason or session.status is not Status.READY:
+                return reason
+            async with checks:
+                alive = await self.backend.is_alive(session)
+            return "" if alive else "upstream_gone"
+
+        sessions = await self.store.list_live()
+        reasons = await asyncio.gather(*(reason_for(s) for s in sessions))
+        stopped = 0
+        for session, reason in zip(sessions, reasons, strict=True):
             if reason:
                 await self.stop(session, reason)
                 stopped += 1
