@@ -436,6 +436,8 @@ class Hooks:
     callbacks, so they must not block.
     """
 
+    __slots__ = ()
+
     def client_message(self, ev: FrameEvent) -> float:
         """A client data message started; return seconds to pause reading (rate limit)."""
         return 0.0
@@ -447,8 +449,21 @@ class Hooks:
         """The relay ended, with the close code the client was given."""
 
 
+#: Why a leg is paused (bits): the other leg's write buffer is full; the rate limit.
+_BACKPRESSURE, _RATE = 1, 2
+
+
 class Relay:
-    """Pumps bytes between a client leg and an upstream leg until either ends."""
+    """Pumps bytes between a client leg and an upstream leg until either ends.
+
+    Slotted and allocation-free per message: thousands of idle connections
+    each hold one of these.
+    """
+
+    __slots__ = ("_client_paused", "_client_seen", "_closing", "_ended", "_heartbeat",
+                 "_on_done", "_quickack", "_rate_timer", "_timer", "_upstream_close",
+                 "_upstream_paused", "_upstream_seen", "client", "client_leg", "done", "hooks",
+                 "loop", "to_client", "to_upstream", "upstream", "upstream_leg")
 
     def __init__(self, client: asyncio.Transport, upstream: Upstream, *, max_message: int,
                  heartbeat: float, hooks: Hooks,
@@ -464,9 +479,11 @@ class Relay:
         self.to_client = FrameScanner(masked=False, max_message=max_message)
         self.done: asyncio.Future[tuple[int, str]] = self.loop.create_future()
         self._on_done = on_done
-        self._paused: dict[str, set[str]] = {"client": set(), "upstream": set()}
+        self._client_paused = self._upstream_paused = 0
+        self._closing = self._ended = False
+        self._upstream_close: int | None = None
         self._heartbeat = heartbeat
-        self._last_seen = {"client": self.loop.time(), "upstream": self.loop.time()}
+        self._client_seen = self._upstream_seen = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._rate_timer: asyncio.TimerHandle | None = None
         self.client_leg = ClientLeg(self)
@@ -481,9 +498,9 @@ class Relay:
 
     # -- data ----------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
-        if self.done.done():
+        if self._ended:
             return
-        self._last_seen["client"] = self.loop.time()
+        self._client_seen = self.loop.time()
         try:
             result = self.to_upstream.scan(data)
         except TooBig as big:
@@ -504,11 +521,11 @@ class Relay:
             self._pause_for_rate(delay)
 
     def from_upstream(self, data: bytes) -> None:
-        if self.done.done():
+        if self._ended:
             return
         if self._quickack is not None:
             self._quickack()
-        self._last_seen["upstream"] = self.loop.time()
+        self._upstream_seen = self.loop.time()
         try:
             result = self.to_client.scan(data)
         except TooBig as big:
@@ -522,46 +539,45 @@ class Relay:
             self._upstream_close = result.close_code
 
     # -- flow control ------------------------------------------------------------------
-    def _set_paused(self, side: str, reason: str, paused: bool) -> None:
-        reasons = self._paused[side]
-        before = bool(reasons)
-        if paused:
-            reasons.add(reason)
+    def _set_paused(self, client_side: bool, reason: int, paused: bool) -> None:
+        before = self._client_paused if client_side else self._upstream_paused
+        after = before | reason if paused else before & ~reason
+        if client_side:
+            self._client_paused = after
         else:
-            reasons.discard(reason)
-        transport = self.client if side == "client" else self.upstream
-        if before != bool(reasons) and not transport.is_closing():
-            if reasons:
+            self._upstream_paused = after
+        transport = self.client if client_side else self.upstream
+        if bool(before) != bool(after) and not transport.is_closing():
+            if after:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
 
     def pause(self, leg: _Leg) -> None:
         """``leg``'s write buffer is full: stop reading from the other side."""
-        other = "upstream" if leg is self.client_leg else "client"
-        self._set_paused(other, "backpressure", True)
+        self._set_paused(leg is not self.client_leg, _BACKPRESSURE, True)
 
     def resume(self, leg: _Leg) -> None:
-        other = "upstream" if leg is self.client_leg else "client"
-        self._set_paused(other, "backpressure", False)
+        self._set_paused(leg is not self.client_leg, _BACKPRESSURE, False)
 
     def _pause_for_rate(self, delay: float) -> None:
-        self._set_paused("client", "rate", True)
+        self._set_paused(True, _RATE, True)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
-        self._rate_timer = self.loop.call_later(
-            delay, lambda: self._set_paused("client", "rate", False))
+        self._rate_timer = self.loop.call_later(delay, self._set_paused, True, _RATE, False)
 
     # -- heartbeat ---------------------------------------------------------------------
     def _beat(self) -> None:
-        if self.done.done():
+        if self._ended:
             return
         now = self.loop.time()
-        for side, seen in self._last_seen.items():
-            if now - seen > 2 * self._heartbeat + 5:
-                self.finish(1011 if side == "upstream" else 1001,
-                            "kernel connection lost" if side == "upstream" else "client gone")
-                return
+        silence = 2 * self._heartbeat + 5
+        if now - self._upstream_seen > silence:
+            self.finish(1011, "kernel connection lost")
+            return
+        if now - self._client_seen > silence:
+            self.finish(1001, "client gone")
+            return
         if self.to_client.at_boundary:
             self.client.write(ping_frame(masked=False))
         if self.to_upstream.at_boundary:
@@ -569,8 +585,6 @@ class Relay:
         self._timer = self.loop.call_later(self._heartbeat, self._beat)
 
     # -- ending ------------------------------------------------------------------------
-    _closing = False
-    _upstream_close: int | None = None
 
     def leg_lost(self, leg: _Leg, exc: BaseException | None) -> None:
         if leg is self.client_leg:
@@ -584,8 +598,9 @@ class Relay:
 
     def finish(self, code: int, reason: str) -> None:
         """End both legs: a close frame where one may still be sent, then the TCP close."""
-        if self.done.done():
+        if self._ended:
             return
+        self._ended = True
         for timer in (self._timer, self._rate_timer):
             if timer is not None:
                 timer.cancel()

@@ -58,14 +58,19 @@ _TO_CLIENT = Direction.TO_CLIENT.value
 
 
 class KernelHooks(Hooks):
-    """Activity, metrics and execution timing for one kernel connection."""
+    """Activity, metrics and execution timing for one kernel connection (slotted:
+    idle connections are many)."""
+
+    __slots__ = ("_last_flush", "_limiter", "_note_activity", "counts", "executions", "loop",
+                 "metrics")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
                  limiter: Callable[[int], float] | None = None) -> None:
         self.metrics = metrics
         self.counts = WsCounts()
         self.loop = asyncio.get_running_loop()
-        self.executions: collections.deque[float] = collections.deque(maxlen=256)
+        # Start times of executions awaiting their reply; made on first use.
+        self.executions: collections.deque[float] | None = None
         self._note_activity = note_activity
         self._limiter = limiter
         self._last_flush = self.loop.time() - FLUSH_EVERY  # the first activity is written at once
@@ -81,6 +86,8 @@ class KernelHooks(Hooks):
         channel = peek_channel(ev)
         self.counts.add(_TO_KERNEL, channel, ev.length)
         if (channel == "shell" or ev.opcode == OP_TEXT) and peek_has(ev, b'"execute_request"'):
+            if self.executions is None:
+                self.executions = collections.deque(maxlen=256)
             self.executions.append(self.loop.time())
             self.metrics.executions.inc()
             self._housekeeping()
@@ -145,6 +152,7 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
                   heartbeat=settings.ws_heartbeat, hooks=hooks,
                   max_client_message=settings.ws_client_max_message_size)
     transport.set_protocol(relay.client_leg)
+    _release_reader(request, ws)
     with contextlib.suppress(OSError):
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -189,6 +197,16 @@ def _limiter_for(request: web.Request) -> Callable[[int], float] | None:
     metrics = request.app[keys.MANAGER].metrics
     return limits.new(on_throttle=metrics.ws_throttled.inc,
                       on_close=lambda: metrics.limit_refused("ws_rate")).take
+
+
+def _release_reader(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Drop aiohttp's frame reader: the relay reads the socket now (saves memory per
+    idle connection). aiohttp's own connection_lost tolerates a missing parser."""
+    protocol = request.protocol
+    if getattr(protocol, "_payload_parser", None) is not None:
+        protocol._payload_parser = None
+    ws._reader = None
+    ws._parser = None
 
 
 def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:
