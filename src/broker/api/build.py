@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import keys
+from broker.api.sessions import SSE_HEADERS
 from broker.backends.binderhub import PUBLIC_PREFIX
 from broker.errors import BadRequest, BrokerError, Unavailable
 from broker.models import Session, Status, new_token
@@ -51,11 +52,6 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
-}
 VISITOR_COOKIE = "broker_visitor"
 _COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_\-]{32,64}$")
 _PREFIX = "/build/"

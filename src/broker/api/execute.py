@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from broker import keys
+from broker.api.sessions import NAME, SSE_HEADERS
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session
 from broker.policy.auth import request_token
@@ -40,14 +40,8 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 #: Seconds between keep-alive comments on a silent stream.
 KEEPALIVE = 15.0
-_SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
-}
 
 
 async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -91,7 +85,7 @@ def parse_execute(raw: bytes, settings: Settings) -> tuple[str, float, str]:
     elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise BadRequest("'timeout' must be a positive number of seconds")
     kernel_name = data.get("kernel_name") or ""
-    if not isinstance(kernel_name, str) or (kernel_name and not _NAME.match(kernel_name)):
+    if not isinstance(kernel_name, str) or (kernel_name and not NAME.match(kernel_name)):
         raise BadRequest("'kernel_name' may only contain letters, digits, '.', '_' and '-'")
     return code, min(float(timeout), settings.execute_timeout_max), kernel_name
 
@@ -134,7 +128,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
         finally:
             queue.put_nowait(None)
 
-    response = web.StreamResponse(headers=_SSE_HEADERS)
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     task = asyncio.create_task(run(), name=f"execute-{session.id}")
     try:

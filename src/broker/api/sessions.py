@@ -24,13 +24,15 @@ from broker.sessions import SessionRequest
 
 routes = web.RouteTableDef()
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
-_SPEC_MAX = 1024
-_SSE_HEADERS = {
+#: Profile and kernel names (also used by the execute API).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+#: Headers of every server-sent event stream the broker serves.
+SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
 }
+_SPEC_MAX = 1024
 
 
 def _iso(ts: float) -> str:
@@ -88,7 +90,7 @@ async def parse_session_request(request: web.Request) -> SessionRequest:
     if len(values["spec"]) > _SPEC_MAX or any(ord(c) < 32 for c in values["spec"]):
         raise BadRequest("'spec' is too long or contains control characters")
     for field in ("profile", "kernel_name"):
-        if values[field] and not _NAME.match(values[field]):
+        if values[field] and not NAME.match(values[field]):
             raise BadRequest(f"'{field}' may only contain letters, digits, '.', '_' and '-'")
     key = request.app[keys.MANAGER].limiter.api_keys.from_request(request)
     owner = key.owner if key is not None else request_owner(request)
@@ -162,7 +164,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     """Progress of a session's spawn as server-sent events, ending at ready/failed."""
     manager = request.app[keys.MANAGER]
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
-    response = web.StreamResponse(headers=_SSE_HEADERS)
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     async for event in manager.events(session.id):
         if event is None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+import aiohttp
+
 from broker.models import ProgressEvent, Session
 
 #: Called by a backend when a ready session's server dies on its own:
@@ -42,3 +44,25 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release the backend's own resources at shutdown."""
+
+
+async def server_answers(http: aiohttp.ClientSession, base_url: str, token: str,
+                         limit: float = 10.0) -> bool:
+    """Whether a Jupyter server at ``base_url`` answers ``api/status`` for ``token``.
+
+    The one liveness probe every backend uses for ``is_alive``: it asks the
+    server itself, so a reused or reconciled session is never a stale cache
+    entry. Any failure (refused, timeout, non-200) means "not alive".
+    """
+    if not base_url:
+        return False
+    try:
+        async with http.get(
+            f"{base_url}api/status",
+            headers={"Authorization": f"token {token}", "Accept-Encoding": "identity"},
+            timeout=aiohttp.ClientTimeout(total=limit),
+            allow_redirects=False,
+        ) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False

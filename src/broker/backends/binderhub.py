@@ -42,7 +42,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import LostCallback
+from broker.backends.base import LostCallback, server_answers
 from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import ProgressEvent, Session
@@ -208,18 +208,8 @@ class BinderHubBackend:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
-        if not session.upstream_url:
-            return False
-        try:
-            async with self._http.get(
-                f"{session.upstream_url}api/status",
-                headers={"Authorization": f"token {session.upstream_token}"},
-                timeout=self._alive_timeout,
-                allow_redirects=False,
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await server_answers(self._http, session.upstream_url, session.upstream_token,
+                                    self._alive_timeout.total or 10.0)
 
     async def stop(self, session: Session) -> None:
         user = session.backend_state.get("hub_user", "")

@@ -56,7 +56,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import LostCallback
+from broker.backends.base import LostCallback, server_answers
 from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.logs import scrub
@@ -258,18 +258,8 @@ class JupyterHubBackend:
 
     # -- lifecycle ------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
-        if not session.upstream_url:
-            return False
-        try:
-            async with self._http.get(
-                f"{session.upstream_url}api/status",
-                headers={"Authorization": f"token {session.upstream_token}",
-                         "Accept-Encoding": "identity"},
-                timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False,
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await server_answers(self._http, session.upstream_url, session.upstream_token,
+                                    10.0)
 
     async def stop(self, session: Session) -> None:
         user, server = self._state_names(session)

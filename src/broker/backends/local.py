@@ -32,7 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
-from broker.backends.base import LostCallback
+from broker.backends.base import LostCallback, server_answers
 from broker.errors import UpstreamFailed
 from broker.models import ProgressEvent, Session, new_token
 
@@ -216,15 +216,7 @@ class LocalBackend:
         return False
 
     async def _answers(self, url: str, token: str) -> bool:
-        try:
-            async with self._http.get(
-                f"{url}api/status",
-                headers={"Authorization": f"token {token}"},
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await server_answers(self._http, url, token, limit=5)
 
     # -- lifecycle -------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
