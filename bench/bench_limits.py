@@ -103,7 +103,8 @@ async def measure(procs: list[Proc], tmp: Path, rounds: int, round_trips: int,
         env = {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": str(port),
                "BROKER_REDIS_URL": redis_url, "BROKER_REDIS_PREFIX": PREFIX,
                "BROKER_SECRET_KEY": secret, "BROKER_LOG_LEVEL": "WARNING",
-               "BROKER_MAX_SESSIONS_PER_OWNER": "0"} | extra
+               "BROKER_MAX_SESSIONS_PER_OWNER": "0",
+               "BROKER_REAP_INTERVAL": "3600"} | extra  # injected session: no sweeps
         proc = spawn(name.replace(" ", "-"), [str(Path(python()).parent / "session-broker"),
                                               "serve"], tmp, cwd=tmp, env=clean_env(**env))
         procs.append(proc)

@@ -259,7 +259,10 @@ async def run(config: Config, world: World) -> Outcome:
                       BROKER_REDIS_URL=redis_url, BROKER_REDIS_PREFIX=REDIS_PREFIX,
                       BROKER_SECRET_KEY=secret, BROKER_BACKEND="local",
                       BROKER_LOCAL_ROOT_DIR=str(world.tmp / "sessions"),
-                      BROKER_MAX_SESSIONS_PER_OWNER="0")))
+                      BROKER_MAX_SESSIONS_PER_OWNER="0",
+                      # The echo session is injected, not spawned by this broker's
+                      # local backend: its reconciliation sweep would (rightly) end it.
+                      BROKER_REAP_INTERVAL="3600")))
     broker_url = f"http://127.0.0.1:{broker_port}"
 
     echo_port = int((await read_line(echo, "port ", START_TIMEOUT)).split()[1])
