@@ -103,8 +103,13 @@ async def test_sigterm_drains_websockets_and_keeps_sessions(redis_url: str, tmp_
         assert loop.time() - sent < 2 + 5  # the drain period plus process teardown
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            # Gracefully first: a SIGKILLed broker cannot stop its local servers.
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
     logs = (await proc.stderr.read()).decode()
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert lines, logs
