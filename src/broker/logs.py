@@ -13,6 +13,7 @@ import contextvars
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 
@@ -108,6 +109,8 @@ class AccessLogger(AbstractAccessLogger):
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Root logging for the CLI: one line per record, every handler scrubbed."""
     handler = logging.StreamHandler()
+    if fmt == "auto":
+        fmt = "plain" if sys.stderr.isatty() else "json"
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -390,10 +390,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the broker's own loggers."
     )
-    log_format: Literal["json", "plain"] = Field(
-        "json",
+    log_format: Literal["auto", "json", "plain"] = Field(
+        "auto",
         description="'json': one JSON object per line (time, level, logger, message, "
-        "request_id, fields), for log collectors; 'plain': human-readable lines. Tokens are "
+        "request_id, fields), for log collectors; 'plain': human-readable lines; 'auto': plain "
+        "when stderr is a terminal (make run), JSON otherwise (containers, CI). Tokens are "
         "scrubbed from both.",
     )
     shutdown_drain: float = Field(
