@@ -66,3 +66,20 @@ async def test_concurrent_starts_through_two_replicas_stop_at_the_cap(
                                          {"name": "python3"}) for i in range(12)))
     assert sorted(status for status, *_ in starts) == [201] * 3 + [429] * 9
     assert len(upstream.kernels) == 3 and upstream.kernel_posts == 3
+
+
+async def test_the_execute_apis_default_kernel_counts_against_the_cap(
+    make_broker: MakeBroker,
+) -> None:
+    broker = await make_broker(max_kernels_per_session=1)
+    session = await broker.ready_session()
+    assert (await call(broker, session, "POST", "api/kernels", {"name": "python3"}))[0] == 201
+    async with broker.http.post(f"{broker.url}/api/v1/sessions/{session['id']}/execute",
+                                json={"code": "1 + 1"},
+                                headers={"Authorization": f"token {session['token']}"}) as r:
+        body = await r.json()
+        assert r.status == 429, body
+        assert_refusal(r.status, r.headers, body, expect_status=429,
+                       reason="kernels_per_session", origin=None)
+    status, _h, kernels = await call(broker, session, "GET", "api/kernels")
+    assert status == 200 and len(kernels) == 1

@@ -49,7 +49,8 @@ async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
 
     Closed before the manager and backend, so kernel sockets end before servers stop.
     """
-    app[keys.KERNELS] = AgentKernels(app[keys.HTTP], app[keys.SETTINGS], app[keys.MANAGER])
+    app[keys.KERNELS] = AgentKernels(app[keys.HTTP], app[keys.SETTINGS], app[keys.MANAGER],
+                                     gate=lambda: app.get(keys.KERNEL_GATE))
     yield
     await app[keys.KERNELS].close()
 

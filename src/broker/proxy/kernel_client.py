@@ -49,6 +49,7 @@ from aiohttp import WSMsgType
 
 from broker.errors import BadRequest, Conflict, UpstreamFailed
 from broker.models import Session
+from broker.policy.kernels import KernelGate
 from broker.proxy.paths import join
 from broker.sessions import SessionManager
 from broker.settings import Settings
@@ -302,10 +303,14 @@ class AgentKernels:
     """Per-app registry of sessions' default kernels (created in ``cleanup_ctx``)."""
 
     def __init__(self, http: aiohttp.ClientSession, settings: Settings,
-                 manager: SessionManager) -> None:
+                 manager: SessionManager,
+                 gate: Callable[[], KernelGate | None] | None = None) -> None:
         self._http = http
         self._settings = settings
         self._manager = manager
+        #: The kernels-per-session gate (BROKER_MAX_KERNELS_PER_SESSION), looked up
+        #: when needed: the default kernel counts like any other kernel.
+        self._gate = gate
         self._slots: dict[str, _Slot] = {}
 
     def _headers(self, session: Session) -> dict[str, str]:
@@ -322,6 +327,14 @@ class AgentKernels:
                                 "type": "console"}
         if kernel_name:
             body["kernel"] = {"name": kernel_name}
+        gate = self._gate() if self._gate is not None else None
+        if gate is None:
+            return await self._start_kernel(session, kernel_name, body)
+        async with gate.starting(session, "api/sessions", json.dumps(body).encode()):
+            return await self._start_kernel(session, kernel_name, body)
+
+    async def _start_kernel(self, session: Session, kernel_name: str,
+                            body: dict[str, Any]) -> tuple[str, str]:
         try:
             async with self._http.post(
                 str(join(session.upstream_url, "api/sessions")), json=body,
