@@ -226,7 +226,7 @@ async def test_without_accept_event_stream_the_answer_is_a_failed_400_event(
     broker = await make_broker()
     result = await launch(broker, accept=None, origin=None)
     assert result.status == 200
-    assert result.final == {"phase": "failed", "status_code": 400,
+    assert result.final == {"phase": "failed", "status_code": 400, "reason": "bad_request",
                             "message": "The launch endpoint answers Accept: text/event-stream "
                                        "only\n"}
     assert await broker.store.count_live() == 0
@@ -240,6 +240,7 @@ async def test_broker_refusals_are_failed_events_with_their_status(
     refused = await launch(broker, "gh/owner/another/HEAD")
     assert refused.status == 200
     assert refused.final is not None and refused.final["status_code"] == 429
+    assert refused.final["reason"] and refused.final["retry_after"] >= 1
     assert "live sessions" in refused.final["message"]
     # Reuse does not count against the owner's limit.
     assert (await launch(broker)).ready
