@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from tests.conftest import BrokerHarness
-from tests.kernelproto import V1, execute
+from tests.kernelproto import V1, execute, make_message
 
 
 @pytest.mark.parametrize("subprotocol", [None, V1], ids=["json-frames", "v1-binary"])
@@ -21,3 +24,47 @@ async def test_print_42_over_kernel_websocket(broker: BrokerHarness, subprotocol
         result = await execute(ws, "print(6*7)")
     assert result.stdout == "42\n"
     assert result.reply["status"] == "ok"
+
+
+async def test_reconnect_with_the_same_session_id_gets_buffered_output(
+    broker: BrokerHarness,
+) -> None:
+    """Output produced while no socket was attached is replayed through the relay.
+
+    jupyter_server sends the buffered messages right behind its 101 answer, so
+    they reach the broker before the client's own handshake is done.
+    """
+    session = await broker.ready_session()
+    kernel_id = await broker.start_kernel(session)
+    url = f"{session['ws_url']}api/kernels/{kernel_id}/channels"
+    params = {"session_id": "replay-1", "token": session["token"]}
+    async with broker.http.ws_connect(url, params=params) as ws:
+        await execute(ws, "import time")  # the kernel is up and this session is known
+        request = make_message("execute_request", {
+            "code": "time.sleep(1); print('while you were away')", "silent": False},
+            session="replay-1")
+        await ws.send_str(json.dumps(request))
+        while True:  # leave once the kernel started on it
+            frame = json.loads((await ws.receive(timeout=20)).data)
+            if frame["header"]["msg_type"] == "execute_input":
+                break
+    headers = {"Authorization": f"token {session['token']}"}
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # the kernel's state is only visible by asking (no event to await)
+        async with broker.http.get(f"{session['base_url']}api/kernels/{kernel_id}",
+                                   headers=headers) as resp:
+            if (await resp.json())["execution_state"] == "idle":
+                break
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)
+    async with broker.http.ws_connect(url, params=params) as ws:
+        seen = []
+        while True:
+            frame = json.loads((await ws.receive(timeout=20)).data)
+            if frame["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                seen.append(frame)
+                if frame["header"]["msg_type"] == "status" and \
+                        frame["content"]["execution_state"] == "idle":
+                    break
+    texts = [f["content"].get("text", "") for f in seen if f["header"]["msg_type"] == "stream"]
+    assert "while you were away\n" in texts

@@ -336,10 +336,18 @@ class UpstreamLeg(_Leg):
         if self.relay is not None:
             self.relay.resume(self)
 
+    def take_buffered(self) -> bytes:
+        """Bytes that arrived after the handshake, before a relay took the leg over."""
+        data, self._buffer = self._buffer, b""
+        return data
+
     async def handshake(self) -> tuple[bytes, bytes]:
         """The upstream's response head and whatever frame bytes followed it."""
         assert self._handshake is not None
-        return await self._handshake
+        try:
+            return await self._handshake
+        finally:
+            self._handshake = None  # not kept (with the response head) for the connection's life
 
 
 class ClientLeg(_Leg):
@@ -493,8 +501,13 @@ class Relay:
         self._quickack = _quickack_for(self.upstream)
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
-        if upstream.leftover:  # replayed kernel output may follow the 101 at once
-            self.from_upstream(upstream.leftover)
+        # Kernel output may follow the 101 at once (Jupyter replays what it
+        # buffered for a reconnecting session): what came with the handshake,
+        # then what arrived while the client's own handshake was answered.
+        early = upstream.leftover + self.upstream_leg.take_buffered()
+        upstream.leftover = b""
+        if early:
+            self.from_upstream(early)
 
     # -- data ----------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:

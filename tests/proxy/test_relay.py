@@ -1,0 +1,111 @@
+"""The relay's byte handling, driven directly through its protocol callbacks.
+
+Transports here are minimal recorders (the relay only calls write, close,
+pause/resume_reading, is_closing and get_extra_info); everything else — the
+relay, its frame scanner and the upstream leg — is the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from broker.proxy.relay import (
+    FrameScanner,
+    Hooks,
+    Relay,
+    TooBig,
+    Upstream,
+    UpstreamLeg,
+    peek_channel,
+    unmask,
+)
+
+
+class Recorder(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def server_frame(payload: bytes, opcode: int = 1) -> bytes:
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, len(payload)]) + payload
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    mask = os.urandom(4)
+    length = len(payload)
+    head = bytes([0x80 | opcode]) + (bytes([0x80 | length]) if length < 126
+                                     else bytes([0x80 | 126]) + length.to_bytes(2, "big"))
+    return head + mask + unmask(payload, mask, 0)
+
+
+async def test_bytes_after_the_handshake_reach_the_client_before_the_relay_attached() -> None:
+    leg = UpstreamLeg()
+    upstream_transport = Recorder()
+    leg.connection_made(upstream_transport)
+    first, second = server_frame(b'{"a": 1}'), server_frame(b'{"b": 2}')
+    leg.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + first)
+    head, leftover = await leg.handshake()
+    assert head.startswith(b"HTTP/1.1 101") and leftover == first
+    leg.data_received(second)  # arrives while aiohttp answers the client's upgrade
+    client = Recorder()
+    relay = Relay(client, Upstream(upstream_transport, leg, None, leftover),
+                  max_message=1 << 20, heartbeat=0, hooks=Hooks())
+    assert bytes(client.written) == first + second
+    relay.finish(1000, "done")
+
+
+async def test_an_oversized_client_message_is_cut_before_it_and_closed_with_1009() -> None:
+    leg = UpstreamLeg()
+    upstream_transport = Recorder()
+    leg.connection_made(upstream_transport)
+    client = Recorder()
+    relay = Relay(client, Upstream(upstream_transport, leg, None, b""), max_message=100,
+                  heartbeat=0, hooks=Hooks())
+    small, big = client_frame(b"x" * 50), client_frame(b"y" * 200)
+    relay.from_client(small + big)
+    assert bytes(upstream_transport.written).startswith(small)
+    assert b"y" not in bytes(upstream_transport.written)[:len(small)]
+    code, _reason = relay.done.result()
+    assert code == 1009 and upstream_transport.closed
+    assert client.written[:2] == b"\x88" + bytes([len(client.written) - 2])  # a close frame
+
+
+def test_scanner_follows_frames_split_anywhere() -> None:
+    frames = [client_frame(b'{"channel": "shell", "msg_type": "execute_request"}'),
+              client_frame(b"z" * 300, opcode=2), client_frame(b"", opcode=9)]
+    stream = b"".join(frames)
+    for cut in range(1, len(stream)):
+        scanner = FrameScanner(masked=True, max_message=1 << 20)
+        events = scanner.scan(stream[:cut]).frames + scanner.scan(stream[cut:]).frames
+        assert [e.opcode for e in events] == [1, 2]
+        assert scanner.at_boundary
+        assert peek_channel(events[0]) == "shell" or cut < 30  # peeks see only the first chunk
+    scanner = FrameScanner(masked=True, max_message=100)
+    with pytest.raises(TooBig):
+        scanner.scan(frames[1])
