@@ -544,6 +544,12 @@ class SessionManager:
             if reason:
                 await self.stop(session, reason)
                 stopped += 1
+        sweep = getattr(self.backend, "sweep", None)
+        if sweep is not None:  # upstream leftovers no session owns (e.g. hub was down)
+            try:
+                await sweep(self.store.list_live)
+            except BrokerError as exc:
+                log.warning("backend sweep skipped: %s", exc.message)
         return stopped
 
     async def _reap_reason(self, session: Session, now: float) -> str:

@@ -124,3 +124,28 @@ async def test_unreachable_hub_is_503_with_retry_after(make_broker: MakeBroker) 
         assert resp.status == 503
         checks = (await resp.json())["checks"]
     assert any(c["service"] == "backend:jupyterhub" and not c["ok"] for c in checks)
+
+
+async def test_the_reaper_sweeps_hub_users_no_session_owns(
+    hub: RunningHub, hub_broker: HubBroker
+) -> None:
+    """A user left behind (the hub was down when its session ended) goes at the next sweep."""
+    broker = await hub_broker()
+    status, _headers, live = await post_session(broker)
+    assert status == 201 and live["status"] == "ready"
+    leaked = f"{PREFIX}leftover0001"
+    assert (await hub.api("POST", f"users/{leaked}"))[0] == 201
+    other = "someone-else"  # not the broker's prefix: never touched
+    assert (await hub.api("POST", f"users/{other}"))[0] == 201
+    try:
+        assert await broker.manager.reap_once() == 0  # sweeps are not session stops
+        assert await hub.user(leaked) is None
+        assert await hub.user(other) is not None
+        stored = await broker.store.get(live["id"])
+        assert stored.status is Status.READY
+        assert await hub.user(stored.backend_state["hub_user"]) is not None
+    finally:
+        await hub.api("DELETE", f"users/{other}")
+        async with broker.http.delete(f"{broker.url}/api/v1/sessions/{live['id']}",
+                                      headers={"Authorization": f"token {live['token']}"}):
+            pass

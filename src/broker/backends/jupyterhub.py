@@ -50,7 +50,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -325,11 +325,62 @@ class JupyterHubBackend:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def sweep(self, live_sessions: Callable[[], Awaitable[list[Session]]]) -> int:
+        """Remove this broker's hub users (named servers) that no live session owns.
+
+        ``stop`` can fail while the hub is unreachable, and a replica can die
+        mid-spawn; the reaper calls this so nothing the broker created stays
+        on the hub for longer than a sweep. The hub is listed *before* the
+        store: every user or server seen then belongs to a session the store
+        already knows, so a spawn starting meanwhile is never swept.
+        """
+        found: dict[str, list[str]] = {}
+        offset = 0
+        while True:
+            reply = await self._hub.request(
+                "GET", f"users?name_filter={path_part(self._prefix)}&include_stopped_servers=1"
+                f"&offset={offset}&limit={_SWEEP_PAGE}")
+            page = reply.body if reply.status == 200 and isinstance(reply.body, list) else []
+            for model in page:
+                name = str(model.get("name", ""))
+                if name.startswith(self._prefix):
+                    found[name] = [str(n) for n in (model.get("servers") or {})]
+            if len(page) < _SWEEP_PAGE:
+                break
+            offset += _SWEEP_PAGE
+        if not found:
+            return 0
+        owned: dict[str, set[str]] = {}
+        for session in await live_sessions():
+            user, server = self._state_names(session)
+            owned.setdefault(user, set()).add(server)
+        removed = 0
+        for user, servers in found.items():
+            if user in owned and (not self._named or not set(servers) - owned[user]):
+                continue
+            async with self._locks.hold(user):
+                if self._named:
+                    for server in set(servers) - owned.get(user, set()) - {""}:
+                        await self._stop_server(user, server)
+                        removed += 1
+                    if user in owned:
+                        continue
+                else:
+                    await self._stop_server(user, "")
+                    removed += 1
+                await self._delete_user(user)
+            log.warning("removed %s from JupyterHub: no live session owns it", user)
+        return removed
+
     async def health(self) -> None:
         await self._hub.version()
 
     async def close(self) -> None:
         """Nothing to release: the HTTP client is the app's, the servers the sessions'."""
+
+
+#: Users per page when the sweep lists the hub's users.
+_SWEEP_PAGE = 200
 
 
 def _seconds(value: str) -> int:
