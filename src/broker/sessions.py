@@ -45,6 +45,7 @@ from broker.errors import (
 )
 from broker.metrics import FAILURE_REASONS, REFUSAL_REASONS, Metrics, label_or_other
 from broker.models import (
+    MAX_EXTRA_TOKENS,
     Clock,
     ProgressEvent,
     Session,
@@ -111,7 +112,6 @@ class SessionManager:
         self._ready_cache: dict[str, tuple[float, Session]] = {}
         self._no_connections.set()
         self._background: set[asyncio.Task[Any]] = set()
-        self._mint_lock = asyncio.Lock()
         #: Asks the upstream whether a session's kernels are executing (set by the app).
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
 
@@ -217,20 +217,14 @@ class SessionManager:
 
         Only ready sessions get extra tokens: after ``ready`` nothing but a
         terminal transition rewrites the record, so the spawn cannot overwrite
-        the new hash with its older copy. Mints are serialised on this
-        replica; the record is read back so a token is only handed out if its
-        hash is really stored.
+        the new hash with its older copy. The store appends the hash
+        atomically, so tokens minted at the same moment on several replicas
+        all work.
         """
-        async with self._mint_lock:
-            session = await self.store.get(session_id)
-            if session is None or session.status is not Status.READY:
-                return None
-            token = new_token()
-            session.add_token_hash(hash_token(token))
-            await self.store.save(session)
-            stored = await self.store.get(session_id)
-        if stored is None or stored.status is not Status.READY or not stored.token_matches(token):
+        token = new_token()
+        if not await self.store.add_token_hash(session_id, hash_token(token), MAX_EXTRA_TOKENS):
             return None
+        self._ready_cache.pop(session_id, None)
         return token
 
     async def _abandon(self, session: Session) -> None:

@@ -662,3 +662,26 @@ async def test_redis_lock_is_shared_by_replicas_and_expires(
     finally:
         await first.close()
         await second.close()
+
+
+# -- extra tokens (/build reuse hands each launch its own token) -----------------------
+
+
+async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
+    store: SessionStore, clock: ManualClock
+) -> None:
+    session = make_session(clock)
+    await store.create(session)
+    assert not await store.add_token_hash(session.id, "a" * 64, 3)  # still pending
+    session.status = Status.READY
+    await store.save(session)
+    # Many concurrent mints (as from several replicas): every one is kept, up to the cap.
+    hashes = [f"{i:064x}" for i in range(3)]
+    assert all(await asyncio.gather(*(store.add_token_hash(session.id, h, 3) for h in hashes)))
+    stored = await store.get(session.id)
+    assert sorted(stored.extra_token_hashes) == sorted(hashes)
+    assert await store.add_token_hash(session.id, "f" * 64, 3)
+    stored = await store.get(session.id)
+    assert len(stored.extra_token_hashes) == 3 and stored.extra_token_hashes[-1] == "f" * 64
+    assert stored.token_hash == session.token_hash  # the first token is untouched
+    assert not await store.add_token_hash("no-such-session", "b" * 64, 3)

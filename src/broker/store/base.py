@@ -59,6 +59,13 @@ class SessionStore(Protocol):
     async def touch(self, session_id: str, when: float) -> None:
         """Record kernel activity (last_activity) without rewriting the session."""
 
+    async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
+        """Atomically append a token hash to a *ready* session (newest ``keep`` kept).
+
+        False when the session is gone or not ready. Atomic so that tokens
+        minted at once on several replicas are all kept.
+        """
+
     async def delete(self, session_id: str) -> None:
         """Forget a session entirely, with its indexes and events."""
 

@@ -49,6 +49,10 @@ class InstrumentedStore:
     async def touch(self, session_id: str, when: float) -> None:
         await self._timed("touch", lambda: self.inner.touch(session_id, when))
 
+    async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
+        return await self._timed(
+            "save", lambda: self.inner.add_token_hash(session_id, token_hash, keep))
+
     async def delete(self, session_id: str) -> None:
         await self._timed("delete", lambda: self.inner.delete(session_id))
 

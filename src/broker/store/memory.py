@@ -9,6 +9,7 @@ accident and both stores behave identically.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,6 +91,17 @@ class MemoryStore:
     async def touch(self, session_id: str, when: float) -> None:
         if self._exists(session_id):
             self._records[session_id]["last_activity"] = str(when)
+
+    async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
+        # No await between the read and the write: atomic on the event loop.
+        if not self._exists(session_id):
+            return False
+        record = self._records[session_id]
+        if record.get("status") != "ready":
+            return False
+        hashes = json.loads(record.get("extra_token_hashes") or "[]")
+        record["extra_token_hashes"] = json.dumps([*hashes, token_hash][-keep:])
+        return True
 
     async def delete(self, session_id: str) -> None:
         self._forget(session_id)

@@ -70,6 +70,20 @@ end
 return 1
 """
 
+# KEYS: record   ARGV: token hash, how many to keep
+_APPEND_HASH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'ready' then return 0 end
+local raw = redis.call('HGET', KEYS[1], 'extra_token_hashes')
+local list = {}
+if raw and raw ~= '' then list = cjson.decode(raw) end
+table.insert(list, ARGV[1])
+while #list > tonumber(ARGV[2]) do table.remove(list, 1) end
+local parts = {}
+for i, h in ipairs(list) do parts[i] = '"' .. h .. '"' end
+redis.call('HSET', KEYS[1], 'extra_token_hashes', '[' .. table.concat(parts, ',') .. ']')
+return 1
+"""
+
 # KEYS: record   ARGV: when
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -131,6 +145,7 @@ class RedisStore:
         self._create = self._redis.register_script(_CREATE)
         self._save = self._redis.register_script(_SAVE)
         self._touch = self._redis.register_script(_TOUCH)
+        self._add_token = self._redis.register_script(_APPEND_HASH)
         self._delete = self._redis.register_script(_DELETE)
         self._publish = self._redis.register_script(_PUBLISH)
         self._release = self._redis.register_script(_RELEASE)
@@ -196,6 +211,10 @@ class RedisStore:
 
     async def touch(self, session_id: str, when: float) -> None:
         await self._touch(keys=[self._k("s", session_id)], args=[repr(when)])
+
+    async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
+        added = await self._add_token(keys=[self._k("s", session_id)], args=[token_hash, keep])
+        return bool(added)
 
     async def delete(self, session_id: str) -> None:
         session = await self.get(session_id, include_expired=True)
