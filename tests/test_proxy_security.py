@@ -235,3 +235,33 @@ async def test_upstream_token_never_leaves_the_broker(
     assert session["token"] not in "\n".join(r.getMessage() for r in caplog.records)
     # The kernel's environment carries no broker settings.
     assert "BROKER_" not in result.stdout
+
+
+async def test_dns_rebinding_cannot_pass_the_origin_check(pair: Any) -> None:
+    """A page whose Origin matches the Host it sent is still a foreign page."""
+    broker, a, _ = pair
+    port = broker.url.rsplit(":", 1)[1]
+    forged = {"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}"}
+    async with broker.http.post(f"{broker.url}/api/v1/sessions", headers=forged) as resp:
+        assert resp.status == 403 and (await resp.json())["reason"] == "origin"
+        assert "Access-Control-Allow-Origin" not in resp.headers
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await broker.http.ws_connect(f"{a['ws_url']}api/kernels/x/channels",
+                                     params={"token": a["token"]}, headers=forged)
+    assert refused.value.status == 403
+
+
+async def test_nothing_the_broker_serves_can_run_as_a_page_of_its_origin(pair: Any) -> None:
+    """Proxied files are the session's own content (kernelspec logos can be SVG):
+    every answer carries nosniff and a sandboxing CSP, proxied or not."""
+    broker, a, _ = pair
+    headers = {"Authorization": f"token {a['token']}"}
+    checks = [("GET", f"{a['base_url']}api/status"), ("GET", f"{a['base_url']}api/kernelspecs"),
+              ("GET", f"{a['base_url']}api/contents"),  # refused: not proxied
+              ("GET", f"{broker.url}/api/v1/sessions/{a['id']}"),
+              ("GET", f"{broker.url}/api/v1/sessions/{a['id']}/events")]
+    for method, url in checks:
+        async with broker.http.request(method, url, headers=headers) as resp:
+            assert resp.headers["X-Content-Type-Options"] == "nosniff", url
+            assert "sandbox" in resp.headers["Content-Security-Policy"], url
+            assert "default-src 'none'" in resp.headers["Content-Security-Policy"], url

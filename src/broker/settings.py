@@ -176,7 +176,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated browser origins allowed to call the broker (CORS and "
         "WebSocket Origin check), e.g. https://book.example.org. '*' allows any origin (safe "
-        "enough: tokens travel in headers, never cookies). Empty: same-origin only.",
+        "enough: tokens travel in headers, never cookies). Empty: only BROKER_PUBLIC_URL's own "
+        "origin. Requests without an Origin header (curl, agents, servers) are not affected; "
+        "the request's Host header never counts (DNS rebinding).",
     )
     max_sessions: int = Field(
         0,

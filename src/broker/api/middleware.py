@@ -23,7 +23,6 @@ from broker import keys
 from broker.errors import BrokerError, Forbidden
 from broker.logs import new_request_id, request_id_var
 from broker.metrics import ROUTES, label_or_other
-from broker.policy.identity import forwarded_proto_host
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +41,16 @@ def error_response(error: BrokerError) -> web.Response:
 
 
 def origin_allowed(request: web.Request, origin: str) -> bool:
-    """Same-origin requests, and origins in BROKER_ALLOWED_ORIGINS ('*' = any)."""
+    """Origins in BROKER_ALLOWED_ORIGINS ('*' = any), and BROKER_PUBLIC_URL's own.
+
+    Never derived from the request's Host header: under DNS rebinding an
+    attacker's page sends a matching Origin *and* Host, so "same origin as the
+    Host" would let any page drive a broker on localhost.
+    """
     settings = request.app[keys.SETTINGS]
     wanted = origin.rstrip("/").lower()
     allowed = settings.allowed_origins
     if "*" in allowed or wanted in allowed:
-        return True
-    scheme, host = forwarded_proto_host(request, request.app[keys.TRUSTED])
-    if wanted == f"{scheme}://{host}".lower():
         return True
     if settings.public_url:
         return wanted == str(URL(settings.public_url).origin()).lower()
@@ -92,6 +93,20 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(BrokerError("Internal error"))
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: nothing the broker answers may run as a page in its origin.
+
+    Proxied responses include files a session's own code can write (kernelspec
+    resources such as SVG logos); with ``nosniff`` and a sandboxing CSP a
+    script inside one cannot run with the broker's origin (where thebe keeps
+    saved tokens). The broker serves no HTML of its own, so this costs nothing.
+    """
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Content-Security-Policy", "default-src 'none'; sandbox")
+    headers.setdefault("Referrer-Policy", "no-referrer")
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
