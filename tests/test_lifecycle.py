@@ -11,7 +11,7 @@ from aiohttp import WSMsgType
 
 from broker import keys
 from broker.models import Status
-from tests.conftest import BrokerHarness, MakeBroker, ManualClock, pid_alive
+from tests.conftest import BrokerHarness, MakeBroker, ManualClock, pid_alive, wait_for_exit
 from tests.kernelproto import execute, make_message
 
 
@@ -170,15 +170,18 @@ async def test_idle_sessions_are_culled_but_busy_ones_are_not(
     url = f"{busy['ws_url']}api/kernels/{kernel}/channels"
     async with broker.http.ws_connect(url, params={"token": busy["token"]}) as ws:
         # Start a long, silent computation, wait until the kernel says busy, leave.
-        await ws.send_str(json.dumps(make_message("execute_request",
-                                                  {"code": "import time; time.sleep(30)"})))
-        while True:
+        request = make_message("execute_request", {"code": "import time; time.sleep(30)"})
+        await ws.send_str(json.dumps(request))
+        while True:  # until the kernel is busy with *this* request
             frame = json.loads((await ws.receive(timeout=20)).data)
             if frame["header"]["msg_type"] == "status" and \
-                    frame["content"]["execution_state"] == "busy":
+                    frame["content"]["execution_state"] == "busy" and \
+                    frame["parent_header"].get("msg_id") == request["header"]["msg_id"]:
                 break
     clock.advance(61)
-    assert await broker.manager.reap_once() == 1
+    stopped = await broker.manager.reap_once()
+    busy_now = await broker.store.get(busy["id"], include_expired=True)
+    assert stopped == 1, (busy_now.status, busy_now.ended_reason, busy_now.message)
     assert not pid_alive(idle_pid)
     ended = await broker.store.get(idle["id"], include_expired=True)
     assert ended.status is Status.STOPPED and ended.ended_reason == "idle"
@@ -201,3 +204,30 @@ async def test_reaper_reconciles_sessions_whose_upstream_is_gone(broker: BrokerH
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_crashed_server_takes_its_kernels_and_directory_with_it(
+    broker: BrokerHarness,
+) -> None:
+    session = await broker.ready_session()
+    stored = await broker.store.get(session["id"])
+    pid, workdir = int(stored.backend_state["pid"]), stored.backend_state["workdir"]
+    kernel = await broker.start_kernel(session)
+    async with broker.http.ws_connect(f"{session['ws_url']}api/kernels/{kernel}/channels",
+                                      params={"token": session["token"]}) as ws:
+        result = await execute(ws, "import subprocess; p = subprocess.Popen(['sleep', '600']);"
+                                   " print(p.pid)")
+    orphan = int(result.stdout)
+    backend = broker.app[keys.BACKEND]
+    reported = asyncio.Event()
+    original = backend.on_lost
+
+    async def observed(session_id: str, message: str) -> None:
+        await original(session_id, message)
+        reported.set()
+
+    backend.on_lost = observed
+    os.kill(pid, signal.SIGKILL)  # the server alone, not its process group
+    await asyncio.wait_for(reported.wait(), 15)
+    assert await wait_for_exit(orphan)
+    assert not os.path.exists(workdir)

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -62,6 +63,14 @@ class ScrubFilter(logging.Filter):
 
 #: LogRecord attributes that are not structured fields of our own.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+class PlainFormatter(logging.Formatter):
+    """Human-readable lines; tracebacks scrubbed too (aiohttp's parser errors quote
+    the request line, ``?token=`` included)."""
+
+    def formatException(self, ei: Any) -> str:
+        return scrub(super().formatException(ei))
 
 
 class JsonFormatter(logging.Formatter):
@@ -114,7 +123,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(ScrubFilter())
     logging.Formatter.converter = time.gmtime
     root = logging.getLogger()

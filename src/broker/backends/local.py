@@ -18,7 +18,6 @@ this broker started, because nothing else could stop them later.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -41,8 +40,10 @@ log = logging.getLogger(__name__)
 #: Environment variables never passed to a session's server: the broker's
 #: own configuration (secrets included) and other services' credentials.
 _PRIVATE_ENV_PREFIXES = ("BROKER_", "JUPYTERHUB_", "REDIS_")
-#: How a ready jupyter_server announces itself on stderr.
-_READY_MARKER = "is running at:"
+#: Environment variable that marks every process of one session.
+_MARKER_ENV = "SESSION_BROKER_PROCESS"
+#: Longest wait for a started server to answer api/status.
+_ANSWER_LIMIT = 90.0
 _STOP_GRACE = 5.0
 _PORT_ATTEMPTS = 3
 
@@ -54,18 +55,51 @@ def _free_port() -> int:
 
 
 class _Server:
-    """One running ``jupyter server`` and the tasks watching it."""
+    """One running ``jupyter server`` and the task watching it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path, log_path: Path,
+                 marker: str) -> None:
         self.proc = proc
         self.workdir = workdir
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=30)
-        self.ready = asyncio.Event()
+        self.log_path = log_path
+        #: In the environment of the server, its kernels and their children:
+        #: how every process of the session is found again (kernels run in
+        #: sessions of their own, out of reach of a process-group signal).
+        self.marker = marker
         self.stopping = False
         #: Set once the session was handed this server; exits before that are
         #: start-up failures, which spawn() reports itself.
         self.live = False
         self.watch: asyncio.Task[None] | None = None
+
+    def tail(self, lines: int = 30) -> str:
+        """The end of the server's log (start-up errors are in the last line)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 8192))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _kill_marked(marker: str) -> int:
+    """SIGKILL every process whose environment carries ``marker`` (blocking: /proc scan)."""
+    needle = f"{_MARKER_ENV}={marker}".encode()
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle not in fh.read().split(b"\0"):
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
 
 
 class LocalBackend:
@@ -109,8 +143,9 @@ class LocalBackend:
             cmd.append("--ServerApp.allow_root=True")
         return cmd + self._extra_args
 
-    def _environment(self, token: str, workdir: Path) -> dict[str, str]:
+    def _environment(self, token: str, workdir: Path, marker: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+        env[_MARKER_ENV] = marker
         env["JUPYTER_TOKEN"] = token
         env["JUPYTER_RUNTIME_DIR"] = str(workdir / ".runtime")
         env["PYTHONUNBUFFERED"] = "1"
@@ -130,11 +165,8 @@ class LocalBackend:
                 progress=40,
                 backend_state={"pid": str(server.proc.pid), "workdir": str(workdir)},
             )
-            if await self._wait_ready(server):
-                url = f"http://127.0.0.1:{port}/"
-                if not await self._until_answering(server, url, token):
-                    await self._terminate(session.id)
-                    raise UpstreamFailed("The Jupyter server started but does not answer")
+            url = f"http://127.0.0.1:{port}/"
+            if await self._until_answering(server, url, token):
                 server.live = True
                 yield ProgressEvent(
                     "ready",
@@ -145,8 +177,11 @@ class LocalBackend:
                     backend_state={"pid": str(server.proc.pid), "workdir": str(workdir)},
                 )
                 return
-            tail = "\n".join(server.stderr_tail)
-            self._servers.pop(session.id, None)
+            if server.proc.returncode is None:  # alive but deaf for too long
+                await self._terminate(session.id)
+                raise UpstreamFailed("The Jupyter server started but does not answer")
+            tail = await asyncio.to_thread(server.tail)
+            await self._terminate(session.id)
             if "already in use" in tail and attempt < _PORT_ATTEMPTS:
                 log.info("port %d taken, retrying spawn of %s", port, session.id)
                 continue
@@ -155,48 +190,40 @@ class LocalBackend:
             raise UpstreamFailed(f"The Jupyter server exited during start-up: {last[0]}")
 
     async def _start(self, session_id: str, port: int, token: str, workdir: Path) -> _Server:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command(port, workdir),
-            cwd=workdir,
-            env=self._environment(token, workdir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # own process group: stop() ends its kernels too
-        )
-        server = _Server(proc, workdir)
+        # Output goes to a file, not a pipe: kernels and their children inherit
+        # the server's stderr, and asyncio's Process.wait() only returns once
+        # every pipe is closed, which an orphaned grandchild would prevent.
+        log_path = self._root / f"{session_id}.log"
+        marker = f"{session_id}-{new_token()[:8]}"
+        log_file = await asyncio.to_thread(open, log_path, "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(port, workdir),
+                cwd=workdir,
+                env=self._environment(token, workdir, marker),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()  # the child has its own descriptor
+        server = _Server(proc, workdir, log_path, marker)
         self._servers[session_id] = server
         server.watch = asyncio.create_task(self._watch(session_id, server))
         return server
 
-    async def _drain(self, server: _Server) -> None:
-        """Read stderr continuously (a full pipe would block the server)."""
-        assert server.proc.stderr is not None
-        async for raw in server.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            server.stderr_tail.append(line)
-            if _READY_MARKER in line:
-                server.ready.set()
-
     async def _watch(self, session_id: str, server: _Server) -> None:
         """Notice the server's exit; report it unless the broker asked for it."""
-        drain = asyncio.create_task(self._drain(server))
         code = await server.proc.wait()
-        # Kernels inherit the pipe and may hold it open a moment longer.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(drain), 1.0)
-        drain.cancel()
-        server.ready.set()  # wake a spawn still waiting: it checks returncode
         if server.stopping or not server.live or self._servers.get(session_id) is not server:
             return
         self._servers.pop(session_id, None)
         log.warning("jupyter server of session %s exited with code %s", session_id, code)
+        # Its kernels, their children and its directory must not outlive it.
+        await self._remove(server)
         if self.on_lost is not None:
             await self.on_lost(session_id, f"The Jupyter server exited (code {code})")
-
-    async def _wait_ready(self, server: _Server) -> bool:
-        await server.ready.wait()
-        return server.proc.returncode is None
 
     async def _until_answering(self, server: _Server, url: str, token: str) -> bool:
         """Confirm the announced server takes requests.
@@ -206,11 +233,12 @@ class LocalBackend:
         while the process lives.
         """
         delay = 0.02
-        for _ in range(40):
-            if await self._answers(url, token):
-                return True
+        deadline = asyncio.get_running_loop().time() + _ANSWER_LIMIT
+        while asyncio.get_running_loop().time() < deadline:
             if server.proc.returncode is not None:
                 return False
+            if await self._answers(url, token):
+                return True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
         return False
@@ -240,13 +268,21 @@ class LocalBackend:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        # Kernels live in the same group; make sure none outlives its server.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
         if server.watch is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.watch
+        await self._remove(server)
+
+    async def _remove(self, server: _Server) -> None:
+        """Kill whatever of the session still runs (kernels, their children), remove its files."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        killed = await asyncio.to_thread(_kill_marked, server.marker)
+        if killed:
+            log.info("stopped %d leftover processes of a session's server", killed)
         await asyncio.to_thread(shutil.rmtree, server.workdir, True)
+        with contextlib.suppress(OSError):
+            server.log_path.unlink()
 
     async def stop(self, session: Session) -> None:
         await self._terminate(session.id)
