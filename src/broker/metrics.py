@@ -214,13 +214,13 @@ class WsCounts:
         # (direction, channel) -> [messages, bytes]
         self.counts: dict[tuple[str, str], list[int]] = {}
 
-    def add(self, direction: str, channel: str, size: int) -> None:
-        """Tally one message."""
+    def add(self, direction: str, channel: str, size: int, messages: int = 1) -> None:
+        """Tally a message (or, with ``messages=0``, more bytes of one)."""
         entry = self.counts.get((direction, channel))
         if entry is None:
-            self.counts[(direction, channel)] = [1, size]
+            self.counts[(direction, channel)] = [messages, size]
         else:
-            entry[0] += 1
+            entry[0] += messages
             entry[1] += size
 
     def flush(self, metrics: Metrics) -> None:

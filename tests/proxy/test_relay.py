@@ -109,3 +109,35 @@ def test_scanner_follows_frames_split_anywhere() -> None:
     scanner = FrameScanner(masked=True, max_message=100)
     with pytest.raises(TooBig):
         scanner.scan(frames[1])
+
+
+class Charging(Hooks):
+    """Records what the relay would charge to the rate limiter."""
+
+    def __init__(self) -> None:
+        self.charged: list[tuple[int, int]] = []
+
+    def client_message(self, ev: Any) -> float:
+        self.charged.append((ev.opcode, ev.length))
+        return 0.0
+
+
+async def test_fragmented_messages_are_charged_in_full() -> None:
+    """A message split into continuation frames cannot slip past a byte limit."""
+    leg = UpstreamLeg()
+    upstream_transport = Recorder()
+    leg.connection_made(upstream_transport)
+    hooks = Charging()
+    relay = Relay(Recorder(), Upstream(upstream_transport, leg, None, b""),
+                  max_message=1 << 20, heartbeat=0, hooks=hooks)
+    mask = os.urandom(4)
+
+    def frame(first: int, payload: bytes) -> bytes:
+        return bytes([first, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + \
+            unmask(payload, mask, 0)
+
+    parts = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    relay.from_client(frame(0x01, parts[0]) + frame(0x00, parts[1]) + frame(0x80, parts[2]))
+    assert sum(length for _op, length in hooks.charged) == 3000
+    assert [op for op, _length in hooks.charged] == [1, 0, 0]
+    relay.finish(1000, "done")

@@ -121,8 +121,9 @@ class WsLimiter:
         #: When the current unbroken stretch of throttling began (None: not throttled).
         self._since: float | None = None
 
-    def take(self, size: int) -> float:
-        """Charge one message of ``size`` bytes: 0.0, seconds to pause reading, or CLOSE."""
+    def take(self, size: int, messages: float = 1.0) -> float:
+        """Charge ``messages`` (one, or none for more of a fragmented message) and
+        ``size`` bytes: 0.0, seconds to pause reading, or CLOSE."""
         now = self._clock()
         elapsed = now - self._last
         self._last = now
@@ -132,7 +133,7 @@ class WsLimiter:
         size_left = self._bytes + elapsed * self._brate
         if size_left > self._bburst:
             size_left = self._bburst
-        msgs -= 1.0
+        msgs -= messages
         size_left -= size
         self._msgs = msgs
         self._bytes = size_left

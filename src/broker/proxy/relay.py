@@ -81,7 +81,7 @@ class TooBig(Exception):
 
 @dataclass(slots=True)
 class FrameEvent:
-    """A data frame that started in the chunk just scanned."""
+    """A data frame that started in the chunk just scanned (opcode 0: a continuation)."""
 
     opcode: int
     length: int
@@ -211,11 +211,10 @@ class FrameScanner:
                 if total > self.max_message:
                     raise TooBig(max(0, pos - base))
                 self.message_length = 0 if b0 & 0x80 else total
-                if opcode != OP_CONT:
-                    self._ev = FrameEvent(opcode, length, bool(b0 & 0x80), b"", b"")
-                    result.frames.append(self._ev)
-                else:
-                    self._ev = None
+                # Continuation frames are reported too (opcode 0): their bytes
+                # count for limits and metrics even though no message starts.
+                self._ev = FrameEvent(opcode, length, bool(b0 & 0x80), b"", b"")
+                result.frames.append(self._ev)
             else:
                 self._ev = None
                 result.control.append(opcode)

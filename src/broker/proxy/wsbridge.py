@@ -38,6 +38,7 @@ from broker.models import Session
 from broker.policy.wsrate import WsLimits
 from broker.proxy.paths import join
 from broker.proxy.relay import (
+    OP_CONT,
     OP_TEXT,
     FrameEvent,
     HandshakeRefused,
@@ -65,7 +66,7 @@ class KernelHooks(Hooks):
                  "metrics")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
-                 limiter: Callable[[int], float] | None = None) -> None:
+                 limiter: Callable[[int, float], float] | None = None) -> None:
         self.metrics = metrics
         self.counts = WsCounts()
         self.loop = asyncio.get_running_loop()
@@ -83,6 +84,9 @@ class KernelHooks(Hooks):
             self.counts.flush(self.metrics)
 
     def client_message(self, ev: FrameEvent) -> float:
+        if ev.opcode == OP_CONT:  # more of a fragmented message: its bytes are charged
+            self.counts.add(_TO_KERNEL, "other", ev.length, messages=0)
+            return self._limiter(ev.length, 0.0) if self._limiter is not None else 0.0
         channel = peek_channel(ev)
         self.counts.add(_TO_KERNEL, channel, ev.length)
         if (channel == "shell" or ev.opcode == OP_TEXT) and peek_has(ev, b'"execute_request"'):
@@ -91,9 +95,12 @@ class KernelHooks(Hooks):
             self.executions.append(self.loop.time())
             self.metrics.executions.inc()
             self._housekeeping()
-        return self._limiter(ev.length) if self._limiter is not None else 0.0
+        return self._limiter(ev.length, 1.0) if self._limiter is not None else 0.0
 
     def kernel_message(self, ev: FrameEvent) -> None:
+        if ev.opcode == OP_CONT:
+            self.counts.add(_TO_CLIENT, "other", ev.length, messages=0)
+            return
         channel = peek_channel(ev)
         self.counts.add(_TO_CLIENT, channel, ev.length)
         if channel == "shell" and self.executions and peek_has(ev, b'"execute_reply"'):
@@ -184,7 +191,7 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     return ws
 
 
-def _limiter_for(request: web.Request) -> Callable[[int], float] | None:
+def _limiter_for(request: web.Request) -> Callable[[int, float], float] | None:
     """The per-connection client message limiter, when limits are configured.
 
     A fresh :class:`~broker.policy.wsrate.WsLimiter` per connection; its
