@@ -685,3 +685,39 @@ async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
     assert len(stored.extra_token_hashes) == 3 and stored.extra_token_hashes[-1] == "f" * 64
     assert stored.token_hash == session.token_hash  # the first token is untouched
     assert not await store.add_token_hash("no-such-session", "b" * 64, 3)
+
+
+async def test_redis_progress_streams_cannot_starve_the_store(
+    redis_url: str, clock: ManualClock
+) -> None:
+    """Followers of a pending session block on XREAD in a pool of their own:
+    past its size a follower gets a clean 503, and lookups keep working."""
+    from broker.errors import Unavailable
+
+    store = RedisStore(redis_url, TokenCipher("k"), prefix="streams-" + str(id(clock)) + ":",
+                       clock=clock, max_subscribers=2)
+    try:
+        session = make_session(clock)
+        await store.create(session)
+        await store.publish(session.id, {"phase": "waiting"})
+        followers = [store.subscribe(session.id, keepalive=30) for _ in range(3)]
+        assert (await anext(followers[0]))["phase"] == "waiting"
+        assert (await anext(followers[1]))["phase"] == "waiting"
+        # Both now hold a blocking read; the third cannot get a connection.
+        pending = [asyncio.ensure_future(anext(f)) for f in followers[:2]]
+        pool = store._blocking.connection_pool
+        for _ in range(500):  # until both hold a blocking read (redis-py offers no event)
+            if len(pool._in_use_connections) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(pool._in_use_connections) == 2
+        with pytest.raises(Unavailable) as refused:
+            await anext(followers[2])
+            await anext(followers[2])
+        assert refused.value.status == 503 and refused.value.reason == "streams_busy"
+        assert (await store.get(session.id)) is not None  # the main pool is untouched
+        await store.publish(session.id, {"phase": "ready"})
+        done = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        assert [e["phase"] for e in done] == ["ready", "ready"]
+    finally:
+        await store.close()

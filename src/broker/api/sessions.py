@@ -166,10 +166,14 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    async for event in manager.events(session.id):
-        if event is None:
-            await response.write(b":keepalive\n\n")
-        else:
-            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    try:
+        async for event in manager.events(session.id):
+            if event is None:
+                await response.write(b":keepalive\n\n")
+            else:
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    except BrokerError as error:  # the stream already started: say so in it, then end
+        await response.write(f"data: {json.dumps({'phase': 'error', **error.body()})}\n\n"
+                             .encode())
     await response.write_eof()
     return response

@@ -33,6 +33,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker.errors import Unavailable
 from broker.models import Clock, Session, system_clock
 from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
 from broker.store.crypto import TokenCipher
@@ -115,6 +116,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+#: Connections of the main pool (lookups, writes, Lua scripts); each is held briefly.
+_MAX_CONNECTIONS = 200
+
 #: Longest single XREAD block; kept under the socket timeout.
 _BLOCK_MS = 4000
 
@@ -129,6 +133,7 @@ class RedisStore:
         *,
         prefix: str = "broker:",
         clock: Clock = system_clock,
+        max_subscribers: int = 256,
     ) -> None:
         # Typed loosely: redis-py's overloads for decode_responses=True do not
         # narrow bytes|str to str, and every reply here is text.
@@ -138,6 +143,17 @@ class RedisStore:
             socket_connect_timeout=5,
             socket_timeout=(_BLOCK_MS / 1000) + 5,
             health_check_interval=30,
+            max_connections=_MAX_CONNECTIONS,
+        )
+        # Progress streams block on XREAD, each holding a connection for seconds:
+        # they get a pool of their own, so followers of pending sessions can
+        # never starve session lookups, admission or the reaper.
+        self._blocking: Any = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=(_BLOCK_MS / 1000) + 5,
+            max_connections=max_subscribers,
         )
         self._cipher = cipher
         self._clock = clock
@@ -278,7 +294,11 @@ class RedisStore:
             return  # at once, not after a blocking read on a stream that never comes
         while True:
             block = min(_BLOCK_MS, max(1, int(keepalive * 1000) - silent_ms))
-            reply = await self._redis.xread({stream: last}, count=100, block=block)
+            try:
+                reply = await self._blocking.xread({stream: last}, count=100, block=block)
+            except aioredis.ConnectionError as exc:  # its own pool is full (or Redis is gone)
+                raise Unavailable("Too many progress streams are open right now; try again "
+                                  "soon", reason="streams_busy", retry_after=5) from exc
             if not reply:
                 if not await self._redis.exists(self._k("s", session_id)):
                     return
@@ -308,4 +328,5 @@ class RedisStore:
         await self._redis.ping()
 
     async def close(self) -> None:
+        await self._blocking.aclose()
         await self._redis.aclose()
