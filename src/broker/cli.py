@@ -72,6 +72,11 @@ async def _run(settings: Settings) -> None:
             f"Create a session:  curl -s -X POST '{base}/api/v1/sessions?wait=true'",
             flush=True,
         )
+        if settings.backend == "local" and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "the local backend runs every session's code as this broker's OS user: a "
+                "kernel can read the broker's environment (its secrets) and reach other "
+                "sessions' servers. Serve untrusted visitors through JupyterHub or BinderHub.")
         await stop.wait()
         log.info("shutting down: draining for up to %g s", settings.shutdown_drain)
     finally:
