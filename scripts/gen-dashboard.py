@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from generated import write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "helm" / "session-broker" / "files" / "dashboard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -103,16 +105,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     args = parser.parse_args()
-    text = render()
-    if args.check:
-        if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run .venv/bin/python scripts/gen-dashboard.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    return 0
-
+    return write_or_check(OUTPUT, render(), args.check,
+                          ".venv/bin/python scripts/gen-dashboard.py")
 
 if __name__ == "__main__":
     sys.exit(main())

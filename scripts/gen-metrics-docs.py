@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from generated import write_or_check
+
 from broker import metrics as metrics_module
 from broker.metrics import Metrics
 
@@ -52,17 +54,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     args = parser.parse_args()
-    text = render()
-    if args.check:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT} is stale: run .venv/bin/python scripts/gen-metrics-docs.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    return 0
-
+    return write_or_check(OUTPUT, render(), args.check,
+                          ".venv/bin/python scripts/gen-metrics-docs.py")
 
 if __name__ == "__main__":
     sys.exit(main())

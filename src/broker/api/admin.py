@@ -33,6 +33,16 @@ def _require_admin(request: web.Request) -> None:
         raise Forbidden("Wrong admin token", reason="wrong_token")
 
 
+async def _find(request: web.Request) -> Session:
+    """The session named in the path, live or recently ended (admin only)."""
+    _require_admin(request)
+    session = await request.app[keys.MANAGER].store.get(request.match_info["sid"],
+                                                        include_expired=True)
+    if session is None:
+        raise NotFound("No such session", reason="unknown_session")
+    return session
+
+
 def _admin_view(session: Session, now: float) -> dict[str, Any]:
     return {
         "id": session.id,
@@ -83,22 +93,15 @@ async def stop_owner_sessions(request: web.Request) -> web.Response:
 @routes.get("/api/v1/admin/sessions/{sid}", name="admin_get_session")
 async def get_session(request: web.Request) -> web.Response:
     """One session, live or recently ended."""
-    _require_admin(request)
-    manager = request.app[keys.MANAGER]
-    session = await manager.store.get(request.match_info["sid"], include_expired=True)
-    if session is None:
-        raise NotFound("No such session", reason="unknown_session")
-    return web.json_response(_admin_view(session, manager.clock()))
+    session = await _find(request)
+    return web.json_response(_admin_view(session, request.app[keys.MANAGER].clock()))
 
 
 @routes.delete("/api/v1/admin/sessions/{sid}", name="admin_stop_session")
 async def stop_session(request: web.Request) -> web.Response:
     """Stop one session now (its clients see ``ended_reason: admin``)."""
-    _require_admin(request)
+    session = await _find(request)
     manager = request.app[keys.MANAGER]
-    session = await manager.store.get(request.match_info["sid"], include_expired=True)
-    if session is None:
-        raise NotFound("No such session", reason="unknown_session")
     if not session.status.terminal:
         await manager.stop(session, "admin")
     return web.Response(status=204)
