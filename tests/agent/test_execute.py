@@ -139,6 +139,17 @@ async def test_output_beyond_the_cap_is_dropped(make_agent: MakeAgent) -> None:
     assert (await agent.execute("print('fine')"))["stdout"] == "fine\n"
 
 
+async def test_clears_and_errors_count_against_the_cap(make_agent: MakeAgent) -> None:
+    """A kernel flooding clear_output cannot make the broker stream without bound."""
+    agent = await make_agent(execute_max_output=2048)
+    events = [name async for name, _data in agent.events(
+        "from IPython.display import clear_output\nfor _ in range(2000): clear_output()")]
+    assert events.count("clear_output") <= 2048 // 64
+    assert events[-1] == "done"
+    out = await agent.execute("raise ValueError('v' * 5000)")
+    assert out["status"] == "error" and out["truncated"] is True
+
+
 async def test_kernel_death_ends_the_call_and_the_next_one_works(agent: Agent) -> None:
     await agent.execute("lost = 1")
     died = await agent.execute("import os\nos._exit(1)", timeout=60)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
+#: Events buffered for a streaming caller before the kernel reader waits.
+_STREAM_QUEUE = 256
 #: Seconds between keep-alive comments on a silent stream.
 KEEPALIVE = 15.0
 
@@ -110,24 +112,25 @@ async def execute(request: web.Request) -> web.StreamResponse:
         result = await kernels.execute(session, code, time_limit=timeout, kernel_name=kernel_name)
         return web.json_response(result.body())
 
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    # Bounded: a slow reader slows the kernel reader down instead of growing memory.
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=_STREAM_QUEUE)
 
     async def emit(event: dict[str, Any]) -> None:
-        queue.put_nowait(event)
+        await queue.put(event)
 
     async def run() -> None:
         try:
             result = await kernels.execute(session, code, time_limit=timeout,
                                            kernel_name=kernel_name, emit=emit)
-            queue.put_nowait({"type": "done", **result.body()})
+            await queue.put({"type": "done", **result.body()})
         except BrokerError as exc:
-            queue.put_nowait({"type": "failed", "status_code": exc.status, **exc.body()})
+            await queue.put({"type": "failed", "status_code": exc.status, **exc.body()})
         except Exception:
             log.exception("streamed execution in session %s failed", session.id)
             error = BrokerError("Internal error")
-            queue.put_nowait({"type": "failed", "status_code": error.status, **error.body()})
+            await queue.put({"type": "failed", "status_code": error.status, **error.body()})
         finally:
-            queue.put_nowait(None)
+            await queue.put(None)
 
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)

@@ -149,10 +149,16 @@ class _Collector:
         elif kind == "execute_input":
             out.execution_count = content.get("execution_count", out.execution_count)
         elif kind == "error":
+            # Errors and clears are output too: a kernel flooding them must hit the cap.
+            if not self._take(len(json.dumps(content.get("traceback"))) +
+                              len(str(content.get("evalue", "")))):
+                return
             out.error = _error(str(content.get("ename", "")), str(content.get("evalue", "")),
                                content.get("traceback"))
             await self.send({"type": "error", **out.error})
         elif kind == "clear_output":
+            if not self._take(_CLEAR_COST):
+                return
             # As in a notebook: what the cell showed so far is gone.
             out.stdout = out.stderr = ""
             out.display = []
@@ -297,6 +303,10 @@ class _Slot:
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     connection: KernelConnection | None = None
+
+
+#: Output bytes a clear_output counts for (so an endless stream of them is capped).
+_CLEAR_COST = 64
 
 
 class AgentKernels:
