@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: own configuration (secrets included) and other services' credentials.
 _PRIVATE_ENV_PREFIXES = ("BROKER_", "JUPYTERHUB_", "REDIS_")
 #: Environment variable that marks every process of one session.
-_MARKER_ENV = "SESSION_BROKER_PROCESS"
+_MARKER_ENV = "JSB_SESSION_MARK"
 #: Longest wait for a started server to answer api/status.
 _ANSWER_LIMIT = 90.0
 _STOP_GRACE = 5.0
