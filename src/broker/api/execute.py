@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import keys
-from broker.api.sessions import NAME, SSE_HEADERS
+from broker.api.sessions import NAME, SSE_HEADERS, json_object
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session
 from broker.policy.auth import request_token
@@ -70,15 +70,8 @@ async def agent_session(request: web.Request) -> Session:
 
 def parse_execute(raw: bytes, settings: Settings) -> tuple[str, float, str]:
     """Validate an execute body; returns (code, timeout in seconds, kernel name)."""
-    try:
-        data: Any = json.loads(raw) if raw.strip() else None
-    except ValueError as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest('The body must be a JSON object like {"code": "print(1)"}')
-    unknown = set(data) - {"code", "timeout", "kernel_name"}
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}")
+    data = json_object(raw, {"code", "timeout", "kernel_name"}, empty_ok=False,
+                       shape='a JSON object like {"code": "print(1)"}')
     code = data.get("code")
     if not isinstance(code, str):
         raise BadRequest("'code' is required and must be a string")

@@ -67,20 +67,30 @@ def session_body(
     return body
 
 
-async def parse_session_request(request: web.Request) -> SessionRequest:
-    """Validate the optional JSON body of a creation request."""
-    raw = await request.read()
-    data: Any = {}
+def json_object(raw: bytes, allowed: set[str], *, empty_ok: bool,
+                shape: str = "a JSON object") -> dict[str, Any]:
+    """A request body as a JSON object with no keys beyond ``allowed`` (400 otherwise).
+
+    ``empty_ok``: an empty body means ``{}``; otherwise it is refused like
+    any other non-object, with "The body must be {shape}".
+    """
+    data: Any = {} if empty_ok else None
     if raw.strip():
         try:
             data = json.loads(raw)
         except ValueError as exc:
             raise BadRequest(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise BadRequest("The body must be a JSON object")
-    unknown = set(data) - {"spec", "profile", "kernel_name"}
+        raise BadRequest(f"The body must be {shape}")
+    unknown = set(data) - allowed
     if unknown:
         raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}")
+    return data
+
+
+async def parse_session_request(request: web.Request) -> SessionRequest:
+    """Validate the optional JSON body of a creation request."""
+    data = json_object(await request.read(), {"spec", "profile", "kernel_name"}, empty_ok=True)
     values: dict[str, str] = {}
     for field in ("spec", "profile", "kernel_name"):
         value = data.get(field) or ""
