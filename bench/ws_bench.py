@@ -127,6 +127,7 @@ class Config:
     idle_settle: float = 1.0
     json_path: str = ""
     limits: bool = False
+    floor: bool = False
 
 
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
@@ -290,6 +291,12 @@ async def run(config: Config, world: World) -> Outcome:
         Target("broker", f"{broker_url}/s/{echo_sid}/", broker_token,
                {"upstream": [echo.pid], **proxy_pids["broker"]}),
     ]
+    if config.floor:
+        raw = world.add(spawn("raw-relay", [python(), str(HERE / "raw_relay.py"), "--upstream",
+                                            f"127.0.0.1:{echo_port}"], logs, stdout_pipe=True))
+        raw_port = int((await read_line(raw, "port ", START_TIMEOUT)).split()[1])
+        echo_targets.append(Target("raw", f"http://127.0.0.1:{raw_port}{echo_prefix}",
+                                   echo_token, {"upstream": [echo.pid], "proxy": [raw.pid]}))
     outcome = Outcome()
     async with aiohttp.ClientSession() as http:
         kernel_targets: list[Target] = []
@@ -447,6 +454,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--limits", action="store_true",
                         help="instead of the full run: scenario a through the broker with its "
                         "limits off and on, and the ratio (bench/bench_limits.py, ~10 s)")
+    parser.add_argument("--floor", action="store_true",
+                        help="add a 'raw' target for the echo scenarios: a relay that only "
+                        "copies bytes (bench/raw_relay.py), the floor for a proxy in Python")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     args = parser.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -457,6 +467,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["limits"] = args.limits
+    values["floor"] = args.floor
     if args.scenarios:
         chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
         unknown = [s for s in chosen if s not in SCENARIOS]

@@ -36,6 +36,7 @@ from broker.policy.identity import parse_networks
 from broker.policy.kernels import KernelGate
 from broker.proxy import routes as proxy_routes
 from broker.proxy.rest import kernels_busy
+from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
@@ -94,7 +95,9 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
     )
+    app[keys.UPSTREAM] = UpstreamPool(connect_timeout=10.0)
     yield
+    await app[keys.UPSTREAM].close()
     await app[keys.HTTP].close()
 
 

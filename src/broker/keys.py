@@ -14,6 +14,7 @@ from broker.policy.denylist import DenyList
 from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
 from broker.proxy.kernel_client import AgentKernels
+from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
@@ -22,6 +23,8 @@ SETTINGS = web.AppKey("settings", Settings)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TRUSTED = web.AppKey("trusted_networks", list[Network])
 HTTP = web.AppKey("http_client", aiohttp.ClientSession)
+#: The REST proxy's keep-alive client to session upstreams (see proxy/upstream_http.py).
+UPSTREAM = web.AppKey("upstream_pool", UpstreamPool)
 STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)

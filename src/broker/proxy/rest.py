@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +34,7 @@ from broker.errors import UpstreamFailed
 from broker.models import Session
 from broker.policy.kernels import KERNEL_STARTS
 from broker.proxy.paths import check_rest, join
+from broker.proxy.upstream_http import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -124,59 +126,74 @@ async def _forward(request: web.Request, session: Session, remainder: str) -> we
     method = request.method
     check_rest(remainder, method)
     url = join(session.upstream_url, remainder)
-    headers = CIMultiDict({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
-    headers["Authorization"] = f"token {session.upstream_token}"
+    request_headers = request.headers
+    headers = [(h, request_headers[h]) for h in REQUEST_HEADERS if h in request_headers]
+    headers.append(("Authorization", f"token {session.upstream_token}"))
     # body_exists, not can_read_body: the kernel gate may have read (and cached) it already.
     body: bytes | None = await request.read() if request.body_exists else None
     if method == "POST" and remainder in ("api/kernels", "api/sessions"):
         body = _kernel_body(body or b"", remainder, session.kernel_name)
-        headers["Content-Type"] = "application/json"
+        headers = [(h, v) for h, v in headers if h != "Content-Type"]
+        headers.append(("Content-Type", "application/json"))
     settings = request.app[keys.SETTINGS]
     try:
-        async with request.app[keys.HTTP].request(
-            method,
-            url,
-            params=forward_query(request),
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                          sock_read=settings.upstream_timeout),
-        ) as upstream:
-            out = CIMultiDict(
-                (h, upstream.headers[h]) for h in RESPONSE_HEADERS if h in upstream.headers
-            )
-            if "Location" in out:
-                out["Location"] = _location(
-                    out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
-                )
-            if upstream.content_type == "text/html":
-                request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
-                return _withheld(upstream.status, "The session's server answered with a page, "
-                                 "not an API response")
-            length = upstream.content_length
-            if length is not None and length <= _BUFFER_LIMIT:
-                body = await upstream.read()
-                if session.upstream_token.encode() in body:
-                    log.error("withheld a response of session %s that carried its upstream "
-                              "token (%s %s)", session.id, method, remainder)
-                    request.app[keys.MANAGER].metrics.upstream_error(session.backend,
-                                                                     "bad_response")
-                    return _withheld(502, "The session's server sent a response that cannot "
-                                     "be forwarded")
-                return web.Response(status=upstream.status, body=body, headers=out)
-            response = web.StreamResponse(status=upstream.status, headers=out)
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(64 * 1024):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        upstream = await request.app[keys.UPSTREAM].request(
+            method, url, headers, body, query=forward_query_string(request),
+            read_timeout=settings.upstream_timeout)
+        async with upstream:
+            return await _respond(request, session, upstream, method, remainder)
+    except (UpstreamError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
-                    remainder, type(exc).__name__)
+                    remainder, exc if isinstance(exc, UpstreamError) else type(exc).__name__)
         request.app[keys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
+
+
+async def _respond(request: web.Request, session: Session, upstream: UpstreamResponse,
+                   method: str, remainder: str) -> web.StreamResponse:
+    """The client's response from the upstream's: filtered headers, bytes as they came."""
+    upstream_headers = upstream.headers
+    out = CIMultiDict(
+        (h, upstream_headers[h]) for h in RESPONSE_HEADERS if h in upstream_headers
+    )
+    if "Location" in out:
+        out["Location"] = _location(
+            out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
+        )
+    if upstream.content_type == "text/html":
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        return _withheld(upstream.status, "The session's server answered with a page, "
+                         "not an API response")
+    length = upstream.content_length
+    if method == "HEAD" or upstream.status in (204, 304):
+        return web.Response(status=upstream.status, headers=out)
+    if length is not None and length <= _BUFFER_LIMIT:
+        body = await upstream.read()
+        if session.upstream_token.encode() in body:
+            log.error("withheld a response of session %s that carried its upstream "
+                      "token (%s %s)", session.id, method, remainder)
+            request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+            return _withheld(502, "The session's server sent a response that cannot "
+                             "be forwarded")
+        return web.Response(status=upstream.status, body=body, headers=out)
+    response = web.StreamResponse(status=upstream.status, headers=out)
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    async for chunk in upstream.iter_chunks():
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def forward_query_string(request: web.BaseRequest) -> str:
+    """The raw query string minus the broker token (``token=``), otherwise byte for byte."""
+    raw = request.raw_path.partition("?")[2]
+    if not raw or ("token" not in raw.lower() and "%" not in raw):
+        return raw
+    return "&".join(part for part in raw.split("&")
+                    if part and unquote_plus(part.partition("=")[0]) != "token")
 
 
 async def kernels_busy(http: aiohttp.ClientSession, session: Session) -> bool:
