@@ -9,13 +9,15 @@ accident.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import itertools
 import json
 import logging
 import re
+import secrets
 import sys
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -29,8 +31,14 @@ _PATTERNS = [
 ]
 
 
+#: Every pattern above needs one of these words: one search rules most lines out.
+_SUSPECT = re.compile(r"token|bearer|authorization|x-api-key|_xsrf", re.I)
+
+
 def scrub(text: str) -> str:
     """Replace every token-looking secret in ``text`` with ``[secret]``."""
+    if not _SUSPECT.search(text):
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -41,21 +49,25 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
+#: Generated ids: a random per-process prefix and a counter. Unique across
+#: replicas with overwhelming probability, and ~10x cheaper than a uuid4 each.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id(offered: str | None) -> str:
     """Keep a sane incoming X-Request-Id (tracing across proxies), else make one."""
     if offered and _REQUEST_ID.match(offered):
         return offered
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class ScrubFilter(logging.Filter):
     """Scrubs the fully formatted message of every record it sees."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = scrub(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        # Formatted once here; the formatter's own getMessage() is then free.
+        record.msg, record.args = scrub(record.getMessage()), None
         if not getattr(record, "request_id", ""):
             record.request_id = request_id_var.get()
         return True
@@ -76,10 +88,19 @@ class PlainFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request id, extras."""
 
+    _second = -1
+    _stamp = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # strftime once per second, not once per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -115,9 +136,75 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines of one event-loop turn in one write.
+
+    A line per proxied request is the access log's job, but a ``write`` and a
+    flush per line was a tenth of the broker's CPU per proxied GET. Lines
+    logged from the event loop's thread are queued and written by a callback
+    at the end of the current loop turn (sub-millisecond later, in order);
+    lines logged anywhere else, or at ERROR and above, are written at once,
+    after whatever is queued. ``flush()`` (also at shutdown) writes the rest.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._pending.append(line)
+        if loop is None or record.levelno >= logging.ERROR:
+            self._write_pending()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        with self.lock or _NO_LOCK:
+            self._scheduled = False
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+    def flush(self) -> None:
+        with self.lock or _NO_LOCK:
+            self._write_pending()
+            super().flush()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Root logging for the CLI: one line per record, every handler scrubbed."""
-    handler = logging.StreamHandler()
+    handler = LoopBatchingHandler()
     if fmt == "auto":
         fmt = "plain" if sys.stderr.isatty() else "json"
     if fmt == "json":

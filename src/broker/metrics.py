@@ -169,9 +169,10 @@ class Metrics:
             for channel in CHANNELS:
                 self.ws_messages.labels(direction.value, channel)
                 self.ws_bytes.labels(direction.value, channel)
-        for route in ROUTES:
-            for cls in STATUS_CLASSES:
-                self.http_duration.labels(route, cls)
+        #: The histogram child per (route, status class): one dict lookup per request
+        #: instead of prometheus_client's locked labels() call.
+        self._http_children = {(route, cls): self.http_duration.labels(route, cls)
+                               for route in ROUTES for cls in STATUS_CLASSES}
         for op in STORE_OPS:
             self.store_duration.labels(op)
             self.store_errors.labels(op)
@@ -179,6 +180,14 @@ class Metrics:
             self.sessions_ended.labels(reason)
         for reason in LIMIT_REASONS:
             self.limit_refusals.labels(reason)
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request's duration (route kept inside ROUTES)."""
+        cls = STATUS_CLASSES[min(max(status // 100, 2), 5) - 2]
+        child = self._http_children.get((route, cls))
+        if child is None:
+            child = self._http_children[("other", cls)]
+        child.observe(seconds)
 
     def upstream_error(self, backend: str, kind: str) -> None:
         """Count one upstream failure (kind kept inside its enum)."""

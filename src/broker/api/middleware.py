@@ -22,7 +22,6 @@ from yarl import URL
 from broker import keys
 from broker.errors import BrokerError, Forbidden
 from broker.logs import new_request_id, request_id_var
-from broker.metrics import ROUTES, label_or_other
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +142,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(response, web.WebSocketResponse):
             status = response.status if response is not None else 500
             name = request.match_info.route.name or "other"
-            route = label_or_other("admin" if name.startswith("admin_") else name, ROUTES)
-            request.app[keys.METRICS].http_duration.labels(route, f"{status // 100}xx").observe(
-                loop.time() - started
-            )
+            request.app[keys.METRICS].observe_http(
+                "admin" if name.startswith("admin_") else name, status, loop.time() - started)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -51,14 +51,24 @@ def check_remainder(raw: str) -> str:
     return raw
 
 
+#: remainder -> its methods (None: not forwarded); bounded, since ids vary.
+_REST_CACHE: dict[str, frozenset[str] | None] = {}
+_REST_CACHE_MAX = 4096
+
+
 def check_rest(remainder: str, method: str) -> None:
     """Raise unless ``method remainder`` is part of the forwarded Jupyter API."""
-    for pattern, methods in _REST:
-        if pattern.fullmatch(remainder):
-            if method not in methods and method != "HEAD":
-                raise NotFound(f"{method} is not forwarded for this path", reason="not_proxied")
-            return
-    raise NotFound("This path is not part of the proxied Jupyter API", reason="not_proxied")
+    try:
+        methods = _REST_CACHE[remainder]
+    except KeyError:
+        methods = next((m for pattern, m in _REST if pattern.fullmatch(remainder)), None)
+        if len(_REST_CACHE) >= _REST_CACHE_MAX:
+            _REST_CACHE.clear()
+        _REST_CACHE[remainder] = methods
+    if methods is None:
+        raise NotFound("This path is not part of the proxied Jupyter API", reason="not_proxied")
+    if method not in methods and method != "HEAD":
+        raise NotFound(f"{method} is not forwarded for this path", reason="not_proxied")
 
 
 def join(base: str, remainder: str) -> URL:

@@ -171,7 +171,7 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
         relay.finish(code, reason)
 
     unregister = manager.register_closer(session.id, close)
-    metrics.http_duration.labels("jupyter_ws", "2xx").observe(loop.time() - started)
+    metrics.observe_http("jupyter_ws", 200, loop.time() - started)
     metrics.ws_open.inc()
     try:
         await asyncio.shield(relay.done)

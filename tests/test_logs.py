@@ -1,0 +1,67 @@
+"""Log lines: scrubbing, request ids, and the handler that batches a loop turn's lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+from broker.logs import JsonFormatter, LoopBatchingHandler, ScrubFilter, new_request_id, scrub
+
+
+def _logger(stream: io.StringIO) -> tuple[logging.Logger, LoopBatchingHandler]:
+    handler = LoopBatchingHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ScrubFilter())
+    logger = logging.getLogger(f"test.batching.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, handler
+
+
+def test_scrub_only_touches_secrets() -> None:
+    assert scrub("GET /s/abc/api/kernels?x=1") == "GET /s/abc/api/kernels?x=1"
+    assert scrub("GET /x?token=abc123&y=2") == "GET /x?token=[secret]&y=2"
+    assert "abcdefabcdefabcdefab" not in scrub("Authorization: Bearer abcdefabcdefabcdefab")
+    assert "abcdefabcdefabcdef12" not in scrub("header TOKEN abcdefabcdefabcdef12")
+
+
+def test_generated_request_ids_are_unique_and_sane() -> None:
+    ids = {new_request_id(None) for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert new_request_id("trace-1.2_3") == "trace-1.2_3"
+    assert new_request_id("bad id\r\n") != "bad id\r\n"
+
+
+async def test_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    stream = io.StringIO()
+    logger, _ = _logger(stream)
+    logger.info("one")
+    logger.info("two ?token=secretsecret")
+    assert stream.getvalue() == ""  # queued until the end of this loop turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    lines = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    assert lines == ["one", "two ?token=[secret]"]
+
+
+async def test_errors_are_written_at_once_after_what_is_queued() -> None:
+    stream = io.StringIO()
+    logger, handler = _logger(stream)
+    logger.info("queued")
+    logger.error("failure")
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+        "queued", "failure"]
+    logger.info("later")
+    handler.flush()  # what logging.shutdown() does at exit
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "later"
+
+
+def test_outside_a_loop_lines_are_written_at_once() -> None:
+    stream = io.StringIO()
+    logger, _ = _logger(stream)
+    logger.info("no loop here")
+    assert json.loads(stream.getvalue())["message"] == "no loop here"
