@@ -65,3 +65,40 @@ def test_outside_a_loop_lines_are_written_at_once() -> None:
     logger, _ = _logger(stream)
     logger.info("no loop here")
     assert json.loads(stream.getvalue())["message"] == "no loop here"
+
+
+async def test_access_line_is_the_same_with_or_without_the_direct_path() -> None:
+    """configure()'s JSON handler gets the access line without a LogRecord; any other
+    set-up gets an ordinary record with the same fields."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from broker.logs import AccessLogger, configure
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure("INFO", "json")
+        handler = root.handlers[0]
+        assert isinstance(handler, LoopBatchingHandler)
+        handler.setStream(stream)
+        access = AccessLogger(logging.getLogger("aiohttp.access"), "")
+        request = make_mocked_request("GET", "/s/abc/api/kernels?token=abcdefabcdef&x=1")
+        response = web.Response(text="[]", headers={"X-Request-Id": "rid-1"})
+        access.log(request, response, 0.0123)
+        handler.flush()
+        direct = json.loads(stream.getvalue())
+        extra = logging.StreamHandler(io.StringIO())  # a second handler: the normal path
+        root.addHandler(extra)
+        access.log(request, response, 0.0123)
+        handler.flush()
+        normal = json.loads(stream.getvalue().splitlines()[-1])
+    finally:
+        root.handlers[:], root.level = saved
+    assert direct["path"] == "/s/abc/api/kernels?token=[secret]&x=1"
+    assert "abcdefabcdef" not in stream.getvalue()
+    direct.pop("time")
+    normal.pop("time")
+    assert direct == normal
+    assert direct["request_id"] == "rid-1" and direct["status"] == 200

@@ -18,13 +18,7 @@ from aiohttp import web
 from broker import keys
 from broker.api import admin, execute, files, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
-from broker.api.middleware import (
-    add_cors_headers,
-    add_request_id,
-    add_security_headers,
-    errors_and_origin,
-    observe,
-)
+from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.backends.base import Backend
 from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
@@ -189,9 +183,7 @@ def create_app(
     app.cleanup_ctx.extend([_http_client, _store, _sessions, execute.kernels_ctx])
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_limits)
-    app.on_response_prepare.append(add_cors_headers)
-    app.on_response_prepare.append(add_security_headers)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(prepare_response)
     app.add_routes(health.routes)
     app.add_routes(sessions.routes)
     app.add_routes(build_routes)

@@ -150,3 +150,14 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     """on_response_prepare: echo the request id so clients can quote it."""
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+async def prepare_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare, the one callback: CORS, security headers, request id.
+
+    One signal callback instead of three (each is an awaited coroutine per
+    response, on every proxied REST call).
+    """
+    await add_cors_headers(request, response)
+    await add_security_headers(request, response)
+    await add_request_id(request, response)
