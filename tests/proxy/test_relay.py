@@ -102,7 +102,7 @@ def test_scanner_follows_frames_split_anywhere() -> None:
     stream = b"".join(frames)
     for cut in range(1, len(stream)):
         scanner = FrameScanner(masked=True, max_message=1 << 20)
-        events = scanner.scan(stream[:cut]).frames + scanner.scan(stream[cut:]).frames
+        events = [*scanner.scan(stream[:cut]), *scanner.scan(stream[cut:])]
         assert [e.opcode for e in events] == [1, 2]
         assert scanner.at_boundary
         assert peek_channel(events[0]) == "shell" or cut < 30  # peeks see only the first chunk

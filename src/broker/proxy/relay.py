@@ -51,9 +51,9 @@ def unmask(data: bytes, mask: bytes, offset: int) -> bytes:
     """Unmask payload bytes that start ``offset`` bytes into their frame's payload."""
     if not data:
         return b""
-    shift = offset % 4
+    shift = offset & 3
     buf = bytearray(data)
-    _mask_in_place(mask[shift:] + mask[:shift], buf)
+    _mask_in_place(mask[shift:] + mask[:shift] if shift else mask, buf)
     return bytes(buf)
 
 
@@ -81,25 +81,17 @@ class TooBig(Exception):
 
 @dataclass(slots=True)
 class FrameEvent:
-    """A data frame that started in the chunk just scanned (opcode 0: a continuation)."""
+    """A data frame that started in the chunk just scanned (opcode 0: a continuation).
+
+    Valid during the hook call that receives it: on the fast path the
+    scanner reuses one event object for every chunk.
+    """
 
     opcode: int
     length: int
     fin: bool
     head: bytes  # first up to PEEK payload bytes present in this chunk (unmasked)
     tail: bytes  # last up to 64 payload bytes, when the frame ended in this chunk
-
-
-@dataclass(slots=True)
-class ScanResult:
-    """What one chunk contained, for the relay's bookkeeping."""
-
-    frames: list[FrameEvent]
-    control: list[int]  # opcodes of control frames seen (never mutated on the fast path)
-    close_code: int | None
-
-
-_NO_CONTROL: list[int] = []
 
 
 class FrameScanner:
@@ -112,11 +104,15 @@ class FrameScanner:
 
     __slots__ = (
         "_ev",
+        "_fast",
+        "_fast_list",
         "_head",
         "_mask",
         "_offset",
         "_opcode",
         "_remaining",
+        "close_code",
+        "closed",
         "masked",
         "max_message",
         "message_length",
@@ -126,20 +122,28 @@ class FrameScanner:
         self.masked = masked
         self.max_message = max_message
         self.message_length = 0
+        #: Sticky: a close frame has passed (and the code it carried, if any).
+        self.closed = False
+        self.close_code: int | None = None
         self._head = b""  # an incomplete frame header carried to the next chunk
         self._remaining = 0  # payload bytes of the current frame still to come
         self._offset = 0  # payload bytes of the current frame already seen
         self._opcode = 0
         self._mask = b""
         self._ev: FrameEvent | None = None
+        # The fast path's event and list, reused for every chunk (no allocation).
+        self._fast = FrameEvent(OP_TEXT, 0, True, b"", b"")
+        self._fast_list = [self._fast]
 
     @property
     def at_boundary(self) -> bool:
         """True when no frame is partly seen."""
         return self._remaining == 0 and not self._head
 
-    def scan(self, data: bytes) -> ScanResult:
-        """Walk ``data``; raises :class:`TooBig` before passing an oversized frame."""
+    def scan(self, data: bytes) -> list[FrameEvent]:
+        """Walk ``data``: the data frames that start in it, in order (``closed`` and
+        ``close_code`` tell about close frames). Raises :class:`TooBig` before
+        passing an oversized frame."""
         # Fast path, the common case on a kernel socket: the chunk is exactly
         # one whole, unfragmented data frame with a 7- or 16-bit length.
         if not self._remaining and not self._head and not self.message_length:
@@ -164,14 +168,20 @@ class FrameScanner:
                         head = data[at:at + PEEK]
                         tail = data[max(at, n - 64):] if length > PEEK else b""
                         if mask:
-                            head = unmask(head, mask, 0)
+                            buf = bytearray(head)
+                            _mask_in_place(mask, buf)
+                            head = bytes(buf)
                             if tail and b'"channel"' not in head:
                                 tail = unmask(tail, mask, len(data) - len(tail) - at)
                             else:
                                 tail = b""
-                        ev = FrameEvent(b0 & 0x0F, length, True, head, tail)
-                        return ScanResult([ev], _NO_CONTROL, None)
-        result = ScanResult([], [], None)
+                        ev = self._fast
+                        ev.opcode = b0 & 0x0F
+                        ev.length = length
+                        ev.head = head
+                        ev.tail = tail
+                        return self._fast_list
+        frames: list[FrameEvent] = []
         pos = 0
         end = len(data)
         if self._head:
@@ -184,7 +194,7 @@ class FrameScanner:
         while pos < end:
             if self._remaining:
                 take = min(self._remaining, end - pos)
-                self._observe(data, pos, take, result)
+                self._observe(data, pos, take)
                 pos += take
                 continue
             # A frame header: 2 bytes, + 2 or 8 of length, + 4 of mask.
@@ -214,10 +224,11 @@ class FrameScanner:
                 # Continuation frames are reported too (opcode 0): their bytes
                 # count for limits and metrics even though no message starts.
                 self._ev = FrameEvent(opcode, length, bool(b0 & 0x80), b"", b"")
-                result.frames.append(self._ev)
+                frames.append(self._ev)
             else:
                 self._ev = None
-                result.control.append(opcode)
+                if opcode == OP_CLOSE:
+                    self.closed = True
             self._opcode = opcode
             self._remaining = length
             self._offset = 0
@@ -225,11 +236,11 @@ class FrameScanner:
             if length == 0:
                 continue
             take = min(length, end - pos)
-            self._observe(data, pos, take, result)
+            self._observe(data, pos, take)
             pos += take
-        return result
+        return frames
 
-    def _observe(self, data: bytes, pos: int, take: int, result: ScanResult) -> None:
+    def _observe(self, data: bytes, pos: int, take: int) -> None:
         """Account for ``take`` payload bytes at ``pos``; peek where it is cheap."""
         ev = self._ev
         offset = self._offset
@@ -245,7 +256,8 @@ class FrameScanner:
         elif self._opcode == OP_CLOSE and offset == 0 and take >= 2:
             raw = data[pos:pos + 2]
             code = unmask(raw, self._mask, 0) if self._mask else raw
-            result.close_code = int.from_bytes(code, "big")
+            if self.close_code is None:
+                self.close_code = int.from_bytes(code, "big")
         self._offset = offset + take
         self._remaining -= take
 
@@ -273,6 +285,23 @@ def peek_channel(ev: FrameEvent) -> str:
 def peek_has(ev: FrameEvent, needle: bytes) -> bool:
     """Whether the peeked start of a frame (a v1 header, or JSON) contains ``needle``."""
     return needle in ev.head
+
+
+def peek_state(ev: FrameEvent) -> bytes | None:
+    """The ``execution_state`` of a kernel status message (``b"busy"``, ``b"idle"``...).
+
+    The content of a status message is the last part of both the v1 frame and
+    jupyter_server's JSON, so the peeked tail has it; short frames are whole
+    in the head. ``None`` when the frame is not a status message.
+    """
+    for text in (ev.tail, ev.head):
+        at = text.rfind(b'"execution_state"')
+        if at >= 0:
+            value = text[at + 17:at + 40]
+            quote = value.find(b'"')
+            close = value.find(b'"', quote + 1) if quote >= 0 else -1
+            return value[quote + 1:close] if close > quote >= 0 else None
+    return None
 
 
 # -- the upstream handshake -------------------------------------------------------------
@@ -449,8 +478,15 @@ class Hooks:
         """A client data message started; return seconds to pause reading (rate limit)."""
         return 0.0
 
-    def kernel_message(self, ev: FrameEvent) -> None:
-        """A kernel data message started (peeked head/tail in ``ev``)."""
+    def kernel_message(self, ev: FrameEvent) -> bool:
+        """A kernel data message started (peeked head/tail in ``ev``).
+
+        Returns whether the kernel is in the middle of answering (more small
+        frames are coming): the relay then acknowledges the upstream's
+        segments at once instead of letting the kernel's delayed-ACK timer
+        hold the rest of the burst (see :func:`_quickack_for`).
+        """
+        return False
 
     def finished(self, code: int, reason: str) -> None:
         """The relay ended, with the close code the client was given."""
@@ -468,9 +504,10 @@ class Relay:
     """
 
     __slots__ = ("_client_paused", "_client_seen", "_closing", "_ended", "_heartbeat",
-                 "_on_done", "_quickack", "_rate_timer", "_timer", "_upstream_close",
-                 "_upstream_paused", "_upstream_seen", "client", "client_leg", "done", "hooks",
-                 "loop", "to_client", "to_upstream", "upstream", "upstream_leg")
+                 "_mid_reply", "_on_done", "_quickack", "_rate_timer", "_timer",
+                 "_upstream_close", "_upstream_paused", "_upstream_seen", "client", "client_leg",
+                 "done", "hooks", "loop", "to_client", "to_upstream", "upstream",
+                 "upstream_leg")
 
     def __init__(self, client: asyncio.Transport, upstream: Upstream, *, max_message: int,
                  heartbeat: float, hooks: Hooks,
@@ -498,6 +535,7 @@ class Relay:
         self.upstream_leg = upstream.leg
         self.upstream_leg.relay = self
         self._quickack = _quickack_for(self.upstream)
+        self._mid_reply = False
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
         # Kernel output may follow the 101 at once (Jupyter replays what it
@@ -513,20 +551,25 @@ class Relay:
         if self._ended:
             return
         self._client_seen = self.loop.time()
+        scanner = self.to_upstream
         try:
-            result = self.to_upstream.scan(data)
+            frames = scanner.scan(data)
         except TooBig as big:
             self.upstream.write(data[:big.offset])
             self.finish(1009, "message too big")
             return
         self.upstream.write(data)
         delay = 0.0
-        for ev in result.frames:
-            wait = self.hooks.client_message(ev)
-            # A close (negative) must survive the answers for later frames of this read.
-            delay = wait if wait < 0 or delay < 0 else max(delay, wait)
-        if result.close_code is not None or OP_CLOSE in result.control:
+        client_message = self.hooks.client_message
+        for ev in frames:
+            wait = client_message(ev)
+            if wait:
+                # A close (negative) must survive the answers for later frames of this read.
+                delay = wait if wait < 0 or delay < 0 else max(delay, wait)
+        if scanner.closed:
             self._closing = True
+        if not delay:
+            return
         if delay < 0:  # the limiter says: sustained abuse
             self.finish(1008, "message rate limit exceeded")
         elif delay > 0:
@@ -535,20 +578,24 @@ class Relay:
     def from_upstream(self, data: bytes) -> None:
         if self._ended:
             return
-        if self._quickack is not None:
-            self._quickack()
         self._upstream_seen = self.loop.time()
+        scanner = self.to_client
         try:
-            result = self.to_client.scan(data)
+            frames = scanner.scan(data)
         except TooBig as big:
             self.client.write(data[:big.offset])
             self.finish(1009, "kernel message too big")
             return
         self.client.write(data)
-        for ev in result.frames:
-            self.hooks.kernel_message(ev)
-        if result.close_code is not None:
-            self._upstream_close = result.close_code
+        if frames:
+            kernel_message = self.hooks.kernel_message
+            for ev in frames:
+                mid_reply = kernel_message(ev)
+            self._mid_reply = mid_reply
+        if self._mid_reply and self._quickack is not None:
+            self._quickack()
+        if scanner.close_code is not None:
+            self._upstream_close = scanner.close_code
 
     # -- flow control ------------------------------------------------------------------
     def _set_paused(self, client_side: bool, reason: int, paused: bool) -> None:
@@ -635,7 +682,15 @@ class Relay:
 
 
 def _quickack_for(transport: asyncio.Transport) -> Callable[[], None] | None:
-    """Re-arms TCP_QUICKACK after each upstream read (see wsbridge's docstring for why).
+    """Acknowledges the upstream's data at once (``TCP_QUICKACK``), when called after a read.
+
+    Why: jupyter_server leaves Nagle on, so the second small frame of a
+    kernel's reply waits until the first is acknowledged, and Linux delays
+    that ACK by up to 40 ms when the connection looks interactive. The relay
+    calls this only while a kernel is mid-reply (``Hooks.kernel_message``):
+    an ACK of its own costs a packet, which an upstream that is done
+    answering (or sets ``TCP_NODELAY`` and answers in one frame) does not
+    need: the ACK then rides on the next request.
 
     The socket object is made once per connection from the transport's file
     descriptor: uvloop's ``get_extra_info("socket")`` builds a new Python

@@ -46,7 +46,7 @@ from broker.proxy.relay import (
     Relay,
     connect_upstream,
     peek_channel,
-    peek_has,
+    peek_state,
 )
 from broker.proxy.rest import forward_query
 
@@ -58,12 +58,27 @@ _TO_KERNEL = Direction.TO_KERNEL.value
 _TO_CLIENT = Direction.TO_CLIENT.value
 
 
-class KernelHooks(Hooks):
-    """Activity, metrics and execution timing for one kernel connection (slotted:
-    idle connections are many)."""
+#: Kernel states after which no reply of the old kernel is owed any more.
+_FRESH_STATES = (b"starting", b"restarting", b"dead")
+#: Requests counted as awaiting their reply, at most (a kernel that never answers
+#: only keeps the quick ACKs on).
+_MAX_OWED = 64
 
-    __slots__ = ("_last_flush", "_limiter", "_note_activity", "counts", "executions", "loop",
-                 "metrics")
+
+class KernelHooks(Hooks):
+    """Activity, metrics, execution timing and reply tracking for one kernel connection
+    (slotted: idle connections are many).
+
+    Reply tracking decides the relay's quick ACKs: the kernel is mid-reply
+    while its last status was ``busy``, or a shell/control request of the
+    client still awaits its ``*_reply`` or the ``idle`` status that closes
+    its handling. jupyter_server forwards the shell and iopub streams
+    independently, so the reply may reach the socket before ``busy`` or after
+    ``idle``: only when both have come is the burst over.
+    """
+
+    __slots__ = ("_busy", "_last_flush", "_limiter", "_note_activity", "_owed", "_owed_idle",
+                 "counts", "executions", "loop", "metrics")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
                  limiter: Callable[[int, float], float] | None = None) -> None:
@@ -75,6 +90,9 @@ class KernelHooks(Hooks):
         self._note_activity = note_activity
         self._limiter = limiter
         self._last_flush = self.loop.time() - FLUSH_EVERY  # the first activity is written at once
+        self._busy = False
+        self._owed = 0  # requests awaiting their reply
+        self._owed_idle = 0  # requests awaiting the idle status after them
 
     def _housekeeping(self) -> None:
         now = self.loop.time()
@@ -89,26 +107,48 @@ class KernelHooks(Hooks):
             return self._limiter(ev.length, 0.0) if self._limiter is not None else 0.0
         channel = peek_channel(ev)
         self.counts.add(_TO_KERNEL, channel, ev.length)
-        if (channel == "shell" or ev.opcode == OP_TEXT) and peek_has(ev, b'"execute_request"'):
-            if self.executions is None:
-                self.executions = collections.deque(maxlen=256)
-            self.executions.append(self.loop.time())
-            self.metrics.executions.inc()
-            self._housekeeping()
+        if channel in _REQUEST_CHANNELS or ev.opcode == OP_TEXT:
+            head = ev.head  # (peek_has, inlined: this runs for every client message)
+            if b'_request"' in head and self._owed < _MAX_OWED:
+                self._owed += 1
+                self._owed_idle += 1
+            if b'"execute_request"' in head:
+                if self.executions is None:
+                    self.executions = collections.deque(maxlen=256)
+                self.executions.append(self.loop.time())
+                self.metrics.executions.inc()
+                self._housekeeping()
         return self._limiter(ev.length, 1.0) if self._limiter is not None else 0.0
 
-    def kernel_message(self, ev: FrameEvent) -> None:
+    def kernel_message(self, ev: FrameEvent) -> bool:
         if ev.opcode == OP_CONT:
             self.counts.add(_TO_CLIENT, "other", ev.length, messages=0)
-            return
+            return self._busy or self._owed > 0 or self._owed_idle > 0
         channel = peek_channel(ev)
         self.counts.add(_TO_CLIENT, channel, ev.length)
-        if channel == "shell" and self.executions and peek_has(ev, b'"execute_reply"'):
-            self.metrics.execution_duration.observe(self.loop.time() - self.executions.popleft())
+        if channel == "iopub":
+            state = peek_state(ev)
+            if state is not None:
+                self._busy = state == b"busy"
+                if state == b"idle":
+                    if self._owed_idle:
+                        self._owed_idle -= 1
+                elif state in _FRESH_STATES:
+                    self._owed = self._owed_idle = 0
+        elif channel in _REQUEST_CHANNELS and b'_reply"' in ev.head:
+            if self._owed:
+                self._owed -= 1
+            if channel == "shell" and self.executions and b'"execute_reply"' in ev.head:
+                self.metrics.execution_duration.observe(
+                    self.loop.time() - self.executions.popleft())
         self._housekeeping()
+        return self._busy or self._owed > 0 or self._owed_idle > 0
 
     def finished(self, code: int, reason: str) -> None:
         self.counts.flush(self.metrics)
+
+
+_REQUEST_CHANNELS = ("shell", "control")
 
 
 async def bridge(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
