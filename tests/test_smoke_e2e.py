@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 
 from tests.conftest import BrokerHarness
@@ -68,3 +69,30 @@ async def test_reconnect_with_the_same_session_id_gets_buffered_output(
                     break
     texts = [f["content"].get("text", "") for f in seen if f["header"]["msg_type"] == "stream"]
     assert "while you were away\n" in texts
+
+
+async def test_the_upgrade_handler_returns_once_the_relay_owns_the_socket(
+    broker: BrokerHarness, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing of aiohttp's request stays alive per open kernel WebSocket (memory per
+    idle connection); the connection is still counted, closable and logged."""
+    session = await broker.ready_session()
+    kernel_id = await broker.start_kernel(session)
+    url = f"{session['ws_url']}api/kernels/{kernel_id}/channels"
+    gauge = broker.manager.metrics.ws_open
+    async with broker.http.ws_connect(url, params={"session_id": "h1",
+                                                   "token": session["token"]}) as ws:
+        assert (await execute(ws, "print('up')")).stdout == "up\n"
+        handlers = [t for t in asyncio.all_tasks()
+                    if getattr(t.get_coro(), "__qualname__", "").endswith("_handle_request")]
+        assert handlers == []  # no request handler is suspended behind the relay
+        assert gauge._value.get() == 1
+        with caplog.at_level("INFO", logger="broker.proxy.wsbridge"):
+            async with broker.http.delete(f"{broker.url}/api/v1/sessions/{session['id']}",
+                                          headers={"Authorization":
+                                                   f"token {session['token']}"}) as resp:
+                assert resp.status == 204
+            message = await ws.receive(timeout=20)
+    assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1000
+    assert gauge._value.get() == 0
+    assert any("closed: 1000 session ended" in r.getMessage() for r in caplog.records)

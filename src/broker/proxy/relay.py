@@ -675,6 +675,7 @@ class Relay:
             self._quickack.sock.detach()  # type: ignore[attr-defined]
             self._quickack = None
         self.upstream.close()
+        self.client.close()  # after the close frame: a transport flushes before closing
         self.done.set_result((code, reason))
         self.hooks.finished(code, reason)
         if self._on_done is not None:

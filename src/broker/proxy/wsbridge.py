@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
@@ -49,6 +50,7 @@ from broker.proxy.relay import (
     peek_state,
 )
 from broker.proxy.rest import forward_query
+from broker.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -194,41 +196,65 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
         return ws
     hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
                         limiter=_limiter_for(request))
-    original = transport.get_protocol()
+    connection = _Connection(manager, session.id, metrics, loop.time())
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
-                  heartbeat=settings.ws_heartbeat, hooks=hooks,
+                  heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
                   max_client_message=settings.ws_client_max_message_size)
     transport.set_protocol(relay.client_leg)
-    _release_reader(request, ws)
+    _hand_over(request, ws)
     with contextlib.suppress(OSError):
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    async def close(code: int, reason: str) -> None:
-        relay.finish(code, reason)
-
-    unregister = manager.register_closer(session.id, close)
+    connection.attach(relay)
     metrics.observe_http("jupyter_ws", 200, loop.time() - started)
-    metrics.ws_open.inc()
-    try:
-        await asyncio.shield(relay.done)
-    finally:
-        unregister()
-        metrics.ws_open.dec()
-        if not relay.done.done():
-            relay.finish(1001, "server shutting down")
-        # Give the connection back to aiohttp so it does its own bookkeeping
-        # (its connection_lost), with the WebSocket already closed on the wire.
-        _mark_closed(ws, relay.done.result()[0])
-        transport.set_protocol(original)
-        if transport.is_closing():
-            original.connection_lost(None)
-        else:
-            transport.close()
     return ws
+
+
+class _Connection:
+    """One relayed kernel WebSocket's bookkeeping, after the handler has returned.
+
+    The handler returns as soon as the relay owns the sockets (see
+    :func:`_hand_over`): a suspended handler kept aiohttp's request, task and
+    middleware frames alive for the connection's whole life, several KiB per
+    idle connection. What must happen at the end (the session's closer
+    unregistered, the open-connections gauge, a log line) happens here, from
+    the relay's ``on_done``.
+    """
+
+    __slots__ = ("_unregister", "manager", "metrics", "relay", "session_id", "started")
+
+    def __init__(self, manager: SessionManager, session_id: str, metrics: Metrics,
+                 started: float) -> None:
+        self.manager = manager
+        self.session_id = session_id
+        self.metrics = metrics
+        self.started = started
+        self.relay: Relay | None = None
+        self._unregister: Callable[[], None] | None = None
+        metrics.ws_open.inc()
+
+    def attach(self, relay: Relay) -> None:
+        """Let session ends and shutdown close this connection (unless it already ended)."""
+        if relay.done.done():
+            return
+        self.relay = relay
+        self._unregister = self.manager.register_closer(self.session_id, self.close)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.relay is not None:
+            self.relay.finish(code, reason)
+
+    def ended(self) -> None:
+        relay, self.relay = self.relay, None
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
+        self.metrics.ws_open.dec()
+        if relay is not None:
+            code, reason = relay.done.result()
+            log.info("kernel connection of session %s closed: %d %s (after %.0f s)",
+                     self.session_id, code, reason, relay.loop.time() - self.started)
 
 
 def _limiter_for(request: web.Request) -> Callable[[int, float], float] | None:
@@ -246,14 +272,27 @@ def _limiter_for(request: web.Request) -> Callable[[int, float], float] | None:
                       on_close=lambda: metrics.limit_refused("ws_rate")).take
 
 
-def _release_reader(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Drop aiohttp's frame reader: the relay reads the socket now (saves memory per
-    idle connection). aiohttp's own connection_lost tolerates a missing parser."""
-    protocol = request.protocol
-    if getattr(protocol, "_payload_parser", None) is not None:
-        protocol._payload_parser = None
+def _hand_over(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Make aiohttp let go of a connection the relay now owns, so the handler can return.
+
+    aiohttp's request handler would close the socket when the handler returns
+    (a 101 response is not kept alive); with its transport taken away it
+    cannot, and it forgets the connection (the server's connection table drops
+    it when the request task ends). The response is marked closed, so aiohttp
+    does not try to send a close frame of its own; its frame reader is dropped.
+    From here on the relay closes the socket, and the session manager's closers
+    (session end, shutdown drain) reach it there.
+    """
     ws._reader = None
     ws._parser = None
+    _mark_closed(ws, 1000)
+    protocol = request.protocol
+    protocol._payload_parser = None
+    server = getattr(protocol, "_manager", None)
+    if server is not None:
+        server.connection_lost(protocol, None)
+    protocol.transport = None
+    protocol.force_close()
 
 
 def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:
