@@ -217,24 +217,32 @@ class WsCounts:
     few seconds and when it closes.
     """
 
-    __slots__ = ("counts",)
+    __slots__ = ("_tables",)
 
     def __init__(self) -> None:
-        # (direction, channel) -> [messages, bytes]
-        self.counts: dict[tuple[str, str], list[int]] = {}
+        # direction -> channel -> [messages, bytes]; no key tuple allocated per message.
+        self._tables: dict[str, dict[str, list[int]]] = {d.value: {} for d in Direction}
+
+    @property
+    def counts(self) -> dict[tuple[str, str], list[int]]:
+        """The tallies as ``(direction, channel) -> [messages, bytes]``."""
+        return {(d, c): entry for d, table in self._tables.items()
+                for c, entry in table.items()}
 
     def add(self, direction: str, channel: str, size: int, messages: int = 1) -> None:
         """Tally a message (or, with ``messages=0``, more bytes of one)."""
-        entry = self.counts.get((direction, channel))
+        table = self._tables[direction]
+        entry = table.get(channel)
         if entry is None:
-            self.counts[(direction, channel)] = [messages, size]
+            table[channel] = [messages, size]
         else:
             entry[0] += messages
             entry[1] += size
 
     def flush(self, metrics: Metrics) -> None:
         """Move the tallies into the exported counters."""
-        for (direction, channel), (messages, size) in self.counts.items():
-            metrics.ws_messages.labels(direction, channel).inc(messages)
-            metrics.ws_bytes.labels(direction, channel).inc(size)
-        self.counts.clear()
+        for direction, table in self._tables.items():
+            for channel, (messages, size) in table.items():
+                metrics.ws_messages.labels(direction, channel).inc(messages)
+                metrics.ws_bytes.labels(direction, channel).inc(size)
+            table.clear()

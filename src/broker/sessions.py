@@ -60,6 +60,8 @@ from broker.settings import Settings
 from broker.store.base import FINAL_PHASES, SessionStore
 
 log = logging.getLogger(__name__)
+#: Seconds between activity writes for one session from one replica.
+ACTIVITY_EVERY = 5.0
 
 #: Closes one open client connection of a session: (close code, reason).
 Closer = Callable[[int, str], Awaitable[None]]
@@ -112,6 +114,8 @@ class SessionManager:
         self._ready_cache: dict[str, tuple[float, Session]] = {}
         self._no_connections.set()
         self._background: set[asyncio.Task[Any]] = set()
+        #: session id -> when this replica last wrote its activity (see note_activity).
+        self._touched: dict[str, float] = {}
         #: Asks the upstream whether a session's kernels are executing (set by the app).
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
 
@@ -431,8 +435,21 @@ class SessionManager:
 
     # -- activity ------------------------------------------------------------------
     def note_activity(self, session_id: str) -> None:
-        """Record kernel activity without waiting for the store (hot path)."""
-        task = asyncio.create_task(self.store.touch(session_id, self.clock()))
+        """Record kernel activity without waiting for the store (hot path).
+
+        At most one write per session every ACTIVITY_EVERY seconds from this
+        replica, however many of its connections are busy: idle culling
+        counts in minutes, and a notebook page holds several kernel sockets.
+        """
+        now = self.clock()
+        last = self._touched.get(session_id)
+        if last is not None and 0 <= now - last < ACTIVITY_EVERY:
+            return
+        if len(self._touched) >= 10_000:  # bounded: forget entries that no longer throttle
+            self._touched = {k: t for k, t in self._touched.items()
+                             if 0 <= now - t < ACTIVITY_EVERY}
+        self._touched[session_id] = now
+        task = asyncio.create_task(self.store.touch(session_id, now))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -50,6 +50,12 @@ class Recorder(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
 
 def server_frame(payload: bytes, opcode: int = 1) -> bytes:
     assert len(payload) < 126

@@ -79,8 +79,8 @@ class KernelHooks(Hooks):
     ``idle``: only when both have come is the burst over.
     """
 
-    __slots__ = ("_busy", "_last_flush", "_limiter", "_note_activity", "_owed", "_owed_idle",
-                 "counts", "executions", "loop", "metrics")
+    __slots__ = ("_busy", "_dirty", "_flush_timer", "_limiter", "_note_activity", "_owed",
+                 "_owed_idle", "counts", "executions", "loop", "metrics")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
                  limiter: Callable[[int, float], float] | None = None) -> None:
@@ -91,17 +91,29 @@ class KernelHooks(Hooks):
         self.executions: collections.deque[float] | None = None
         self._note_activity = note_activity
         self._limiter = limiter
-        self._last_flush = self.loop.time() - FLUSH_EVERY  # the first activity is written at once
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._dirty = False
         self._busy = False
         self._owed = 0  # requests awaiting their reply
         self._owed_idle = 0  # requests awaiting the idle status after them
 
     def _housekeeping(self) -> None:
-        now = self.loop.time()
-        if now - self._last_flush >= FLUSH_EVERY:
-            self._last_flush = now
+        """Activity: the first after a quiet spell is written at once, later ones at most
+        every FLUSH_EVERY seconds, by a timer that runs only while there is traffic
+        (no clock read per message, no timer per idle connection)."""
+        if self._flush_timer is None:
             self._note_activity()
-            self.counts.flush(self.metrics)
+            self._flush_timer = self.loop.call_later(FLUSH_EVERY, self._flush)
+        else:
+            self._dirty = True
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self.counts.flush(self.metrics)
+        if self._dirty:
+            self._dirty = False
+            self._note_activity()
+            self._flush_timer = self.loop.call_later(FLUSH_EVERY, self._flush)
 
     def client_message(self, ev: FrameEvent) -> float:
         if ev.opcode == OP_CONT:  # more of a fragmented message: its bytes are charged
@@ -147,6 +159,9 @@ class KernelHooks(Hooks):
         return self._busy or self._owed > 0 or self._owed_idle > 0
 
     def finished(self, code: int, reason: str) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         self.counts.flush(self.metrics)
 
 
