@@ -11,6 +11,7 @@ than ``(N - burst - one read's frames) / rate`` seconds.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from aiohttp import WSMsgType
 from broker.policy.wsrate import CLOSE, WsLimits
 from broker.settings import Settings
 from tests.conftest import BrokerHarness, ManualClock
+from tests.kernelproto import make_message
 from tests.limits.conftest import MakeLimited, post_session
 
 #: Frames of MESSAGE bytes that one 256 KiB socket read can hold.
@@ -204,3 +206,27 @@ def test_a_close_is_final_and_counted_once(clock: ManualClock) -> None:
     clock.advance(3600)  # however long after
     assert lim.take(1) == CLOSE
     assert calls["close"] == 1
+
+
+async def test_relayed_messages_record_activity_and_metrics(make_limited: MakeLimited,
+                                                            clock: ManualClock) -> None:
+    """The raw relay still tells the session it is in use, and counts what it forwards,
+    with a limiter on the connection (the hot path as deployed)."""
+    broker = await make_limited(clock=clock, ws_client_messages_per_second=1000)
+    session = (await post_session(broker))[2]
+    created = (await broker.store.get(session["id"])).last_activity
+    clock.advance(120)
+    ws = await kernel_ws(broker, session)
+    message = json.dumps(make_message("execute_request", {"code": "1"}))
+    await ws.send_str(message)
+    assert (await ws.receive()).data == message
+    await asyncio.gather(*broker.manager._background)  # the activity write, not awaited
+    stored = await broker.store.get(session["id"])
+    assert stored.last_activity == clock.now > created
+    await ws.close()
+    await asyncio.wait_for(broker.manager._no_connections.wait(), 10)  # the relay ended
+    registry = broker.manager.metrics.registry
+    sent = {"direction": "to_kernel", "channel": "shell"}
+    assert registry.get_sample_value("broker_websocket_messages_total", sent) == 1
+    assert registry.get_sample_value("broker_websocket_bytes_total", sent) == len(message)
+    assert registry.get_sample_value("broker_kernel_executions_total") == 1
