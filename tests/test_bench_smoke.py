@@ -130,3 +130,34 @@ def test_verdict_names_every_target_of_the_issue(bench_output: str) -> None:
         matching = [line for line in lines if needle in line]
         assert len(matching) == 1, (needle, lines)
         assert matching[0].startswith(("- [met]", "- [NOT met]")), matching[0]
+
+
+async def test_the_floor_relay_copies_bytes_both_ways() -> None:
+    """bench/raw_relay.py (the ``--floor`` target) relays a connection byte for byte."""
+    import asyncio
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "raw_relay.py"), "--upstream", f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert relay.stdout is not None
+        line = (await asyncio.wait_for(relay.stdout.readline(), 30)).decode()
+        assert line.startswith("port ")
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(line.split()[1]))
+        payload = bytes(range(256)) * 4096  # 1 MiB, several reads each way
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
+        writer.close()
+    finally:
+        relay.terminate()
+        await relay.wait()
+        server.close()
+        await server.wait_closed()
