@@ -159,6 +159,37 @@ async def test_kernel_death_ends_the_call_and_the_next_one_works(agent: Agent) -
     assert after["result"] == {"text/plain": "False"}  # a fresh kernel state
 
 
+async def test_a_call_after_a_restart_waits_for_the_new_kernel(agent: Agent) -> None:
+    # Jupyter Server announces a restart before the new kernel runs and re-attaches its
+    # sockets without checking them; iopub drops what the kernel publishes before the
+    # server's subscription reaches it. A call sent too early would run, but lose its
+    # outputs and final idle (and end as a timeout). Here the kernel dies between calls,
+    # so only the connection itself can remember the restart.
+    base = agent.session["base_url"]
+    await agent.execute("1")
+    async with agent.http.get(f"{base}api/sessions", headers=agent.headers) as resp:
+        (jupyter_session,) = await resp.json()
+    kernel_id = jupyter_session["kernel"]["id"]
+    async with agent.http.ws_connect(f"{base}api/kernels/{kernel_id}/channels",
+                                     headers=agent.headers) as watcher:
+        for round_ in range(3):
+            assert (await agent.execute(f"mark = {round_}"))["status"] == "ok"
+            out = await agent.execute("import os, threading\n"
+                                      "threading.Timer(0.2, os._exit, (1,)).start()")
+            assert out["status"] == "ok", out
+            async for frame in watcher:  # the server's notice, also sent to the broker
+                msg = frame.json()
+                if msg["header"]["msg_type"] == "status" and not msg["parent_header"] \
+                        and msg["content"]["execution_state"] == "restarting":
+                    break
+            started = time.monotonic()
+            after = await agent.execute("print('up')\n'mark' in globals()", timeout=20)
+            assert after["status"] == "ok", after
+            assert after["stdout"] == "up\n"
+            assert after["result"] == {"text/plain": "False"}
+            assert time.monotonic() - started < 15
+
+
 async def test_kernel_names(agent: Agent) -> None:
     async with agent.http.post(agent.url("execute"), headers=agent.headers,
                                json={"code": "1", "kernel_name": "no-such-kernel"}) as resp:

@@ -22,6 +22,13 @@ Invariants:
   timeout the kernel is interrupted (never restarted: its state survives) and
   the call waits :data:`INTERRUPT_GRACE` seconds more for the kernel to settle.
   If the kernel restarts or dies meanwhile, the call ends with an error.
+* After a restart the connection is reused, but no code is sent until the
+  restarted kernel has answered a ``kernel_info_request`` on shell *and* one of
+  its iopub messages has reached the socket (:meth:`KernelConnection.settle`):
+  Jupyter Server announces the restart before the new process even runs and
+  re-attaches its ZMQ sockets silently, and iopub messages published before its
+  subscription reaches the new kernel are dropped -- outputs and the final
+  ``idle`` of a call sent too early would be lost.
 * Output is capped per call (``execute_max_output``); beyond the cap it is
   dropped, not buffered, and the result says ``truncated``.
 * One upstream WebSocket per session's default kernel stays open on this
@@ -62,6 +69,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KERNEL_PATH = "broker-execute"
 #: Seconds to wait, after interrupting a timed-out call, for the kernel to go idle.
 INTERRUPT_GRACE = 5.0
+#: While a restarted kernel settles: seconds between kernel_info_requests (the
+#: iopub messages of earlier ones may have been dropped; as Jupyter Server's nudge).
+SETTLE_RESEND = 0.5
 #: thebe-style ``python`` means the Python kernel, as on the proxy surface.
 KERNEL_ALIASES = {"python": "python3"}
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -198,6 +208,12 @@ class _Collector:
             await self.send({"type": "update_display", "index": index, "data": data})
 
 
+def _is_restart_notice(msg: dict[str, Any]) -> bool:
+    """Jupyter Server's own status message (no parent) for a kernel restarting or dead."""
+    return msg.get("header", {}).get("msg_type") == "status" and (
+        (msg.get("content") or {}).get("execution_state") in ("restarting", "dead"))
+
+
 def _decode(frame: aiohttp.WSMessage) -> dict[str, Any] | None:
     """A kernel message from a JSON text frame or a legacy binary frame (JSON part only)."""
     if frame.type is WSMsgType.TEXT:
@@ -231,6 +247,13 @@ class KernelConnection:
         self.session = uuid.uuid4().hex
         self._listeners: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
         self._on_closed = on_closed
+        #: False from a restart notice until :meth:`settle` proved the new kernel
+        #: reachable. A new connection starts settled: Jupyter Server nudges it.
+        self.settled = True
+        #: Whether an iopub message arrived since the last restart notice.
+        self._iopub_seen = True
+        #: The queue of a running :meth:`settle`, woken by that first iopub message.
+        self._settling: asyncio.Queue[dict[str, Any] | None] | None = None
         self._reader = asyncio.create_task(self._read(), name=f"kernel-{kernel_id}")
 
     @property
@@ -248,12 +271,19 @@ class KernelConnection:
                 queue = self._listeners.get(parent) if parent else None
                 if queue is not None:
                     queue.put_nowait(msg)
-                elif msg.get("header", {}).get("msg_type") == "status" and (
-                    (msg.get("content") or {}).get("execution_state") in ("restarting", "dead")
-                ):
-                    # Jupyter Server's own notice (no parent): every running call is over.
+                elif _is_restart_notice(msg):
+                    # Jupyter Server's own notice (no parent): every running call is over,
+                    # and the next one must wait for the restarted kernel (settle).
+                    self.settled = self._iopub_seen = False
                     for waiting in self._listeners.values():
                         waiting.put_nowait(msg)
+                    continue
+                if msg.get("channel") == "iopub" and not self._iopub_seen:
+                    # Server messages are flushed before the notice: this one is the new
+                    # kernel's, so the server's subscription has reached it.
+                    self._iopub_seen = True
+                    if self._settling is not None and self._settling is not queue:
+                        self._settling.put_nowait(msg)
         finally:
             for waiting in self._listeners.values():
                 waiting.put_nowait(None)
@@ -262,19 +292,23 @@ class KernelConnection:
 
     async def request(self, code: str) -> tuple[str, asyncio.Queue[dict[str, Any] | None]]:
         """Send an execute_request; returns its msg_id and the queue of its messages."""
-        msg_id = uuid.uuid4().hex
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # stop_on_error off: a failure must not abort calls queued from elsewhere.
+        msg_id = await self._send("execute_request", queue, {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": False})
+        return msg_id, queue
+
+    async def _send(self, msg_type: str, queue: asyncio.Queue[dict[str, Any] | None],
+                    content: dict[str, Any]) -> str:
+        """Send a shell request whose messages go to ``queue``; returns its msg_id."""
+        msg_id = uuid.uuid4().hex
         self._listeners[msg_id] = queue
         message = {
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "broker",
+            "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "broker",
                        "session": self.session, "version": "5.3", "date": ""},
-            "parent_header": {},
-            "metadata": {},
-            "channel": "shell",
-            "buffers": [],
-            # stop_on_error off: a failure must not abort calls queued from elsewhere.
-            "content": {"code": code, "silent": False, "store_history": True,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": False},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": content,
         }
         try:
             await self.ws.send_str(json.dumps(message))
@@ -282,7 +316,48 @@ class KernelConnection:
             self._listeners.pop(msg_id, None)
             raise UpstreamFailed("The kernel connection was lost",
                                  reason="kernel_lost") from exc
-        return msg_id, queue
+        return msg_id
+
+    async def settle(self, within: float) -> bool:
+        """Wait until a restarted kernel answers on shell and reaches this socket on iopub.
+
+        Sends ``kernel_info_request`` (again every :data:`SETTLE_RESEND` seconds:
+        the iopub messages of one sent before the subscription was in place are
+        gone) until one is answered and an iopub message of the new kernel
+        arrived -- Jupyter Server's nudge, which it does not redo after a
+        restart. False if that takes over ``within`` seconds or the socket ends.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        resend = loop.time()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        sent: list[str] = []
+        answered = False
+        self._settling = queue
+        try:
+            while not (answered and self._iopub_seen):
+                now = loop.time()
+                if now >= deadline or self.closed:
+                    return False
+                if now >= resend:
+                    sent.append(await self._send("kernel_info_request", queue, {}))
+                    resend = now + SETTLE_RESEND
+                try:
+                    msg = await asyncio.wait_for(queue.get(), min(resend, deadline) - now)
+                except TimeoutError:
+                    continue
+                if msg is None:
+                    return False
+                if _is_restart_notice(msg):
+                    answered = False  # it restarted again: the answer was the old one's
+                elif msg.get("header", {}).get("msg_type") == "kernel_info_reply":
+                    answered = True
+            self.settled = True
+            return True
+        finally:
+            self._settling = None
+            for msg_id in sent:
+                self._listeners.pop(msg_id, None)
 
     def done(self, msg_id: str) -> None:
         """Stop routing messages of a finished call."""
@@ -397,6 +472,12 @@ class AgentKernels:
                                      reason="kernel_unreachable") from exc
             conn = slot.connection = KernelConnection(
                 ws, kernel_id, actual, on_closed=lambda: self._drop_idle(session.id, slot))
+        if not conn.settled and not await conn.settle(self._settings.upstream_timeout):
+            await conn.close()
+            slot.connection = None
+            self._manager.metrics.upstream_error(session.backend, "unreachable")
+            raise UpstreamFailed("The session's kernel did not come back after a restart",
+                                 reason="kernel_unreachable")
         return conn
 
     async def _interrupt(self, session: Session, kernel_id: str) -> None:
