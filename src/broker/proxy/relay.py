@@ -272,13 +272,19 @@ def peek_channel(ev: FrameEvent) -> str:
             if stop <= len(head):
                 return _CHANNELS.get(head[start:stop], "other")
         return "other"
-    for text in (ev.tail, ev.head):
+    # The tail first: jupyter_server writes "channel" last. (No loop over a tuple:
+    # this runs for every frame.)
+    text = ev.tail
+    at = text.rfind(b'"channel"') if text else -1
+    if at < 0:
+        text = ev.head
         at = text.rfind(b'"channel"')
-        if at >= 0:
-            quote = text.find(b'"', at + 9)
-            close = text.find(b'"', quote + 1) if quote >= 0 else -1
-            if close > quote >= 0:
-                return _CHANNELS.get(text[quote + 1:close], "other")
+        if at < 0:
+            return "other"
+    quote = text.find(b'"', at + 9)
+    close = text.find(b'"', quote + 1) if quote >= 0 else -1
+    if close > quote >= 0:
+        return _CHANNELS.get(text[quote + 1:close], "other")
     return "other"
 
 
