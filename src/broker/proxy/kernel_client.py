@@ -58,6 +58,7 @@ from broker.errors import BadRequest, Conflict, UpstreamFailed
 from broker.models import Session
 from broker.policy.kernels import KernelGate
 from broker.proxy.paths import join
+from broker.proxy.relay import quickack_for as _quickack_for
 from broker.sessions import SessionManager
 from broker.settings import Settings
 
@@ -254,6 +255,10 @@ class KernelConnection:
         self._iopub_seen = True
         #: The queue of a running :meth:`settle`, woken by that first iopub message.
         self._settling: asyncio.Queue[dict[str, Any] | None] | None = None
+        # Acknowledge the kernel's frames at once while a call awaits its messages:
+        # jupyter_server leaves Nagle on, so each frame of a reply after the first
+        # would otherwise wait for our delayed ACK (~40 ms per call; see relay.py).
+        self._quickack = _quickack_for(ws)  # type: ignore[arg-type]  # has get_extra_info
         self._reader = asyncio.create_task(self._read(), name=f"kernel-{kernel_id}")
 
     @property
@@ -264,6 +269,8 @@ class KernelConnection:
     async def _read(self) -> None:
         try:
             async for frame in self.ws:
+                if self._listeners and self._quickack is not None:
+                    self._quickack()
                 msg = _decode(frame)
                 if msg is None:
                     continue
@@ -285,6 +292,10 @@ class KernelConnection:
                     if self._settling is not None and self._settling is not queue:
                         self._settling.put_nowait(msg)
         finally:
+            if self._quickack is not None:
+                # Let go of the descriptor without closing it: the transport owns it.
+                self._quickack.sock.detach()  # type: ignore[attr-defined]
+                self._quickack = None
             for waiting in self._listeners.values():
                 waiting.put_nowait(None)
             if self._on_closed is not None:

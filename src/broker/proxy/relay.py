@@ -493,7 +493,7 @@ class Hooks:
         Returns whether the kernel is in the middle of answering (more small
         frames are coming): the relay then acknowledges the upstream's
         segments at once instead of letting the kernel's delayed-ACK timer
-        hold the rest of the burst (see :func:`_quickack_for`).
+        hold the rest of the burst (see :func:`quickack_for`).
         """
         return False
 
@@ -567,7 +567,7 @@ class Relay:
         self.upstream_leg.relay = self
         self.upstream_leg.data_received = self.from_upstream  # type: ignore[method-assign]
         self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
-        self._quickack = _quickack_for(self.upstream)
+        self._quickack = quickack_for(self.upstream)
         self._mid_reply = False
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
@@ -722,7 +722,7 @@ class Relay:
             self._on_done()
 
 
-def _quickack_for(transport: asyncio.Transport) -> Callable[[], None] | None:
+def quickack_for(transport: asyncio.Transport) -> Callable[[], None] | None:
     """Acknowledges the upstream's data at once (``TCP_QUICKACK``), when called after a read.
 
     Why: jupyter_server leaves Nagle on, so the second small frame of a
