@@ -142,13 +142,20 @@ async def test_chunked_body_streams(serve, pool: UpstreamPool) -> None:
     assert upstream.connections == 1
 
 
-async def test_close_delimited_body_ends_at_close(serve, pool: UpstreamPool) -> None:
+async def answering(serve: Callable[[Handler], Awaitable[Upstream]], raw: bytes) -> Upstream:
+    """An upstream that reads one request and writes ``raw`` back."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await upstream.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        writer.write(raw)
         await writer.drain()
 
     upstream = await serve(handler)
+    return upstream
+
+
+async def test_close_delimited_body_ends_at_close(serve, pool: UpstreamPool) -> None:
+    upstream = await answering(serve, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
     async with await pool.request("GET", upstream.url(), []) as resp:
         assert await resp.read() == b"all of it"
     assert pool.idle_count() == 0
@@ -235,12 +242,7 @@ async def test_head_answer_has_no_body(serve, pool: UpstreamPool) -> None:
 
 
 async def test_garbage_and_unreachable_are_upstream_errors(serve, pool: UpstreamPool) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await upstream.read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await writer.drain()
-
-    upstream = await serve(handler)
+    upstream = await answering(serve, b"SSH-2.0-OpenSSH\r\n\r\n")
     with pytest.raises(UpstreamError):
         await pool.request("GET", upstream.url(), [])
     url = upstream.url()

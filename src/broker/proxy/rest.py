@@ -26,7 +26,7 @@ from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict
 from yarl import URL
 
 from broker import keys
@@ -63,11 +63,6 @@ RESPONSE_HEADERS = (
 _BUFFER_LIMIT = 1 << 20
 #: thebe asks for ``python``; jupyter_client maps it to this kernel.
 _KERNEL_ALIASES = {"python": "python3"}
-
-
-def forward_query(request: web.BaseRequest) -> MultiDict[str]:
-    """The query string minus the broker token."""
-    return MultiDict((k, v) for k, v in request.query.items() if k != "token")
 
 
 def _kernel_body(raw: bytes, remainder: str, default_kernel: str) -> bytes:
@@ -138,7 +133,7 @@ async def _forward(request: web.Request, session: Session, remainder: str) -> we
     settings = request.app[keys.SETTINGS]
     try:
         upstream = await request.app[keys.UPSTREAM].request(
-            method, url, headers, body, query=forward_query_string(request),
+            method, url, headers, body, query=forward_query(request),
             read_timeout=settings.upstream_timeout)
         async with upstream:
             return await _respond(request, session, upstream, method, remainder)
@@ -187,7 +182,7 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
     return response
 
 
-def forward_query_string(request: web.BaseRequest) -> str:
+def forward_query(request: web.BaseRequest) -> str:
     """The raw query string minus the broker token (``token=``), otherwise byte for byte."""
     raw = request.raw_path.partition("?")[2]
     if not raw or ("token" not in raw.lower() and "%" not in raw):

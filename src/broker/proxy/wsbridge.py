@@ -31,6 +31,7 @@ import socket
 from collections.abc import Callable
 
 from aiohttp import web
+from yarl import URL
 
 from broker import keys
 from broker.errors import NotFound, UpstreamFailed
@@ -178,8 +179,10 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
                for p in header.split(",") if p.strip()]
     http_url = join(session.upstream_url, remainder)
-    url = http_url.with_scheme("wss" if http_url.scheme == "https" else "ws").with_query(
-        forward_query(request))
+    url = http_url.with_scheme("wss" if http_url.scheme == "https" else "ws")
+    query = forward_query(request)
+    if query:  # byte for byte, as the REST proxy forwards it
+        url = URL(f"{url}?{query}", encoded=True)
     try:
         upstream = await connect_upstream(
             url, {"Authorization": f"token {session.upstream_token}"}, offered,
