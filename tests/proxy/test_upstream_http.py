@@ -241,6 +241,13 @@ async def test_head_answer_has_no_body(serve, pool: UpstreamPool) -> None:
         assert await resp.read() == b""
 
 
+async def test_interim_answers_are_skipped(serve, pool: UpstreamPool) -> None:
+    upstream = await answering(serve, b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"real"))
+    async with await pool.request("GET", upstream.url(), [], read_timeout=10) as resp:
+        assert resp.status == 200
+        assert await resp.read() == b"real"
+
+
 async def test_garbage_and_unreachable_are_upstream_errors(serve, pool: UpstreamPool) -> None:
     upstream = await answering(serve, b"SSH-2.0-OpenSSH\r\n\r\n")
     with pytest.raises(UpstreamError):

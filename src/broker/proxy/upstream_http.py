@@ -289,8 +289,8 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response = self.response
-        if response is None:
-            return
+        if response is None or not response._head.done():
+            return  # (the end of a 1xx interim answer: the real one follows)
         self.response = None
         reusable = self.parser.should_keep_alive() and not response.until_eof
         response.got_end()
