@@ -94,8 +94,8 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
         return error_response(BrokerError("Internal error"))
 
 
-async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: nothing the broker answers may run as a page in its origin.
+def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Nothing the broker answers may run as a page in its origin.
 
     Proxied responses include files a session's own code can write (kernelspec
     resources such as SVG logos); with ``nosniff`` and a sandboxing CSP a
@@ -108,8 +108,8 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     headers.setdefault("Referrer-Policy", "no-referrer")
 
 
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: CORS headers for allowed cross-origin callers."""
+def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS headers for allowed cross-origin callers."""
     origin = request.headers.get("Origin")
     if not origin or not request.get(_ALLOWED, False):
         return
@@ -146,8 +146,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "admin" if name.startswith("admin_") else name, status, loop.time() - started)
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: echo the request id so clients can quote it."""
+def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Echo the request id so clients can quote it."""
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
 
@@ -155,9 +155,9 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 async def prepare_response(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare, the one callback: CORS, security headers, request id.
 
-    One signal callback instead of three (each is an awaited coroutine per
-    response, on every proxied REST call).
+    One awaited signal callback per response instead of three (this runs on
+    every proxied REST call); the parts are plain functions.
     """
-    await add_cors_headers(request, response)
-    await add_security_headers(request, response)
-    await add_request_id(request, response)
+    add_cors_headers(request, response)
+    add_security_headers(request, response)
+    add_request_id(request, response)
