@@ -158,6 +158,11 @@ class World:
             stop_pid(pid, marker)
 
 
+def progress(message: str) -> None:
+    """What the run is doing now, on stderr (stdout carries only the report)."""
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
 # -- set-up ---------------------------------------------------------------------------------
 async def wait_redis(proc: Proc, store: RedisStore) -> None:
     deadline = time.monotonic() + START_TIMEOUT
@@ -229,6 +234,9 @@ async def run(config: Config, world: World) -> Outcome:
     # Upstream paths, as JupyterHub's single-user servers serve them and CHP forwards them.
     echo_prefix, kernel_prefix = user_prefix(ECHO_USER), user_prefix(KERNEL_USER)
 
+    progress("starting redis, the echo upstream, "
+             + ("a jupyter server, " if want_kernel else "") + "configurable-http-proxy and "
+             "the broker")
     redis = world.add(spawn("redis", ["redis-server", "--port", str(redis_port), "--bind",
                                       "127.0.0.1", "--save", "", "--appendonly", "no"], logs,
                             cwd=world.tmp))
@@ -275,6 +283,7 @@ async def run(config: Config, world: World) -> Outcome:
                                         broker_token)
     finally:
         await store.close()
+    progress("waiting for them to answer (routes on CHP, the broker's /health)")
     await chp.route_hub(START_TIMEOUT)
     chp_echo = await chp.add_user(ECHO_USER, echo_origin)
     chp_kernel = await chp.add_user(KERNEL_USER, jupyter_url) if jupyter_url else ""
@@ -303,6 +312,7 @@ async def run(config: Config, world: World) -> Outcome:
         real: dict[str, Any] = {}
         try:
             if jupyter is not None:
+                progress("creating a broker session and starting kernels")
                 real = await create_broker_session(http, broker_url)
                 upstream = child_running(broker.pid, "jupyter_server")
                 if upstream is None:
@@ -340,6 +350,7 @@ async def idle(config: Config, targets: Sequence[Target]) -> list[IdleResult]:
     for name in ("broker", "chp"):
         for target in targets:
             if target.name == name:
+                progress(f"idle footprint: opening {count} kernel WebSockets through {name}")
                 found.append(await idle_footprint(target, count, config.idle_seconds,
                                                   config.idle_settle))
     return found
@@ -354,6 +365,7 @@ async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[
     for scenario in config.scenarios:
         targets = kernels if scenario.startswith("d") else echo
         for target in targets:
+            progress(f"scenario {scenario} through {target.name}")
             job: Coroutine[Any, Any, Result]
             if scenario == "a":
                 job = echo_sequential(http, target, scenario, text, config.round_trips, limit)
