@@ -116,6 +116,8 @@ class SessionManager:
         self._background: set[asyncio.Task[Any]] = set()
         #: session id -> when this replica last wrote its activity (see note_activity).
         self._touched: dict[str, float] = {}
+        #: Store reads in flight for ready_session, shared by concurrent requests.
+        self._reads: dict[str, asyncio.Future[Session | None]] = {}
         #: Asks the upstream whether a session's kernels are executing (set by the app).
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
 
@@ -391,7 +393,12 @@ class SessionManager:
         if cached is not None and cached[0] > now and not cached[1].expired(self.clock()) \
                 and cached[1].token_matches(token):
             return cached[1]
-        session = await self.authenticate(session_id, token)
+        session = await self._shared_read(session_id)
+        if session is None:
+            raise NotFound("No such session, or it has expired", reason="unknown_session")
+        if not session.token_matches(token):
+            # The shared read may have begun before this token was minted: read again.
+            session = await self.authenticate(session_id, token)
         if session.status is Status.READY:
             if len(self._ready_cache) >= _READY_CACHE_SIZE:
                 self._ready_cache.clear()
@@ -404,6 +411,27 @@ class SessionManager:
                 reason="session_ended",
             )
         return session
+
+    async def _shared_read(self, session_id: str) -> Session | None:
+        """One store read per session at a time on this replica.
+
+        When a session's cache entry expires under load, every request in
+        flight for it misses at once; they share one read (and decryption)
+        instead of each making its own. A waiter that goes away does not
+        cancel the read for the others.
+        """
+        pending = self._reads.get(session_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.get(session_id))
+            self._reads[session_id] = pending
+
+            def forget(done: asyncio.Future[Session | None]) -> None:
+                self._reads.pop(session_id, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved, even if every waiter went away
+
+            pending.add_done_callback(forget)
+        return await asyncio.shield(pending)
 
     async def wait(self, session_id: str, limit: float) -> Session | None:
         """Wait until the session's spawn reached a final phase (or ``limit`` seconds)."""

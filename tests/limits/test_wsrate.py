@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType
 
+from broker.errors import Forbidden
 from broker.policy.wsrate import CLOSE, WsLimits
 from broker.settings import Settings
 from tests.conftest import BrokerHarness, ManualClock
@@ -230,3 +231,24 @@ async def test_relayed_messages_record_activity_and_metrics(make_limited: MakeLi
     assert registry.get_sample_value("broker_websocket_messages_total", sent) == 1
     assert registry.get_sample_value("broker_websocket_bytes_total", sent) == len(message)
     assert registry.get_sample_value("broker_kernel_executions_total") == 1
+
+
+async def test_requests_that_miss_the_session_cache_together_share_one_store_read(
+    make_limited: MakeLimited,
+) -> None:
+    """Under load a session's cache entry expires for every request in flight at once:
+    they share one read of the (real, Redis) store instead of each making its own."""
+    broker = await make_limited(redis=True)
+    session = (await post_session(broker))[2]
+    registry = broker.manager.metrics.registry
+    reads = {"op": "get"}
+    broker.manager._ready_cache.clear()
+    before = registry.get_sample_value("broker_store_operation_duration_seconds_count", reads)
+    found = await asyncio.gather(*(broker.manager.ready_session(session["id"], session["token"])
+                                   for _ in range(20)))
+    after = registry.get_sample_value("broker_store_operation_duration_seconds_count", reads)
+    assert {s.id for s in found} == {session["id"]}
+    assert after - before == 1
+    broker.manager._ready_cache.clear()
+    with pytest.raises(Forbidden):  # a shared read still checks each request's token
+        await broker.manager.ready_session(session["id"], "not-the-token")
