@@ -330,12 +330,15 @@ class UpstreamPool:
     """Keep-alive connections per upstream origin (scheme, host, port).
 
     At most ``max_idle`` idle connections are kept per origin, each for at
-    most ``idle_expiry`` seconds (well under common server keep-alive
-    timeouts, which makes the stale-connection race rare), newest first.
+    most ``idle_expiry`` seconds, newest first. The default stays under the
+    shortest keep-alive timeout a Jupyter upstream is likely to have: Node's
+    5 s, in configurable-http-proxy in front of JupyterHub and BinderHub
+    servers. A connection the server closes while a request is on its way
+    (the stale-connection race) then stays rare; GETs retry it anyway.
     """
 
     def __init__(self, *, connect_timeout: float = 10.0, max_idle: int = 64,
-                 idle_expiry: float = 15.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 idle_expiry: float = 4.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_expiry = idle_expiry
