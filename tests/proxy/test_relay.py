@@ -147,3 +147,27 @@ async def test_fragmented_messages_are_charged_in_full() -> None:
     assert sum(length for _op, length in hooks.charged) == 3000
     assert [op for op, _length in hooks.charged] == [1, 0, 0]
     relay.finish(1000, "done")
+
+
+def test_a_borrowed_socket_never_closes_its_descriptor() -> None:
+    """The quick-ACK socket object shares the transport's descriptor: dropping it, even
+    without a detach, must leave the connection open."""
+    import gc
+    import socket
+
+    from broker.proxy.relay import BorrowedSocket
+
+    mine, peer = socket.socketpair()
+    try:
+        for forget in ("collect", "close"):
+            borrowed = BorrowedSocket(fileno=mine.fileno())
+            borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if forget == "close":
+                borrowed.close()
+            del borrowed
+            gc.collect()
+            mine.send(b"still open")
+            assert peer.recv(16) == b"still open"
+    finally:
+        mine.close()
+        peer.close()
