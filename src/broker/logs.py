@@ -10,6 +10,7 @@ accident.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import json
@@ -212,7 +213,7 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit_line(self, line: str, level: int) -> None:
         """Queue a line formatted (and scrubbed) by the caller, as ``emit`` would."""
-        with self.lock or _NO_LOCK:
+        with self.lock or contextlib.nullcontext():
             self._queue(line, level)
 
     def _queue(self, line: str, level: int) -> None:
@@ -228,7 +229,7 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
-        with self.lock or _NO_LOCK:
+        with self.lock or contextlib.nullcontext():
             self._scheduled = False
             self._write_pending()
 
@@ -244,20 +245,9 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
 
     def flush(self) -> None:
-        with self.lock or _NO_LOCK:
+        with self.lock or contextlib.nullcontext():
             self._write_pending()
             super().flush()
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:

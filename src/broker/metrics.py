@@ -223,12 +223,6 @@ class WsCounts:
         # direction -> channel -> [messages, bytes]; no key tuple allocated per message.
         self._tables: dict[str, dict[str, list[int]]] = {d.value: {} for d in Direction}
 
-    @property
-    def counts(self) -> dict[tuple[str, str], list[int]]:
-        """The tallies as ``(direction, channel) -> [messages, bytes]``."""
-        return {(d, c): entry for d, table in self._tables.items()
-                for c, entry in table.items()}
-
     def add(self, direction: str, channel: str, size: int, messages: int = 1) -> None:
         """Tally a message (or, with ``messages=0``, more bytes of one)."""
         table = self._tables[direction]

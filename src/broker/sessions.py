@@ -367,7 +367,11 @@ class SessionManager:
             raise Unauthorized(
                 "A session token is required: an Authorization header or a token query parameter"
             )
-        session = await self.store.get(session_id)
+        return self._opened_by(await self.store.get(session_id), token)
+
+    @staticmethod
+    def _opened_by(session: Session | None, token: str) -> Session:
+        """``session`` if it exists and ``token`` opens it; 404/403 otherwise."""
         if session is None:
             raise NotFound("No such session, or it has expired", reason="unknown_session")
         if not session.token_matches(token):
@@ -394,11 +398,10 @@ class SessionManager:
                 and cached[1].token_matches(token):
             return cached[1]
         session = await self._shared_read(session_id)
-        if session is None:
-            raise NotFound("No such session, or it has expired", reason="unknown_session")
-        if not session.token_matches(token):
+        if session is not None and not session.token_matches(token):
             # The shared read may have begun before this token was minted: read again.
-            session = await self.authenticate(session_id, token)
+            session = await self.store.get(session_id)
+        session = self._opened_by(session, token)
         if session.status is Status.READY:
             if len(self._ready_cache) >= _READY_CACHE_SIZE:
                 self._ready_cache.clear()

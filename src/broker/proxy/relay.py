@@ -168,9 +168,7 @@ class FrameScanner:
                         head = data[at:at + PEEK]
                         tail = data[max(at, n - 64):] if length > PEEK else b""
                         if mask:
-                            buf = bytearray(head)
-                            _mask_in_place(mask, buf)
-                            head = bytes(buf)
+                            head = unmask(head, mask, 0)
                             if tail and b'"channel"' not in head:
                                 tail = unmask(tail, mask, len(data) - len(tail) - at)
                             else:
@@ -288,11 +286,6 @@ def peek_channel(ev: FrameEvent) -> str:
     return "other"
 
 
-def peek_has(ev: FrameEvent, needle: bytes) -> bool:
-    """Whether the peeked start of a frame (a v1 header, or JSON) contains ``needle``."""
-    return needle in ev.head
-
-
 def peek_state(ev: FrameEvent) -> bytes | None:
     """The ``execution_state`` of a kernel status message (``b"busy"``, ``b"idle"``...).
 
@@ -393,10 +386,6 @@ class ClientLeg(_Leg):
         # The transport calls the relay directly (uvloop caches data_received
         # when the protocol is set): one Python call less per chunk.
         self.data_received = relay.from_client  # type: ignore[method-assign]
-
-    def data_received(self, data: bytes) -> None:
-        assert self.relay is not None
-        self.relay.from_client(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         assert self.relay is not None

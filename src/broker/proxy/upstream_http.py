@@ -149,13 +149,14 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     # -- events, from the connection ----------------------------------------------
-    def got_head(self, status: int, until_eof: bool) -> None:
+    def got_head(self, status: int, *, no_body: bool) -> None:
         self.status = status
-        self.until_eof = until_eof
         self.headers = CIMultiDict(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
             for name, value in self._raw_headers)
         self._raw_headers = []
+        self.until_eof = (not no_body and "Content-Length" not in self.headers
+                          and "Transfer-Encoding" not in self.headers)
         if not self._head.done():
             self._head.set_result(None)
 
@@ -257,9 +258,7 @@ class _Conn(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         if self.response is None:  # a second answer to one request: never reuse this
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            self.abandon()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
@@ -273,11 +272,7 @@ class _Conn(asyncio.Protocol):
         if 100 <= status < 200:  # 1xx interim answers carry no body; the real one follows
             response._raw_headers = []
             return
-        names = {name.lower() for name, _ in response._raw_headers}
-        no_body = self.head_method or status in (204, 304)
-        until_eof = (not no_body and b"content-length" not in names
-                     and b"transfer-encoding" not in names)
-        response.got_head(status, until_eof)
+        response.got_head(status, no_body=self.head_method or status in (204, 304))
         if self.head_method:  # llhttp cannot know a HEAD answer has no body: end it here
             self.response = None
             response.got_end()

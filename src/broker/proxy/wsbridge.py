@@ -123,7 +123,7 @@ class KernelHooks(Hooks):
         channel = peek_channel(ev)
         self.counts.add(_TO_KERNEL, channel, ev.length)
         if channel in _REQUEST_CHANNELS or ev.opcode == OP_TEXT:
-            head = ev.head  # (peek_has, inlined: this runs for every client message)
+            head = ev.head
             if b'_request"' in head and self._owed < _MAX_OWED:
                 self._owed += 1
                 self._owed_idle += 1
@@ -214,7 +214,7 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
         return ws
     hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
                         limiter=_limiter_for(request))
-    connection = _Connection(manager, session.id, metrics, loop.time())
+    connection = _Connection(manager, session.id, loop.time())
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
                   heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
                   max_client_message=settings.ws_client_max_message_size)
@@ -240,17 +240,15 @@ class _Connection:
     the relay's ``on_done``.
     """
 
-    __slots__ = ("_unregister", "manager", "metrics", "relay", "session_id", "started")
+    __slots__ = ("_unregister", "manager", "relay", "session_id", "started")
 
-    def __init__(self, manager: SessionManager, session_id: str, metrics: Metrics,
-                 started: float) -> None:
+    def __init__(self, manager: SessionManager, session_id: str, started: float) -> None:
         self.manager = manager
         self.session_id = session_id
-        self.metrics = metrics
         self.started = started
         self.relay: Relay | None = None
         self._unregister: Callable[[], None] | None = None
-        metrics.ws_open.inc()
+        manager.metrics.ws_open.inc()
 
     def attach(self, relay: Relay) -> None:
         """Let session ends and shutdown close this connection (unless it already ended)."""
@@ -268,7 +266,7 @@ class _Connection:
         if self._unregister is not None:
             self._unregister()
             self._unregister = None
-        self.metrics.ws_open.dec()
+        self.manager.metrics.ws_open.dec()
         if relay is not None:
             code, reason = relay.done.result()
             log.info("kernel connection of session %s closed: %d %s (after %.0f s)",
