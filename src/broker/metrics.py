@@ -9,7 +9,7 @@ process, as in tests, do not collide), served at ``/metrics``. Rules:
   per IP, repo, session, path or kernel;
 * the hot path (kernel WebSocket messages) does not touch these objects per
   message: connections count into plain integers and flush them here in
-  batches (see :class:`WsCounts`).
+  batches (see :class:`broker.proxy.tap.Tap`).
 
 Labels:
 
@@ -207,36 +207,3 @@ class Metrics:
 
 ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone", "spawn_lost",
                  "admin", "failed", "other")
-
-
-class WsCounts:
-    """Per-connection message/byte tallies, flushed to :class:`Metrics` in batches.
-
-    Plain integer additions per message are an order of magnitude cheaper
-    than a locked Prometheus counter increment; the connection flushes every
-    few seconds and when it closes.
-    """
-
-    __slots__ = ("_tables",)
-
-    def __init__(self) -> None:
-        # direction -> channel -> [messages, bytes]; no key tuple allocated per message.
-        self._tables: dict[str, dict[str, list[int]]] = {d.value: {} for d in Direction}
-
-    def add(self, direction: str, channel: str, size: int, messages: int = 1) -> None:
-        """Tally a message (or, with ``messages=0``, more bytes of one)."""
-        table = self._tables[direction]
-        entry = table.get(channel)
-        if entry is None:
-            table[channel] = [messages, size]
-        else:
-            entry[0] += messages
-            entry[1] += size
-
-    def flush(self, metrics: Metrics) -> None:
-        """Move the tallies into the exported counters."""
-        for direction, table in self._tables.items():
-            for channel, (messages, size) in table.items():
-                metrics.ws_messages.labels(direction, channel).inc(messages)
-                metrics.ws_bytes.labels(direction, channel).inc(size)
-            table.clear()

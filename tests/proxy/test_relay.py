@@ -20,9 +20,9 @@ from broker.proxy.relay import (
     TooBig,
     Upstream,
     UpstreamLeg,
-    peek_channel,
     unmask,
 )
+from broker.proxy.tap import SHELL, channel_of
 
 
 class Recorder(asyncio.Transport):
@@ -111,7 +111,9 @@ def test_scanner_follows_frames_split_anywhere() -> None:
         events = [*scanner.scan(stream[:cut]), *scanner.scan(stream[cut:])]
         assert [e.opcode for e in events] == [1, 2]
         assert scanner.at_boundary
-        assert peek_channel(events[0]) == "shell" or cut < 30  # peeks see only the first chunk
+        ev = events[0]
+        # Peeks see only the first chunk.
+        assert channel_of(ev.opcode, ev.head, ev.tail) == SHELL or cut < 30
     scanner = FrameScanner(masked=True, max_message=100)
     with pytest.raises(TooBig):
         scanner.scan(frames[1])

@@ -39,9 +39,10 @@ from typing import Any
 from aiohttp._websocket.helpers import websocket_mask as _mask_in_place  # C when built
 from yarl import URL
 
+from broker.proxy.tap import PyTap
+
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_CHANNELS = {b"shell": "shell", b"iopub": "iopub", b"stdin": "stdin", b"control": "control"}
 #: How far into a payload the relay looks for a message type or channel.
 PEEK = 512
 _MAX_HANDSHAKE = 64 * 1024
@@ -139,6 +140,11 @@ class FrameScanner:
     def at_boundary(self) -> bool:
         """True when no frame is partly seen."""
         return self._remaining == 0 and not self._head
+
+    @property
+    def mid_message(self) -> bool:
+        """True inside a frame or a fragmented message: the next chunk continues it."""
+        return self._remaining != 0 or bool(self._head) or self.message_length != 0
 
     def scan(self, data: bytes) -> list[FrameEvent]:
         """Walk ``data``: the data frames that start in it, in order (``closed`` and
@@ -258,49 +264,6 @@ class FrameScanner:
                 self.close_code = int.from_bytes(code, "big")
         self._offset = offset + take
         self._remaining -= take
-
-
-def peek_channel(ev: FrameEvent) -> str:
-    """The Jupyter channel of a frame from what was peeked (``other`` if unseen)."""
-    if ev.opcode == OP_BINARY:
-        head = ev.head
-        if len(head) >= 24:
-            start = int.from_bytes(head[8:16], "little")
-            stop = int.from_bytes(head[16:24], "little")
-            if stop <= len(head):
-                return _CHANNELS.get(head[start:stop], "other")
-        return "other"
-    # The tail first: jupyter_server writes "channel" last. (No loop over a tuple:
-    # this runs for every frame.)
-    text = ev.tail
-    at = text.rfind(b'"channel"') if text else -1
-    if at < 0:
-        text = ev.head
-        at = text.rfind(b'"channel"')
-        if at < 0:
-            return "other"
-    quote = text.find(b'"', at + 9)
-    close = text.find(b'"', quote + 1) if quote >= 0 else -1
-    if close > quote >= 0:
-        return _CHANNELS.get(text[quote + 1:close], "other")
-    return "other"
-
-
-def peek_state(ev: FrameEvent) -> bytes | None:
-    """The ``execution_state`` of a kernel status message (``b"busy"``, ``b"idle"``...).
-
-    The content of a status message is the last part of both the v1 frame and
-    jupyter_server's JSON, so the peeked tail has it; short frames are whole
-    in the head. ``None`` when the frame is not a status message.
-    """
-    for text in (ev.tail, ev.head):
-        at = text.rfind(b'"execution_state"')
-        if at >= 0:
-            value = text[at + 17:at + 40]
-            quote = value.find(b'"')
-            close = value.find(b'"', quote + 1) if quote >= 0 else -1
-            return value[quote + 1:close] if close > quote >= 0 else None
-    return None
 
 
 # -- the upstream handshake -------------------------------------------------------------
@@ -472,6 +435,16 @@ class Hooks:
 
     __slots__ = ()
 
+    #: Hooks whose per-frame work a :class:`~broker.proxy.tap.Tap` does set this to
+    #: it; with the compiled Tap, the relay then lets the Tap relay whole frames
+    #: itself, and calls ``on_event`` and ``limiter`` from there (see ``Relay``).
+    tap: Any = None
+    #: The client message limiter (``(bytes, messages) -> delay``), if any.
+    limiter: Callable[[int, float], float] | None = None
+
+    def on_event(self, flags: int) -> None:
+        """The Tap's fast path saw a frame that needs Python (``tap.EXEC_*``, ``ACTIVITY``)."""
+
     def client_message(self, ev: FrameEvent) -> float:
         """A client data message started; return seconds to pause reading (rate limit)."""
         return 0.0
@@ -499,21 +472,27 @@ class Relay:
 
     Slotted and allocation-free per message: thousands of idle connections
     each hold one of these.
+
+    The flags a chunk updates (``ended``, the liveness flags, ``mid_reply``)
+    live on a :class:`~broker.proxy.tap.Tap`: the hooks' own when they have
+    one, else a private :class:`~broker.proxy.tap.PyTap`. When the hooks'
+    Tap is the compiled one, it becomes both transports' ``data_received``
+    and relays every chunk that is one whole frame between frames by itself;
+    it hands all others to :meth:`from_client` and :meth:`from_upstream`,
+    which are then told (``slow_client``, ``slow_upstream``) whether their
+    scanner is in the middle of something the Tap must not touch.
     """
 
     __slots__ = (
-        "_client_active",
         "_client_paused",
         "_client_seen",
         "_closing",
-        "_ended",
+        "_fast",
         "_heartbeat",
-        "_mid_reply",
         "_on_done",
         "_quickack",
         "_rate_timer",
         "_timer",
-        "_upstream_active",
         "_upstream_close",
         "_upstream_paused",
         "_upstream_seen",
@@ -522,6 +501,7 @@ class Relay:
         "done",
         "hooks",
         "loop",
+        "tap",
         "to_client",
         "to_upstream",
         "upstream",
@@ -543,21 +523,29 @@ class Relay:
         self.done: asyncio.Future[tuple[int, str]] = self.loop.create_future()
         self._on_done = on_done
         self._client_paused = self._upstream_paused = 0
-        self._closing = self._ended = False
+        self._closing = False
         self._upstream_close: int | None = None
         self._heartbeat = heartbeat
         self._client_seen = self._upstream_seen = self.loop.time()
-        self._client_active = self._upstream_active = False
         self._timer: asyncio.TimerHandle | None = None
         self._rate_timer: asyncio.TimerHandle | None = None
         self.client_leg = ClientLeg(self)
         self.client_leg.transport = client
         self.upstream_leg = upstream.leg
         self.upstream_leg.relay = self
-        self.upstream_leg.data_received = self.from_upstream  # type: ignore[method-assign]
-        self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
         self._quickack = quickack_for(self.upstream)
-        self._mid_reply = False
+        tap = hooks.tap
+        self._fast = tap is not None and hasattr(tap, "wire")
+        self.tap: Any = tap if tap is not None else PyTap()
+        if self._fast:
+            tap.wire(self.upstream.write, client.write, self.from_client, self.from_upstream,
+                     hooks.on_event, self._quickack, hooks.limiter, self._apply_delay,
+                     self.to_upstream.max_message, self.to_client.max_message)
+            self.client_leg.data_received = tap.from_client  # type: ignore[method-assign]
+            self.upstream_leg.data_received = tap.from_upstream  # type: ignore[method-assign]
+        else:
+            self.upstream_leg.data_received = self.from_upstream  # type: ignore[method-assign]
+        self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
         # Kernel output may follow the 101 at once (Jupyter replays what it
@@ -570,9 +558,10 @@ class Relay:
 
     # -- data ----------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
-        if self._ended:
+        tap = self.tap
+        if tap.ended:
             return
-        self._client_active = True
+        tap.client_active = True
         scanner = self.to_upstream
         try:
             frames = scanner.scan(data)
@@ -580,6 +569,8 @@ class Relay:
             self.upstream.write(data[:big.offset])
             self.finish(1009, "message too big")
             return
+        if self._fast:
+            tap.slow_client = scanner.mid_message
         self.upstream.write(data)
         delay = 0.0
         client_message = self.hooks.client_message
@@ -590,17 +581,21 @@ class Relay:
                 delay = wait if wait < 0 or delay < 0 else max(delay, wait)
         if scanner.closed:
             self._closing = True
-        if not delay:
-            return
+        if delay:
+            self._apply_delay(delay)
+
+    def _apply_delay(self, delay: float) -> None:
+        """What the limiter answered for a client message: pause reading, or close."""
         if delay < 0:  # the limiter says: sustained abuse
             self.finish(1008, "message rate limit exceeded")
         elif delay > 0:
             self._pause_for_rate(delay)
 
     def from_upstream(self, data: bytes) -> None:
-        if self._ended:
+        tap = self.tap
+        if tap.ended:
             return
-        self._upstream_active = True
+        tap.upstream_active = True
         scanner = self.to_client
         try:
             frames = scanner.scan(data)
@@ -608,13 +603,15 @@ class Relay:
             self.client.write(data[:big.offset])
             self.finish(1009, "kernel message too big")
             return
+        if self._fast:
+            tap.slow_upstream = scanner.mid_message
         self.client.write(data)
         if frames:
             kernel_message = self.hooks.kernel_message
             for ev in frames:
                 mid_reply = kernel_message(ev)
-            self._mid_reply = mid_reply
-        if self._mid_reply and self._quickack is not None:
+            tap.mid_reply = mid_reply
+        if tap.mid_reply and self._quickack is not None:
             self._quickack()
         if scanner.close_code is not None:
             self._upstream_close = scanner.close_code
@@ -649,15 +646,16 @@ class Relay:
 
     # -- heartbeat ---------------------------------------------------------------------
     def _beat(self) -> None:
-        if self._ended:
+        tap = self.tap
+        if tap.ended:
             return
         now = self.loop.time()
         # Reads only set a flag (no clock read per chunk); the beat turns it into a time.
-        if self._client_active:
-            self._client_active = False
+        if tap.client_active:
+            tap.client_active = False
             self._client_seen = now
-        if self._upstream_active:
-            self._upstream_active = False
+        if tap.upstream_active:
+            tap.upstream_active = False
             self._upstream_seen = now
         silence = 2 * self._heartbeat + 5
         if now - self._upstream_seen > silence:
@@ -686,9 +684,12 @@ class Relay:
 
     def finish(self, code: int, reason: str) -> None:
         """End both legs: a close frame where one may still be sent, then the TCP close."""
-        if self._ended:
+        tap = self.tap
+        if tap.ended:
             return
-        self._ended = True
+        tap.ended = True
+        if self._fast:
+            tap.unwire()  # its callables hold this relay: no cycle outlives it
         for timer in (self._timer, self._rate_timer):
             if timer is not None:
                 timer.cancel()

@@ -35,42 +35,39 @@ from yarl import URL
 
 from broker import keys
 from broker.errors import NotFound, UpstreamFailed
-from broker.metrics import Direction, Metrics, WsCounts
+from broker.metrics import CHANNELS, Direction, Metrics
 from broker.models import Session
 from broker.policy.wsrate import WsLimits
 from broker.proxy.paths import join
 from broker.proxy.relay import (
-    OP_CONT,
-    OP_TEXT,
     FrameEvent,
     HandshakeRefused,
     Hooks,
     Relay,
     connect_upstream,
-    peek_channel,
-    peek_state,
 )
 from broker.proxy.rest import forward_query
+from broker.proxy.tap import ACTIVITY, EXEC_END, EXEC_START, MID_REPLY, Tap
 from broker.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
 #: Seconds between activity writes (and metric flushes) per connection.
 FLUSH_EVERY = 5.0
-_TO_KERNEL = Direction.TO_KERNEL.value
-_TO_CLIENT = Direction.TO_CLIENT.value
-
-
-#: Kernel states after which no reply of the old kernel is owed any more.
-_FRESH_STATES = (b"starting", b"restarting", b"dead")
-#: Requests counted as awaiting their reply, at most (a kernel that never answers
-#: only keeps the quick ACKs on).
-_MAX_OWED = 64
+#: Tap direction index -> metric label.
+_DIRECTIONS = (Direction.TO_KERNEL.value, Direction.TO_CLIENT.value)
 
 
 class KernelHooks(Hooks):
     """Activity, metrics, execution timing and reply tracking for one kernel connection
     (slotted: idle connections are many).
+
+    The per-frame part (tallies, reply tracking) is the :class:`~broker.proxy.tap.Tap`'s,
+    compiled when it is built, and its answers bring the rest here: an
+    ``execute_request`` starts a timing that its ``execute_reply`` ends, and
+    activity is written to the store at once after a quiet spell, then at most
+    every :data:`FLUSH_EVERY` seconds by a timer that runs only while there is
+    traffic (no clock read per message, no timer per idle connection).
 
     Reply tracking decides the relay's quick ACKs: the kernel is mid-reply
     while its last status was ``busy``, or a shell/control request of the
@@ -80,93 +77,73 @@ class KernelHooks(Hooks):
     ``idle``: only when both have come is the burst over.
     """
 
-    __slots__ = ("_busy", "_dirty", "_flush_timer", "_limiter", "_note_activity", "_owed",
-                 "_owed_idle", "counts", "executions", "loop", "metrics")
+    __slots__ = ("_flush_timer", "_note_activity", "executions", "limiter", "loop", "metrics",
+                 "tap")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
                  limiter: Callable[[int, float], float] | None = None) -> None:
         self.metrics = metrics
-        self.counts = WsCounts()
+        self.tap = Tap()
         self.loop = asyncio.get_running_loop()
         # Start times of executions awaiting their reply; made on first use.
         self.executions: collections.deque[float] | None = None
         self._note_activity = note_activity
-        self._limiter = limiter
+        self.limiter = limiter
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._dirty = False
-        self._busy = False
-        self._owed = 0  # requests awaiting their reply
-        self._owed_idle = 0  # requests awaiting the idle status after them
 
-    def _housekeeping(self) -> None:
-        """Activity: the first after a quiet spell is written at once, later ones at most
-        every FLUSH_EVERY seconds, by a timer that runs only while there is traffic
-        (no clock read per message, no timer per idle connection)."""
-        if self._flush_timer is None:
+    def on_event(self, flags: int) -> None:
+        if flags & EXEC_START:
+            if self.executions is None:
+                self.executions = collections.deque(maxlen=256)
+            self.executions.append(self.loop.time())
+            self.metrics.executions.inc()
+        if flags & EXEC_END and self.executions:
+            self.metrics.execution_duration.observe(self.loop.time() - self.executions.popleft())
+        if flags & ACTIVITY:
             self._note_activity()
+            self.tap.ticking = True
             self._flush_timer = self.loop.call_later(FLUSH_EVERY, self._flush)
-        else:
-            self._dirty = True
 
     def _flush(self) -> None:
+        tap = self.tap
         self._flush_timer = None
-        self.counts.flush(self.metrics)
-        if self._dirty:
-            self._dirty = False
-            self._note_activity()
-            self._flush_timer = self.loop.call_later(FLUSH_EVERY, self._flush)
+        tap.ticking = False
+        self._flush_counts()
+        if tap.dirty:
+            tap.dirty = False
+            self.on_event(ACTIVITY)
+
+    def _flush_counts(self) -> None:
+        """Move the tap's tallies into the exported counters."""
+        metrics = self.metrics
+        for direction, channel, messages, size in self.tap.take_counts():
+            labels = (_DIRECTIONS[direction], CHANNELS[channel])
+            metrics.ws_messages.labels(*labels).inc(messages)
+            metrics.ws_bytes.labels(*labels).inc(size)
 
     def client_message(self, ev: FrameEvent) -> float:
-        if ev.opcode == OP_CONT:  # more of a fragmented message: its bytes are charged
-            self.counts.add(_TO_KERNEL, "other", ev.length, messages=0)
-            return self._limiter(ev.length, 0.0) if self._limiter is not None else 0.0
-        channel = peek_channel(ev)
-        self.counts.add(_TO_KERNEL, channel, ev.length)
-        if channel in _REQUEST_CHANNELS or ev.opcode == OP_TEXT:
-            head = ev.head
-            if b'_request"' in head and self._owed < _MAX_OWED:
-                self._owed += 1
-                self._owed_idle += 1
-            if b'"execute_request"' in head:
-                if self.executions is None:
-                    self.executions = collections.deque(maxlen=256)
-                self.executions.append(self.loop.time())
-                self.metrics.executions.inc()
-                self._housekeeping()
-        return self._limiter(ev.length, 1.0) if self._limiter is not None else 0.0
+        flags = self.tap.client_frame(ev.opcode, ev.length, ev.head, ev.tail)
+        if flags:
+            self.on_event(flags)
+        if self.limiter is None:
+            return 0.0
+        # Continuations (opcode 0) are charged their bytes, not another message.
+        return self.limiter(ev.length, 1.0 if ev.opcode else 0.0)
 
     def kernel_message(self, ev: FrameEvent) -> bool:
-        if ev.opcode == OP_CONT:
-            self.counts.add(_TO_CLIENT, "other", ev.length, messages=0)
-            return self._busy or self._owed > 0 or self._owed_idle > 0
-        channel = peek_channel(ev)
-        self.counts.add(_TO_CLIENT, channel, ev.length)
-        if channel == "iopub":
-            state = peek_state(ev)
-            if state is not None:
-                self._busy = state == b"busy"
-                if state == b"idle":
-                    if self._owed_idle:
-                        self._owed_idle -= 1
-                elif state in _FRESH_STATES:
-                    self._owed = self._owed_idle = 0
-        elif channel in _REQUEST_CHANNELS and b'_reply"' in ev.head:
-            if self._owed:
-                self._owed -= 1
-            if channel == "shell" and self.executions and b'"execute_reply"' in ev.head:
-                self.metrics.execution_duration.observe(
-                    self.loop.time() - self.executions.popleft())
-        self._housekeeping()
-        return self._busy or self._owed > 0 or self._owed_idle > 0
+        flags = self.tap.kernel_frame(ev.opcode, ev.length, ev.head, ev.tail)
+        if flags & _EVENTS:
+            self.on_event(flags)
+        return bool(flags & MID_REPLY)
 
     def finished(self, code: int, reason: str) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        self.counts.flush(self.metrics)
+        self._flush_counts()
 
 
-_REQUEST_CHANNELS = ("shell", "control")
+_EVENTS = EXEC_START | EXEC_END | ACTIVITY
 
 
 async def bridge(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
