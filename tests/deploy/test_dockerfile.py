@@ -83,7 +83,9 @@ def test_dockerfile_shape() -> None:
     assert "venv --without-pip /opt/broker" in build
     assert "pip --python /opt/broker/bin/python install" in build and "[speed]" in build
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:][:3] == ["!pyproject.toml", "!README.md", "!src/"]
+    assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!setup.py", "!README.md",
+                                                 "!src/"]
+    assert "gcc" in build  # the relay's C fast path is built into the wheel
 
 
 def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
@@ -99,13 +101,13 @@ def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.timeout(600)
 def test_image_install_serves_health(tmp_path: Path) -> None:
-    # COPY pyproject.toml README.md ./ ; COPY src ./src
+    # COPY pyproject.toml setup.py README.md ./ ; COPY src ./src
     context = tmp_path / "src-copy"
     context.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, context / name)
     shutil.copytree(ROOT / "src", context / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 
     # pip wheel --no-deps --wheel-dir /wheels .
@@ -126,11 +128,13 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
     assert not (venv / "bin" / "pip").exists()
     probe = subprocess.run(
         [str(python), "-c", "import importlib.util as u, broker; print(broker.__file__); "
-         "print([m for m in ('pytest', 'ruff', 'pip', 'jupyterhub') if u.find_spec(m)])"],
+         "print([m for m in ('pytest', 'ruff', 'pip', 'jupyterhub') if u.find_spec(m)]); "
+         "from broker.proxy.tap import Tap; print(Tap.__module__)"],
         capture_output=True, text=True, check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
-    location, test_only = probe.stdout.splitlines()
+    location, test_only, tap = probe.stdout.splitlines()
     assert location.startswith(str(venv)), location
     assert test_only == "[]"
+    assert tap == "broker.proxy._tap"  # the wheel carries the compiled fast path
 
     # ENV PATH=/opt/broker/bin:$PATH ... ; USER ; ENTRYPOINT ["session-broker", "serve"]
     home = tmp_path / "home"

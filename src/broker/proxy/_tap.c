@@ -593,9 +593,48 @@ static PyTypeObject TapType = {
     .tp_members = Tap_members,
 };
 
+/* The peeks on their own, so tests can compare them with tap.channel_of / state_of. */
+static PyObject *
+mod_channel_of(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int opcode;
+    Py_buffer head, tail;
+    if (!PyArg_ParseTuple(args, "iy*y*", &opcode, &head, &tail))
+        return NULL;
+    int channel = channel_of(opcode, head.buf, head.len, tail.buf, tail.len);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return PyLong_FromLong(channel);
+}
+
+static PyObject *
+mod_state_of(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer head, tail;
+    if (!PyArg_ParseTuple(args, "y*y*", &head, &tail))
+        return NULL;
+    const unsigned char *value;
+    Py_ssize_t n;
+    PyObject *result;
+    if (state_of(head.buf, head.len, tail.buf, tail.len, &value, &n))
+        result = PyBytes_FromStringAndSize((const char *)value, n);
+    else
+        result = Py_NewRef(Py_None);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"channel_of", mod_channel_of, METH_VARARGS, "channel_of(opcode, head, tail) -> index"},
+    {"state_of", mod_state_of, METH_VARARGS, "state_of(head, tail) -> bytes or None"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef tapmodule = {
     PyModuleDef_HEAD_INIT, "broker.proxy._tap",
-    "The compiled Tap of a relayed kernel WebSocket (see broker/proxy/tap.py).", -1, NULL,
+    "The compiled Tap of a relayed kernel WebSocket (see broker/proxy/tap.py).", -1,
+    module_methods,
     NULL, NULL, NULL, NULL,
 };
 
