@@ -413,7 +413,20 @@ def environment() -> str:
     return (f"{os.cpu_count()} CPUs, load {load}; Python {platform.python_version()}, "
             f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
             f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
-            f"configurable-http-proxy {chp_version()}; broker {broker_revision()}")
+            f"configurable-http-proxy {chp_version()}; broker {broker_revision()}, "
+            f"relay fast path {relay_fast_path()}")
+
+
+def relay_fast_path() -> str:
+    """Which Tap the broker runs: ``compiled`` (broker.proxy._tap) or ``python``.
+
+    The broker is started from this tree with no ``BROKER_*`` variable (so not
+    ``BROKER_NO_EXTENSIONS``): it runs the extension whenever it is built.
+    """
+    import importlib.util
+
+    built = importlib.util.find_spec("broker.proxy._tap") is not None
+    return "compiled" if built else "python (the C extension is not built)"
 
 
 def broker_revision() -> str:
