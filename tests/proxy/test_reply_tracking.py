@@ -5,7 +5,8 @@ after the first waits for the previous one's ACK; the relay sends that ACK
 at once (TCP_QUICKACK) while more frames are due, and lets it ride on the
 next request otherwise. These tests feed :class:`KernelHooks` the frames a
 real kernel sends, in every order jupyter_server may forward them (it relays
-the shell and iopub streams independently), in both wire formats.
+the shell and iopub streams independently), in both wire formats, through
+the compiled Tap and the Python one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from broker.metrics import Metrics
 from broker.proxy.relay import FrameScanner, unmask
+from broker.proxy.tap import PyTap
 from broker.proxy.wsbridge import KernelHooks
 from tests.kernelproto import encode_v1, make_message
 
@@ -47,12 +49,18 @@ def _reply_to(request: dict[str, Any], msg_type: str, content: dict[str, Any],
     return msg
 
 
+#: Both wire formats, through the Tap the broker runs and through the Python reference.
+WIRES = ["v1", "json", "v1-python", "json-python"]
+
+
 class Feed:
     """Client frames and kernel frames through the scanners into one KernelHooks."""
 
     def __init__(self, wire: str) -> None:
-        self.wire = wire
+        self.wire, _, implementation = wire.partition("-")
         self.hooks = KernelHooks(Metrics("local"), lambda: None)
+        if implementation == "python":  # the reference Tap instead of the compiled one
+            self.hooks.tap = PyTap()
         self.to_kernel = FrameScanner(masked=True, max_message=1 << 24)
         self.to_client = FrameScanner(masked=False, max_message=1 << 24)
 
@@ -82,7 +90,7 @@ ORDERS = [order for order in itertools.permutations(["busy", "reply", "idle"])
           if order.index("busy") < order.index("idle")]
 
 
-@pytest.mark.parametrize("wire", ["v1", "json"])
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("order", ORDERS)
 async def test_mid_reply_until_both_reply_and_idle_have_come(wire: str,
                                                              order: tuple[str, ...]) -> None:
@@ -93,7 +101,7 @@ async def test_mid_reply_until_both_reply_and_idle_have_come(wire: str,
     assert [feed.kernel(burst[name]) for name in order] == [True, True, False]
 
 
-@pytest.mark.parametrize("wire", ["v1", "json"])
+@pytest.mark.parametrize("wire", WIRES)
 async def test_an_execution_with_output_stays_mid_reply_to_its_end(wire: str) -> None:
     feed = Feed(wire)
     request = make_message("execute_request", {"code": "print(1); 2"})
@@ -109,7 +117,7 @@ async def test_an_execution_with_output_stays_mid_reply_to_its_end(wire: str) ->
     assert [feed.kernel(msg) for msg in frames] == [True] * 5 + [False]
 
 
-@pytest.mark.parametrize("wire", ["v1", "json"])
+@pytest.mark.parametrize("wire", WIRES)
 async def test_messages_that_owe_no_reply_ask_for_no_quick_acks(wire: str) -> None:
     """A comm message echoed back (the benchmark's echo upstream), or output
     the kernel sends unprompted, is not a reply burst."""
@@ -121,7 +129,7 @@ async def test_messages_that_owe_no_reply_ask_for_no_quick_acks(wire: str) -> No
                                     channel="iopub")) is False
 
 
-@pytest.mark.parametrize("wire", ["v1", "json"])
+@pytest.mark.parametrize("wire", WIRES)
 async def test_a_restarted_kernel_owes_nothing(wire: str) -> None:
     feed = Feed(wire)
     for _ in range(3):
