@@ -26,6 +26,10 @@ enum { EXEC_START = 1, EXEC_END = 2, ACTIVITY = 4, MID_REPLY = 8 };
 enum { SHELL, IOPUB, STDIN, CONTROL, OTHER, NCHANNELS };
 enum { TO_KERNEL, TO_CLIENT };
 enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2 };
+enum {
+    WRITE_UPSTREAM, WRITE_CLIENT, SLOW_CLIENT, SLOW_UPSTREAM, ON_EVENT, QUICKACK, LIMITER,
+    ON_DELAY, NCALLBACKS
+};
 
 typedef struct {
     PyObject_HEAD
@@ -34,9 +38,8 @@ typedef struct {
     int owed, owed_idle;
     Py_ssize_t max_client, max_kernel;
     long long counts[2][NCHANNELS][2]; /* [direction][channel] -> messages, bytes */
-    /* Set by wire(): where chunks go, and who hears about frames. */
-    PyObject *write_upstream, *write_client, *slow_client_cb, *slow_upstream_cb;
-    PyObject *on_event, *quickack, *limiter, *on_delay;
+    /* Set by wire(), in its argument order: where chunks go, who hears about frames. */
+    PyObject *cb[NCALLBACKS];
 } Tap;
 
 /* -- byte searches over at most PEEK bytes ------------------------------------- */
@@ -258,32 +261,33 @@ parse_frame_args(PyObject *const *args, Py_ssize_t nargs, int *opcode, Py_ssize_
     return 0;
 }
 
+typedef int (*frame_fn)(Tap *, int, Py_ssize_t, const unsigned char *, Py_ssize_t,
+                        const unsigned char *, Py_ssize_t);
+
 static PyObject *
-Tap_client_frame(Tap *self, PyObject *const *args, Py_ssize_t nargs)
+apply_frame(Tap *self, PyObject *const *args, Py_ssize_t nargs, frame_fn fn)
 {
     int opcode;
     Py_ssize_t length;
     Py_buffer head, tail;
     if (parse_frame_args(args, nargs, &opcode, &length, &head, &tail) < 0)
         return NULL;
-    int flags = client_frame(self, opcode, length, head.buf, head.len, tail.buf, tail.len);
+    int flags = fn(self, opcode, length, head.buf, head.len, tail.buf, tail.len);
     PyBuffer_Release(&head);
     PyBuffer_Release(&tail);
     return PyLong_FromLong(flags);
 }
 
 static PyObject *
+Tap_client_frame(Tap *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return apply_frame(self, args, nargs, client_frame);
+}
+
+static PyObject *
 Tap_kernel_frame(Tap *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int opcode;
-    Py_ssize_t length;
-    Py_buffer head, tail;
-    if (parse_frame_args(args, nargs, &opcode, &length, &head, &tail) < 0)
-        return NULL;
-    int flags = kernel_frame(self, opcode, length, head.buf, head.len, tail.buf, tail.len);
-    PyBuffer_Release(&head);
-    PyBuffer_Release(&tail);
-    return PyLong_FromLong(flags);
+    return apply_frame(self, args, nargs, kernel_frame);
 }
 
 static PyObject *
@@ -329,28 +333,16 @@ Tap_take_counts(Tap *self, PyObject *Py_UNUSED(ignored))
 static int
 Tap_clear(Tap *self)
 {
-    Py_CLEAR(self->write_upstream);
-    Py_CLEAR(self->write_client);
-    Py_CLEAR(self->slow_client_cb);
-    Py_CLEAR(self->slow_upstream_cb);
-    Py_CLEAR(self->on_event);
-    Py_CLEAR(self->quickack);
-    Py_CLEAR(self->limiter);
-    Py_CLEAR(self->on_delay);
+    for (int i = 0; i < NCALLBACKS; i++)
+        Py_CLEAR(self->cb[i]);
     return 0;
 }
 
 static int
 Tap_traverse(Tap *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->write_upstream);
-    Py_VISIT(self->write_client);
-    Py_VISIT(self->slow_client_cb);
-    Py_VISIT(self->slow_upstream_cb);
-    Py_VISIT(self->on_event);
-    Py_VISIT(self->quickack);
-    Py_VISIT(self->limiter);
-    Py_VISIT(self->on_delay);
+    for (int i = 0; i < NCALLBACKS; i++)
+        Py_VISIT(self->cb[i]);
     return 0;
 }
 
@@ -363,31 +355,16 @@ Tap_dealloc(Tap *self)
 }
 
 static PyObject *
-or_null(PyObject *value)
-{
-    if (value == Py_None)
-        return NULL;
-    Py_INCREF(value);
-    return value;
-}
-
-static PyObject *
 Tap_wire(Tap *self, PyObject *args)
 {
-    PyObject *wu, *wc, *sc, *su, *ev, *qa, *lim, *delay;
+    PyObject *given[NCALLBACKS];
     Py_ssize_t max_client, max_kernel;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOnn:wire", &wu, &wc, &sc, &su, &ev, &qa, &lim, &delay,
-                          &max_client, &max_kernel))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOnn:wire", &given[0], &given[1], &given[2], &given[3],
+                          &given[4], &given[5], &given[6], &given[7], &max_client, &max_kernel))
         return NULL;
     Tap_clear(self);
-    self->write_upstream = or_null(wu);
-    self->write_client = or_null(wc);
-    self->slow_client_cb = or_null(sc);
-    self->slow_upstream_cb = or_null(su);
-    self->on_event = or_null(ev);
-    self->quickack = or_null(qa);
-    self->limiter = or_null(lim);
-    self->on_delay = or_null(delay);
+    for (int i = 0; i < NCALLBACKS; i++) /* None: not there (no quick ACKs, no limiter) */
+        self->cb[i] = given[i] == Py_None ? NULL : Py_NewRef(given[i]);
     self->max_client = max_client;
     self->max_kernel = max_kernel;
     Py_RETURN_NONE;
@@ -400,15 +377,31 @@ Tap_unwire(Tap *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-/* Calls fn(arg) (or fn() when arg is NULL) and drops the result; -1 on error. */
+/* Calls fn(arg) (or fn() when arg is NULL) and drops the result; -1 on error. fn is
+   held for the call: the call may end the relay, which unwires (and releases) it. */
 static int
 call_drop(PyObject *fn, PyObject *arg)
 {
+    Py_INCREF(fn);
     PyObject *r = arg ? PyObject_CallOneArg(fn, arg) : PyObject_CallNoArgs(fn);
+    Py_DECREF(fn);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* Tells the hooks about a frame that needs Python (on_event(flags)); -1 on error. */
+static int
+notify(Tap *self, int flags)
+{
+    PyObject *fn = self->cb[ON_EVENT];
+    if (fn == NULL)
+        return 0;
+    PyObject *arg = PyLong_FromLong(flags);
+    int rc = arg ? call_drop(fn, arg) : -1;
+    Py_XDECREF(arg);
+    return rc;
 }
 
 /* Hands a chunk to the relay's Python method for that direction. */
@@ -419,7 +412,10 @@ slow(PyObject *cb, PyObject *data)
         PyErr_SetString(PyExc_RuntimeError, "Tap is not wired to a relay");
         return NULL;
     }
-    return PyObject_CallOneArg(cb, data);
+    Py_INCREF(cb); /* the relay may end during the call, which unwires it */
+    PyObject *r = PyObject_CallOneArg(cb, data);
+    Py_DECREF(cb);
+    return r;
 }
 
 /* The length of a whole single frame that is all of data, or -1 (with *at at its payload). */
@@ -445,19 +441,30 @@ whole_frame(const unsigned char *p, Py_ssize_t n, int masked, Py_ssize_t *at)
     return length;
 }
 
+/* The payload length when the fast path may take data (one whole frame, between
+   frames, within the size cap; *at is where the payload starts), else -1. */
+static Py_ssize_t
+fast_frame(Tap *self, PyObject *data, int from_client, Py_ssize_t *at)
+{
+    if ((from_client ? self->slow_client : self->slow_upstream) || !PyBytes_CheckExact(data) ||
+        self->cb[from_client ? WRITE_UPSTREAM : WRITE_CLIENT] == NULL)
+        return -1;
+    Py_ssize_t length = whole_frame((const unsigned char *)PyBytes_AS_STRING(data),
+                                    PyBytes_GET_SIZE(data), from_client, at);
+    return length <= (from_client ? self->max_client : self->max_kernel) ? length : -1;
+}
+
 static PyObject *
 Tap_from_client(Tap *self, PyObject *data)
 {
     if (self->ended)
         Py_RETURN_NONE;
-    if (self->slow_client || !PyBytes_CheckExact(data) || self->write_upstream == NULL)
-        return slow(self->slow_client_cb, data);
+    Py_ssize_t at, length = fast_frame(self, data, 1, &at);
+    if (length < 0)
+        return slow(self->cb[SLOW_CLIENT], data);
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t at, length = whole_frame(p, PyBytes_GET_SIZE(data), 1, &at);
-    if (length < 0 || length > self->max_client)
-        return slow(self->slow_client_cb, data);
     self->client_active = 1;
-    if (call_drop(self->write_upstream, data) < 0)
+    if (call_drop(self->cb[WRITE_UPSTREAM], data) < 0)
         return NULL;
     /* The frame is written as it came; only the peeked bytes are unmasked. */
     const unsigned char *mask = p + at - 4;
@@ -472,17 +479,9 @@ Tap_from_client(Tap *self, PyObject *data)
             tail[i] = p[at + off + i] ^ mask[(off + i) & 3];
     }
     int flags = client_frame(self, p[0] & 0x0F, length, head, hn, tail, tn);
-    PyObject *fn = self->on_event;
-    if (flags && fn != NULL) {
-        Py_INCREF(fn);
-        PyObject *arg = PyLong_FromLong(flags);
-        int rc = arg ? call_drop(fn, arg) : -1;
-        Py_XDECREF(arg);
-        Py_DECREF(fn);
-        if (rc < 0)
-            return NULL;
-    }
-    fn = self->limiter;
+    if (flags && notify(self, flags) < 0)
+        return NULL;
+    PyObject *fn = self->cb[LIMITER];
     if (fn != NULL && !self->ended) {
         Py_INCREF(fn);
         PyObject *args[2] = {PyLong_FromSsize_t(length), PyFloat_FromDouble(1.0)};
@@ -498,12 +497,8 @@ Tap_from_client(Tap *self, PyObject *data)
             return NULL;
         }
         int rc = 0;
-        if (delay != 0.0 && self->on_delay != NULL) {
-            fn = self->on_delay;
-            Py_INCREF(fn);
-            rc = call_drop(fn, r);
-            Py_DECREF(fn);
-        }
+        if (delay != 0.0 && self->cb[ON_DELAY] != NULL)
+            rc = call_drop(self->cb[ON_DELAY], r);
         Py_DECREF(r);
         if (rc < 0)
             return NULL;
@@ -516,38 +511,23 @@ Tap_from_upstream(Tap *self, PyObject *data)
 {
     if (self->ended)
         Py_RETURN_NONE;
-    if (self->slow_upstream || !PyBytes_CheckExact(data) || self->write_client == NULL)
-        return slow(self->slow_upstream_cb, data);
+    Py_ssize_t at, length = fast_frame(self, data, 0, &at);
+    if (length < 0)
+        return slow(self->cb[SLOW_UPSTREAM], data);
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    Py_ssize_t at, length = whole_frame(p, n, 0, &at);
-    if (length < 0 || length > self->max_kernel)
-        return slow(self->slow_upstream_cb, data);
     self->upstream_active = 1;
-    if (call_drop(self->write_client, data) < 0)
+    if (call_drop(self->cb[WRITE_CLIENT], data) < 0)
         return NULL;
     Py_ssize_t hn = length < PEEK ? length : PEEK;
     Py_ssize_t tn = length > PEEK ? TAIL : 0;
     int flags = kernel_frame(self, p[0] & 0x0F, length, p + at, hn, p + n - tn, tn);
-    PyObject *fn = self->on_event;
-    if ((flags & (EXEC_START | EXEC_END | ACTIVITY)) && fn != NULL) {
-        Py_INCREF(fn);
-        PyObject *arg = PyLong_FromLong(flags);
-        int rc = arg ? call_drop(fn, arg) : -1;
-        Py_XDECREF(arg);
-        Py_DECREF(fn);
-        if (rc < 0)
-            return NULL;
-    }
+    if ((flags & (EXEC_START | EXEC_END | ACTIVITY)) && notify(self, flags) < 0)
+        return NULL;
     self->mid_reply = (flags & MID_REPLY) != 0;
-    fn = self->quickack;
-    if (self->mid_reply && fn != NULL && !self->ended) {
-        Py_INCREF(fn);
-        int rc = call_drop(fn, NULL);
-        Py_DECREF(fn);
-        if (rc < 0)
-            return NULL;
-    }
+    PyObject *fn = self->cb[QUICKACK];
+    if (self->mid_reply && fn != NULL && !self->ended && call_drop(fn, NULL) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
