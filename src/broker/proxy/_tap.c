@@ -17,6 +17,19 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#define HAVE_ENGINE 1
+#else
+#define HAVE_ENGINE 0
+#endif
 
 #define PEEK 512 /* payload bytes peeked at the start of a frame (relay.PEEK) */
 #define TAIL 64  /* and at its end */
@@ -28,10 +41,15 @@ enum { TO_KERNEL, TO_CLIENT };
 enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2 };
 enum {
     WRITE_UPSTREAM, WRITE_CLIENT, SLOW_CLIENT, SLOW_UPSTREAM, ON_EVENT, QUICKACK, LIMITER,
-    ON_DELAY, NCALLBACKS
+    ON_DELAY, NWIRED, /* the callbacks wire() sets; engage() sets the next one */
+    ON_PENDING = NWIRED, NCALLBACKS
 };
+/* Who reads a relayed connection's sockets: the event loop, or the engine thread. */
+enum { OWNER_LOOP, OWNER_ENGINE };
+/* What the engine hands back to the loop with a connection (see engine_chunk). */
+enum { BACK_NONE, BACK_CHUNK, BACK_REST, BACK_END };
 
-typedef struct {
+typedef struct Tap {
     PyObject_HEAD
     char ended, client_active, upstream_active, slow_client, slow_upstream, mid_reply;
     char busy, ticking, dirty;
@@ -40,7 +58,25 @@ typedef struct {
     long long counts[2][NCHANNELS][2]; /* [direction][channel] -> messages, bytes */
     /* Set by wire(), in its argument order: where chunks go, who hears about frames. */
     PyObject *cb[NCALLBACKS];
+    /* The engine (all under engine_lock): the sockets, who reads them, what waits for
+       the loop. */
+    int fds[2]; /* client, upstream; -1 until engage() */
+    char owner, engaged, queued, quickack_fd;
+    int p_exec_start, p_exec_end, p_activity, p_back, p_leg;
+    char *p_data;
+    Py_ssize_t p_len;
+    struct Tap *next_ready;
 } Tap;
+
+#if HAVE_ENGINE
+/* Guards what the engine thread and the loop share (see "the engine" below). */
+static pthread_mutex_t engine_lock = PTHREAD_MUTEX_INITIALIZER;
+#define ENGINE_LOCK() pthread_mutex_lock(&engine_lock)
+#define ENGINE_UNLOCK() pthread_mutex_unlock(&engine_lock)
+#else
+#define ENGINE_LOCK() ((void)0)
+#define ENGINE_UNLOCK() ((void)0)
+#endif
 
 /* -- byte searches over at most PEEK bytes ------------------------------------- */
 
@@ -301,20 +337,27 @@ Tap_add(Tap *self, PyObject *args)
         PyErr_SetString(PyExc_IndexError, "no such direction or channel");
         return NULL;
     }
+    ENGINE_LOCK();
     self->counts[direction][channel][0] += messages;
     self->counts[direction][channel][1] += size;
+    ENGINE_UNLOCK();
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Tap_take_counts(Tap *self, PyObject *Py_UNUSED(ignored))
 {
+    long long counts[2][NCHANNELS][2];
+    ENGINE_LOCK(); /* the engine may be adding to them */
+    memcpy(counts, self->counts, sizeof counts);
+    memset(self->counts, 0, sizeof self->counts);
+    ENGINE_UNLOCK();
     PyObject *taken = PyList_New(0);
     if (taken == NULL)
         return NULL;
     for (int d = 0; d < 2; d++) {
         for (int c = 0; c < NCHANNELS; c++) {
-            long long *entry = self->counts[d][c];
+            long long *entry = counts[d][c];
             if (!entry[0] && !entry[1])
                 continue;
             PyObject *item = Py_BuildValue("(iiLL)", d, c, entry[0], entry[1]);
@@ -324,7 +367,6 @@ Tap_take_counts(Tap *self, PyObject *Py_UNUSED(ignored))
                 return NULL;
             }
             Py_DECREF(item);
-            entry[0] = entry[1] = 0;
         }
     }
     return taken;
@@ -346,10 +388,22 @@ Tap_traverse(Tap *self, visitproc visit, void *arg)
     return 0;
 }
 
+static int
+Tap_init(Tap *self, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Tap() takes no arguments");
+        return -1;
+    }
+    self->fds[0] = self->fds[1] = -1;
+    return 0;
+}
+
 static void
 Tap_dealloc(Tap *self)
 {
     PyObject_GC_UnTrack(self);
+    free(self->p_data); /* never engaged here: the engine's table would hold a reference */
     Tap_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -357,13 +411,14 @@ Tap_dealloc(Tap *self)
 static PyObject *
 Tap_wire(Tap *self, PyObject *args)
 {
-    PyObject *given[NCALLBACKS];
+    PyObject *given[NWIRED];
     Py_ssize_t max_client, max_kernel;
     if (!PyArg_ParseTuple(args, "OOOOOOOOnn:wire", &given[0], &given[1], &given[2], &given[3],
                           &given[4], &given[5], &given[6], &given[7], &max_client, &max_kernel))
         return NULL;
-    Tap_clear(self);
-    for (int i = 0; i < NCALLBACKS; i++) /* None: not there (no quick ACKs, no limiter) */
+    for (int i = 0; i < NWIRED; i++)
+        Py_CLEAR(self->cb[i]);
+    for (int i = 0; i < NWIRED; i++) /* None: not there (no quick ACKs, no limiter) */
         self->cb[i] = given[i] == Py_None ? NULL : Py_NewRef(given[i]);
     self->max_client = max_client;
     self->max_kernel = max_kernel;
@@ -441,6 +496,35 @@ whole_frame(const unsigned char *p, Py_ssize_t n, int masked, Py_ssize_t *at)
     return length;
 }
 
+/* client_frame() for a whole masked frame at p (payload at at): the frame is written on
+   as it came; only the peeked bytes are unmasked, as FrameScanner's fast path does. */
+static int
+client_whole_frame(Tap *self, const unsigned char *p, Py_ssize_t at, Py_ssize_t length)
+{
+    const unsigned char *mask = p + at - 4;
+    unsigned char head[PEEK], tail[TAIL];
+    Py_ssize_t hn = length < PEEK ? length : PEEK, tn = 0;
+    for (Py_ssize_t i = 0; i < hn; i++)
+        head[i] = p[at + i] ^ mask[i & 3];
+    if (length > PEEK && !CONTAINS(head, hn, "\"channel\"")) {
+        Py_ssize_t off = length - TAIL;
+        tn = TAIL;
+        for (Py_ssize_t i = 0; i < TAIL; i++)
+            tail[i] = p[at + off + i] ^ mask[(off + i) & 3];
+    }
+    return client_frame(self, p[0] & 0x0F, length, head, hn, tail, tn);
+}
+
+/* kernel_frame() for a whole unmasked frame of n bytes at p (payload at at). */
+static int
+kernel_whole_frame(Tap *self, const unsigned char *p, Py_ssize_t n, Py_ssize_t at,
+                   Py_ssize_t length)
+{
+    Py_ssize_t hn = length < PEEK ? length : PEEK;
+    Py_ssize_t tn = length > PEEK ? TAIL : 0;
+    return kernel_frame(self, p[0] & 0x0F, length, p + at, hn, p + n - tn, tn);
+}
+
 /* The payload length when the fast path may take data (one whole frame, between
    frames, within the size cap; *at is where the payload starts), else -1. */
 static Py_ssize_t
@@ -466,19 +550,7 @@ Tap_from_client(Tap *self, PyObject *data)
     self->client_active = 1;
     if (call_drop(self->cb[WRITE_UPSTREAM], data) < 0)
         return NULL;
-    /* The frame is written as it came; only the peeked bytes are unmasked. */
-    const unsigned char *mask = p + at - 4;
-    unsigned char head[PEEK], tail[TAIL];
-    Py_ssize_t hn = length < PEEK ? length : PEEK, tn = 0;
-    for (Py_ssize_t i = 0; i < hn; i++)
-        head[i] = p[at + i] ^ mask[i & 3];
-    if (length > PEEK && !CONTAINS(head, hn, "\"channel\"")) {
-        Py_ssize_t off = length - TAIL;
-        tn = TAIL;
-        for (Py_ssize_t i = 0; i < TAIL; i++)
-            tail[i] = p[at + off + i] ^ mask[(off + i) & 3];
-    }
-    int flags = client_frame(self, p[0] & 0x0F, length, head, hn, tail, tn);
+    int flags = client_whole_frame(self, p, at, length);
     if (flags && notify(self, flags) < 0)
         return NULL;
     PyObject *fn = self->cb[LIMITER];
@@ -519,9 +591,7 @@ Tap_from_upstream(Tap *self, PyObject *data)
     self->upstream_active = 1;
     if (call_drop(self->cb[WRITE_CLIENT], data) < 0)
         return NULL;
-    Py_ssize_t hn = length < PEEK ? length : PEEK;
-    Py_ssize_t tn = length > PEEK ? TAIL : 0;
-    int flags = kernel_frame(self, p[0] & 0x0F, length, p + at, hn, p + n - tn, tn);
+    int flags = kernel_whole_frame(self, p, n, at, length);
     if ((flags & (EXEC_START | EXEC_END | ACTIVITY)) && notify(self, flags) < 0)
         return NULL;
     self->mid_reply = (flags & MID_REPLY) != 0;
@@ -530,6 +600,354 @@ Tap_from_upstream(Tap *self, PyObject *data)
         return NULL;
     Py_RETURN_NONE;
 }
+
+/* -- the engine: a thread that relays connections between the loop's visits ------------
+ *
+ * Driving every chunk through the event loop costs a loop iteration, a callback and the
+ * GIL per wakeup: on one connection that is as much as the relaying itself. The engine
+ * is one thread with its own epoll that reads and writes engaged connections directly
+ * while they are in their steady state: whole frames, between frames, both write buffers
+ * empty, no limiter. It never touches a Python object. The moment a chunk needs anything
+ * else (a fragment, a control or close frame, a frame too big, a write that does not go
+ * through at once, an end of stream), it hands the connection back: it stops reading it
+ * and queues what the loop must do (process the chunk, write the rest of a frame, read
+ * the end itself); the loop, woken through an eventfd, does it with the Python relay and
+ * gives the connection back when the steady state returns. Activity and execution timing
+ * are queued the same way. The loop takes a connection back (take()) before it writes on
+ * it itself: heartbeats, closes.
+ *
+ * engine_lock guards every engaged Tap's engine fields, its tallies and reply-tracking
+ * state, the fd table and the ready list; the engine holds it while it handles one
+ * chunk, the loop while it gives, takes or drains.
+ */
+#if HAVE_ENGINE
+static int engine_epfd = -1, engine_evfd = -1;
+static Tap **engine_fds; /* fd -> engaged Tap owning it, or NULL */
+static int engine_nfds;
+static Tap *engine_ready; /* Taps with something for the loop */
+static char engine_buf[256 * 1024]; /* the engine thread's read buffer */
+
+static void
+engine_signal(Tap *t)
+{
+    if (!t->queued) {
+        t->queued = 1;
+        t->next_ready = engine_ready;
+        engine_ready = t;
+        uint64_t one = 1;
+        ssize_t w = write(engine_evfd, &one, sizeof one);
+        (void)w; /* a full counter already wakes the loop */
+    }
+}
+
+/* Stop reading t's sockets (the loop owns them from now on). Under the lock. */
+static void
+engine_release(Tap *t)
+{
+    for (int leg = 0; leg < 2; leg++) {
+        epoll_ctl(engine_epfd, EPOLL_CTL_DEL, t->fds[leg], NULL);
+        if (t->fds[leg] < engine_nfds && engine_fds[t->fds[leg]] == t)
+            engine_fds[t->fds[leg]] = NULL;
+    }
+    t->owner = OWNER_LOOP;
+}
+
+/* Hand t back to the loop with what it must do. Under the lock. */
+static void
+engine_back(Tap *t, int kind, int leg, const char *data, Py_ssize_t len)
+{
+    engine_release(t);
+    t->p_back = kind;
+    t->p_leg = leg;
+    if (len > 0) {
+        t->p_data = malloc((size_t)len);
+        if (t->p_data == NULL) {
+            /* No memory for the chunk: the loop ends the connection (1011). */
+            t->p_back = BACK_END;
+            t->p_len = -1;
+        }
+        else {
+            memcpy(t->p_data, data, (size_t)len);
+            t->p_len = len;
+        }
+    }
+    engine_signal(t);
+}
+
+/* One readable socket of an engaged connection. Under the lock. */
+static void
+engine_chunk(Tap *t, int leg)
+{
+    int fd = t->fds[leg], peer = t->fds[1 - leg];
+    ssize_t n = read(fd, engine_buf, sizeof engine_buf);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n <= 0) { /* the end, or an error: the loop's transport reads it again itself */
+        engine_back(t, BACK_END, leg, NULL, 0);
+        return;
+    }
+    if (leg == 0)
+        t->client_active = 1;
+    else
+        t->upstream_active = 1;
+    const unsigned char *p = (const unsigned char *)engine_buf;
+    Py_ssize_t at, length = whole_frame(p, n, leg == 0, &at);
+    if (length < 0 || length > (leg == 0 ? t->max_client : t->max_kernel)) {
+        engine_back(t, BACK_CHUNK, leg, engine_buf, n);
+        return;
+    }
+    ssize_t w = send(peer, engine_buf, (size_t)n, MSG_NOSIGNAL);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            engine_back(t, BACK_END, 1 - leg, NULL, 0);
+            return;
+        }
+        w = 0;
+    }
+    int flags = leg == 0 ? client_whole_frame(t, p, at, length)
+                         : kernel_whole_frame(t, p, n, at, length);
+    if (flags & EXEC_START)
+        t->p_exec_start++;
+    if (flags & EXEC_END)
+        t->p_exec_end++;
+    if (flags & ACTIVITY)
+        t->p_activity = 1;
+    if (leg == 1) {
+        t->mid_reply = (flags & MID_REPLY) != 0;
+        if (t->mid_reply && t->quickack_fd) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+        }
+    }
+    if (w < n) /* the peer's buffer is full: the loop's transport buffers the rest */
+        engine_back(t, BACK_REST, leg, engine_buf + w, n - w);
+    else if (flags & (EXEC_START | EXEC_END | ACTIVITY))
+        engine_signal(t);
+}
+
+static void *
+engine_run(void *arg)
+{
+    (void)arg;
+    struct epoll_event events[256];
+    for (;;) {
+        int n = epoll_wait(engine_epfd, events, 256, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        ENGINE_LOCK();
+        for (int i = 0; i < n; i++) {
+            int fd = events[i].data.fd;
+            /* A Tap taken back since epoll_wait returned is no longer in the table. */
+            Tap *t = fd < engine_nfds ? engine_fds[fd] : NULL;
+            if (t != NULL && t->owner == OWNER_ENGINE)
+                engine_chunk(t, fd == t->fds[0] ? 0 : 1);
+        }
+        ENGINE_UNLOCK();
+    }
+}
+
+/* _tap.engine_start() -> the eventfd the loop watches (started once per process). */
+static PyObject *
+engine_start(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    if (engine_evfd >= 0)
+        return PyLong_FromLong(engine_evfd);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int ev = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_t thread;
+    pthread_attr_t attr;
+    int rc = -1;
+    if (ep >= 0 && ev >= 0) {
+        engine_epfd = ep;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        rc = pthread_create(&thread, &attr, engine_run, NULL);
+        pthread_attr_destroy(&attr);
+    }
+    if (rc != 0) {
+        if (ep >= 0)
+            close(ep);
+        if (ev >= 0)
+            close(ev);
+        engine_epfd = -1;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    engine_evfd = ev;
+    return PyLong_FromLong(ev);
+}
+
+/* What t has for the loop, as (exec_starts, exec_ends, activity, back, leg, data), and
+   clears it. Under the lock (with the GIL: only the loop calls this). */
+static PyObject *
+engine_pending(Tap *t)
+{
+    PyObject *data = Py_NewRef(Py_None);
+    if (t->p_data != NULL) {
+        Py_DECREF(data);
+        data = PyBytes_FromStringAndSize(t->p_data, t->p_len);
+        free(t->p_data);
+        t->p_data = NULL;
+    }
+    PyObject *r = data ? Py_BuildValue("(iiiiiN)", t->p_exec_start, t->p_exec_end,
+                                       t->p_activity, t->p_back, t->p_leg, data)
+                       : NULL;
+    t->p_exec_start = t->p_exec_end = t->p_activity = 0;
+    t->p_back = BACK_NONE;
+    t->p_len = 0;
+    return r;
+}
+
+/* _tap.engine_drain(): runs each ready Tap's on_pending(pending) (the loop's eventfd
+   reader). */
+static PyObject *
+engine_drain(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    uint64_t count;
+    ssize_t r = read(engine_evfd, &count, sizeof count);
+    (void)r;
+    ENGINE_LOCK();
+    Tap *ready = engine_ready;
+    engine_ready = NULL;
+    PyObject *todo = PyList_New(0);
+    for (Tap *t = ready, *next; t != NULL; t = next) {
+        next = t->next_ready;
+        t->queued = 0;
+        PyObject *pending = todo ? engine_pending(t) : NULL;
+        PyObject *item = pending ? Py_BuildValue("(ON)", (PyObject *)t, pending) : NULL;
+        if (item == NULL || PyList_Append(todo, item) < 0)
+            Py_CLEAR(todo);
+        Py_XDECREF(item);
+        if (t->owner == OWNER_LOOP && t->engaged) { /* handed back: the list keeps it */
+            t->engaged = 0;
+            Py_DECREF(t);
+        }
+    }
+    ENGINE_UNLOCK();
+    if (todo == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(todo); i++) {
+        PyObject *item = PyList_GET_ITEM(todo, i);
+        Tap *t = (Tap *)PyTuple_GET_ITEM(item, 0);
+        PyObject *fn = t->cb[ON_PENDING];
+        if (fn != NULL && call_drop(fn, PyTuple_GET_ITEM(item, 1)) < 0) {
+            /* One relay's failure must not stop the others: report it, go on. */
+            PyErr_WriteUnraisable(fn);
+        }
+    }
+    Py_DECREF(todo);
+    Py_RETURN_NONE;
+}
+
+/* Tap.engage(client_fd, upstream_fd, on_pending, quickack): the sockets the engine may
+   relay for this Tap (the loop gives it with give()). */
+static PyObject *
+Tap_engage(Tap *self, PyObject *args)
+{
+    int client_fd, upstream_fd, quickack;
+    PyObject *on_pending;
+    if (!PyArg_ParseTuple(args, "iiOp:engage", &client_fd, &upstream_fd, &on_pending,
+                          &quickack))
+        return NULL;
+    if (engine_evfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is not started");
+        return NULL;
+    }
+    ENGINE_LOCK();
+    int top = client_fd > upstream_fd ? client_fd : upstream_fd;
+    if (top >= engine_nfds) {
+        int size = top + 1024;
+        Tap **grown = realloc(engine_fds, (size_t)size * sizeof *grown);
+        if (grown == NULL) {
+            ENGINE_UNLOCK();
+            return PyErr_NoMemory();
+        }
+        memset(grown + engine_nfds, 0, (size_t)(size - engine_nfds) * sizeof *grown);
+        engine_fds = grown;
+        engine_nfds = size;
+    }
+    self->fds[0] = client_fd;
+    self->fds[1] = upstream_fd;
+    self->quickack_fd = (char)quickack;
+    ENGINE_UNLOCK();
+    Py_XSETREF(self->cb[ON_PENDING], Py_NewRef(on_pending));
+    Py_RETURN_NONE;
+}
+
+/* Tap.give(): the engine reads both sockets from now on (the loop has paused its own
+   reading, and nothing of its own waits to be written). */
+static PyObject *
+Tap_give(Tap *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->fds[0] < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "engage() first");
+        return NULL;
+    }
+    ENGINE_LOCK();
+    int ok = self->owner == OWNER_LOOP;
+    for (int leg = 0; ok && leg < 2; leg++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = self->fds[leg]};
+        engine_fds[self->fds[leg]] = self;
+        if (epoll_ctl(engine_epfd, EPOLL_CTL_ADD, self->fds[leg], &ev) < 0)
+            ok = 0;
+    }
+    if (ok) {
+        self->owner = OWNER_ENGINE;
+        if (!self->engaged) {
+            self->engaged = 1;
+            Py_INCREF(self); /* the fd table's reference */
+        }
+    }
+    else if (self->owner == OWNER_LOOP) {
+        engine_release(self);
+    }
+    int err = errno;
+    ENGINE_UNLOCK();
+    if (!ok) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Tap.take() -> whether the engine had the connection; what it queued for the loop, if
+   anything, is run through on_pending first. */
+static PyObject *
+Tap_take(Tap *self, PyObject *Py_UNUSED(ignored))
+{
+    ENGINE_LOCK();
+    int had = self->owner == OWNER_ENGINE;
+    if (had)
+        engine_release(self);
+    PyObject *pending = NULL;
+    if (self->queued) { /* unlink from the ready list and take what it queued */
+        Tap **at = &engine_ready;
+        while (*at != NULL && *at != self)
+            at = &(*at)->next_ready;
+        if (*at == self)
+            *at = self->next_ready;
+        self->queued = 0;
+        pending = engine_pending(self);
+    }
+    int release = self->engaged;
+    self->engaged = 0;
+    ENGINE_UNLOCK();
+    Py_INCREF(self);
+    if (release)
+        Py_DECREF(self);
+    int rc = 0;
+    if (pending != NULL && self->cb[ON_PENDING] != NULL)
+        rc = call_drop(self->cb[ON_PENDING], pending);
+    Py_XDECREF(pending);
+    Py_DECREF(self);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(had);
+}
+#endif /* HAVE_ENGINE */
 
 static PyMethodDef Tap_methods[] = {
     {"client_frame", (PyCFunction)(void (*)(void))Tap_client_frame, METH_FASTCALL,
@@ -543,6 +961,13 @@ static PyMethodDef Tap_methods[] = {
     {"wire", (PyCFunction)Tap_wire, METH_VARARGS,
      "wire(write_upstream, write_client, slow_from_client, slow_from_upstream, on_event, "
      "quickack, limiter, on_delay, max_client, max_kernel): relay chunks from now on."},
+#if HAVE_ENGINE
+    {"engage", (PyCFunction)Tap_engage, METH_VARARGS,
+     "engage(client_fd, upstream_fd, on_pending, quickack): sockets the engine may relay."},
+    {"give", (PyCFunction)Tap_give, METH_NOARGS, "The engine reads both sockets from now on."},
+    {"take", (PyCFunction)Tap_take, METH_NOARGS,
+     "The loop reads both sockets again; True if the engine had them."},
+#endif
     {"unwire", (PyCFunction)Tap_unwire, METH_NOARGS,
      "Drop every callable wire() gave (the relay ended)."},
     {"from_client", (PyCFunction)Tap_from_client, METH_O,
@@ -575,6 +1000,7 @@ static PyTypeObject TapType = {
     .tp_doc = "Per-frame bookkeeping of a relayed kernel WebSocket, with its fast path "
               "(see broker/proxy/tap.py).",
     .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Tap_init,
     .tp_dealloc = (destructor)Tap_dealloc,
     .tp_traverse = (traverseproc)Tap_traverse,
     .tp_clear = (inquiry)Tap_clear,
@@ -615,6 +1041,12 @@ mod_state_of(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+#if HAVE_ENGINE
+    {"engine_start", engine_start, METH_NOARGS,
+     "Start the relay engine thread (once); the eventfd the loop must watch."},
+    {"engine_drain", engine_drain, METH_NOARGS,
+     "Run what the engine queued for the loop (the eventfd's reader)."},
+#endif
     {"channel_of", mod_channel_of, METH_VARARGS, "channel_of(opcode, head, tail) -> index"},
     {"state_of", mod_state_of, METH_VARARGS, "state_of(head, tail) -> bytes or None"},
     {NULL, NULL, 0, NULL},

@@ -39,7 +39,16 @@ from typing import Any
 from aiohttp._websocket.helpers import websocket_mask as _mask_in_place  # C when built
 from yarl import URL
 
-from broker.proxy.tap import PyTap
+from broker.proxy.tap import (
+    ACTIVITY,
+    BACK_CHUNK,
+    BACK_NONE,
+    BACK_REST,
+    EXEC_END,
+    EXEC_START,
+    PyTap,
+    engine_for,
+)
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -481,14 +490,24 @@ class Relay:
     it hands all others to :meth:`from_client` and :meth:`from_upstream`,
     which are then told (``slow_client``, ``slow_upstream``) whether their
     scanner is in the middle of something the Tap must not touch.
+
+    Where the engine runs (see :mod:`broker.proxy.tap`), the relay gives it the
+    connection whenever both scanners are between frames, no write of the
+    loop's own is pending and reading is not paused (:meth:`_give`), and takes
+    it back before it writes anything itself (:meth:`_take`); what the engine
+    hands back comes to :meth:`_from_engine`.
     """
 
     __slots__ = (
         "_client_paused",
         "_client_seen",
         "_closing",
+        "_engine",
+        "_engine_owned",
         "_fast",
+        "_give_timer",
         "_heartbeat",
+        "_holding",
         "_on_done",
         "_quickack",
         "_rate_timer",
@@ -546,6 +565,10 @@ class Relay:
         else:
             self.upstream_leg.data_received = self.from_upstream  # type: ignore[method-assign]
         self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
+        self._engine = self._engine_owned = self._holding = False
+        self._give_timer: asyncio.TimerHandle | None = None
+        if self._fast and hooks.limiter is None:
+            self._engine = self._engage(tap)
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
         # Kernel output may follow the 101 at once (Jupyter replays what it
@@ -555,6 +578,91 @@ class Relay:
         upstream.leftover = b""
         if early:
             self.from_upstream(early)
+        self._give()
+
+    # -- the engine ------------------------------------------------------------------
+    def _engage(self, tap: Any) -> bool:
+        """Register both sockets with the engine, if it runs here and both legs are plain TCP."""
+        sockets = []
+        for transport in (self.client, self.upstream):
+            if transport.get_extra_info("sslcontext") is not None:
+                return False
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            sockets.append(sock.fileno())
+        if not engine_for(self.loop):
+            return False
+        tap.engage(sockets[0], sockets[1], self._from_engine, self._quickack is not None)
+        return True
+
+    def _give(self) -> None:
+        """Let the engine relay from now on, if the connection is in its steady state."""
+        if not self._engine or self._engine_owned or self._holding:
+            return
+        tap = self.tap
+        if (tap.ended or self._closing or self._upstream_close is not None or tap.slow_client
+                or tap.slow_upstream or self._client_paused or self._upstream_paused):
+            return
+        if self.client.get_write_buffer_size() or self.upstream.get_write_buffer_size():
+            # The loop's own bytes go first; try again once the transports sent them.
+            if self._give_timer is None:
+                self._give_timer = self.loop.call_later(0.01, self._retry_give)
+            return
+        self.client.pause_reading()
+        self.upstream.pause_reading()
+        self._engine_owned = True
+        tap.give()
+
+    def _retry_give(self) -> None:
+        self._give_timer = None
+        self._give()
+
+    def _take(self) -> None:
+        """Read (and write) from the loop again; handle whatever the engine had queued."""
+        if not self._engine_owned:
+            return
+        self._holding = True
+        try:
+            self.tap.take()  # runs _from_engine first if something was queued
+        finally:
+            self._holding = False
+        if self._engine_owned:  # nothing was handed back: resume here
+            self._engine_owned = False
+            self._resume_legs()
+
+    def _resume_legs(self) -> None:
+        for transport in (self.client, self.upstream):
+            if not transport.is_closing():
+                transport.resume_reading()
+
+    def _from_engine(self, pending: tuple[int, int, int, int, int, bytes | None]) -> None:
+        """What the engine queued: executions and activity for the hooks, and, when it
+        handed the connection back, what the loop must do with it."""
+        starts, ends, activity, back, leg, data = pending
+        on_event = self.hooks.on_event
+        for _ in range(starts):
+            on_event(EXEC_START)
+        for _ in range(ends):
+            on_event(EXEC_END)
+        if activity:
+            on_event(ACTIVITY)
+        if back == BACK_NONE:
+            return
+        self._engine_owned = False
+        if self.tap.ended:
+            return
+        self._resume_legs()
+        if back == BACK_CHUNK and data is not None:
+            (self.tap.from_client if leg == 0 else self.tap.from_upstream)(data)
+        elif back == BACK_REST and data is not None:  # the rest of a frame the engine relayed
+            (self.upstream if leg == 0 else self.client).write(data)
+        else:
+            # BACK_END: a stream ended or failed. The transports read that themselves
+            # and end the relay; the engine never gets this connection again.
+            self._engine = False
+            return
+        self._give()
 
     # -- data ----------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
@@ -583,6 +691,8 @@ class Relay:
             self._closing = True
         if delay:
             self._apply_delay(delay)
+        if self._engine and not self._engine_owned:
+            self._give()
 
     def _apply_delay(self, delay: float) -> None:
         """What the limiter answered for a client message: pause reading, or close."""
@@ -615,6 +725,8 @@ class Relay:
             self._quickack()
         if scanner.close_code is not None:
             self._upstream_close = scanner.close_code
+        if self._engine and not self._engine_owned:
+            self._give()
 
     # -- flow control ------------------------------------------------------------------
     def _set_paused(self, client_side: bool, reason: int, paused: bool) -> None:
@@ -630,6 +742,8 @@ class Relay:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+        if not after and self._engine:
+            self._give()
 
     def pause(self, leg: _Leg) -> None:
         """``leg``'s write buffer is full: stop reading from the other side."""
@@ -647,6 +761,9 @@ class Relay:
     # -- heartbeat ---------------------------------------------------------------------
     def _beat(self) -> None:
         tap = self.tap
+        if tap.ended:
+            return
+        self._take()  # the pings are written from here
         if tap.ended:
             return
         now = self.loop.time()
@@ -669,6 +786,7 @@ class Relay:
         if self.to_upstream.at_boundary:
             self.upstream.write(ping_frame(masked=True))
         self._timer = self.loop.call_later(self._heartbeat, self._beat)
+        self._give()
 
     # -- ending ------------------------------------------------------------------------
 
@@ -687,10 +805,13 @@ class Relay:
         tap = self.tap
         if tap.ended:
             return
+        self._take()  # what the engine queued comes first; then the loop writes the closes
+        if tap.ended:
+            return
         tap.ended = True
         if self._fast:
             tap.unwire()  # its callables hold this relay: no cycle outlives it
-        for timer in (self._timer, self._rate_timer):
+        for timer in (self._timer, self._rate_timer, self._give_timer):
             if timer is not None:
                 timer.cancel()
         if not self.client.is_closing() and self.to_client.at_boundary \

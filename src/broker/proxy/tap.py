@@ -28,10 +28,29 @@ in well under a microsecond. ``tests/proxy/test_tap.py`` feeds both
 implementations the same byte streams and compares everything they do.
 
 ``BROKER_NO_EXTENSIONS=1`` in the environment selects the Python one.
+
+The engine
+----------
+
+Even with no Python per chunk, every chunk still costs the event loop a
+wakeup: an iteration of the loop, a callback into the protocol, the GIL
+released and taken around the poll. On one connection that is as much CPU
+as the relaying itself. So the compiled module also has an *engine*: one
+thread with its own epoll that relays engaged connections while they are in
+their steady state (whole frames, between frames, nothing of the loop's own
+waiting to be written, no rate limiter), without the GIL and without any
+Python object. Anything else hands the connection back to the loop with what
+it must do (a chunk to process, the rest of a frame to write, an end of
+stream to read); activity and execution timing reach the loop the same way,
+through an eventfd it watches. The relay gives the connection to the engine
+again when the steady state returns and takes it back before it writes
+anything itself (heartbeats, closes). Linux only; ``BROKER_NO_ENGINE=1``
+keeps every connection on the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -223,3 +242,30 @@ def _compiled() -> Any:
 CTap: Any = _compiled()
 #: The implementation the relay uses.
 Tap: Any = CTap if CTap is not None else PyTap
+
+#: What the engine hands back with a connection (``_tap.c``'s BACK_* values).
+BACK_NONE, BACK_CHUNK, BACK_REST, BACK_END = range(4)
+_engine_loop: asyncio.AbstractEventLoop | None = None
+
+
+def engine_for(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether relays on ``loop`` may use the engine; starts it and has ``loop`` drain it.
+
+    One loop per process drains the engine (the broker has one). Should another loop
+    ask while that one still runs (tests run several, one after the other), its relays
+    stay on their loop.
+    """
+    global _engine_loop
+    if CTap is None or os.environ.get("BROKER_NO_ENGINE"):
+        return False
+    from broker.proxy import _tap  # type: ignore[attr-defined]
+
+    if not hasattr(_tap, "engine_start"):  # not Linux
+        return False
+    if _engine_loop is loop:
+        return True
+    if _engine_loop is not None and not _engine_loop.is_closed():
+        return False
+    loop.add_reader(_tap.engine_start(), _tap.engine_drain)
+    _engine_loop = loop
+    return True
