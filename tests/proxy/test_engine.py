@@ -102,8 +102,10 @@ class Wired:
     async def send(self, to_kernel: bool, chunk: bytes) -> bytes:
         """Send a chunk from one far end; what the other far end receives of it."""
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self.client if to_kernel else self.kernel, chunk)
-        return await self.read(self.kernel if to_kernel else self.client, len(chunk))
+        sending = loop.sock_sendall(self.client if to_kernel else self.kernel, chunk)
+        _, received = await asyncio.gather(
+            sending, self.read(self.kernel if to_kernel else self.client, len(chunk)))
+        return received
 
     def close(self) -> None:
         self.relay.finish(1000, "done")
@@ -204,8 +206,8 @@ async def test_a_client_that_goes_away_ends_the_relay() -> None:
 
 
 async def test_a_peer_that_stops_reading_loses_nothing() -> None:
-    """The engine cannot write a whole frame: the loop's transport buffers the rest and
-    stops reading the other side until the peer reads again."""
+    """The engine cannot write all it read: it keeps the rest (one read at most) and
+    stops reading the other side until the peer takes it."""
     wired = await Wired.open()
     loop = asyncio.get_running_loop()
     frames = [frame(bytes([i]) * 60000, opcode=2, masked=True) for i in range(40)]
@@ -215,8 +217,68 @@ async def test_a_peer_that_stops_reading_loses_nothing() -> None:
     assert not sending.done()
     assert await wired.read(wired.kernel, len(sent)) == sent
     await sending
-    assert wired.relay.handbacks > 0
-    async with asyncio.timeout(5):
-        while not wired.relay._engine_owned:
-            await asyncio.sleep(0.01)
+    assert wired.relay.handbacks == 0 and wired.relay._engine_owned
+    wired.close()
+
+
+async def test_the_loop_takes_back_what_a_full_peer_did_not_take() -> None:
+    """A heartbeat while the engine holds bytes for a peer that stopped reading: they
+    are written first, by the loop's transport, then the ping."""
+    wired = await Wired.open(heartbeat=0.05)
+    loop = asyncio.get_running_loop()
+    frames = [frame(bytes([i]) * 60000, opcode=2, masked=True) for i in range(40)]
+    sent = b"".join(frames)
+    sending = asyncio.ensure_future(loop.sock_sendall(wired.client, sent))
+    await asyncio.sleep(0.3)  # beats pass while the kernel side reads nothing
+    data, _pings = await data_frames(wired, len(sent))
+    await sending
+    assert data == sent  # every frame whole and in order: pings only between frames
+    assert await wired.read(wired.client, 2) == b"\x89\x00"  # the beats went on
+    wired.close()
+
+
+async def data_frames(wired: Wired, size: int) -> tuple[bytes, int]:
+    """Frames from the kernel side until ``size`` bytes of data frames came: their bytes
+    (headers included) and how many pings came between them."""
+    buffer, data, pings = b"", b"", 0
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        while len(data) < size:
+            buffer += await loop.sock_recv(wired.kernel, 1 << 16)
+            while len(buffer) >= 2:
+                length, at = buffer[1] & 0x7F, 2
+                if length == 126:
+                    length, at = int.from_bytes(buffer[2:4], "big"), 4
+                end = at + 4 + length  # masked: the client's frames
+                if len(buffer) < end:
+                    break
+                if buffer[0] == 0x89:
+                    pings += 1
+                else:
+                    data += buffer[:end]
+                buffer = buffer[end:]
+    return data, pings
+
+
+async def test_frames_longer_than_a_read_stay_in_the_engine() -> None:
+    wired = await Wired.open()
+    frames = [frame(bytes([i]) * (1 << 20), opcode=2, masked=False) for i in range(4)]
+    for data in frames:
+        assert await wired.send(False, data) == data
+    assert wired.relay.handbacks == 0 and wired.relay.slow_calls == 0
+    wired.relay._take()
+    assert wired.hooks.tap.take_counts() == [(1, 4, 4, 4 << 20)]  # to_client, other
+    wired.close()
+
+
+async def test_a_heartbeat_in_the_middle_of_a_long_frame_waits_for_its_end() -> None:
+    """The loop takes the connection back while the engine is inside a frame: its scanner
+    continues that frame, so the ping goes after it, never into it."""
+    wired = await Wired.open(heartbeat=0.05)
+    data = frame(b"z" * (1 << 20), opcode=2, masked=True)
+    assert await wired.send(True, data[:300000]) == data[:300000]
+    assert await wired.read(wired.client, 2) == b"\x89\x00"  # a beat passed meanwhile
+    assert await wired.send(True, data[300000:]) == data[300000:]
+    ping = await wired.read(wired.kernel, 6)  # the kernel side's ping comes after it
+    assert ping[:2] == b"\x89\x80"
     wired.close()

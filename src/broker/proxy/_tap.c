@@ -46,8 +46,8 @@ enum {
 };
 /* Who reads a relayed connection's sockets: the event loop, or the engine thread. */
 enum { OWNER_LOOP, OWNER_ENGINE };
-/* What the engine hands back to the loop with a connection (see engine_chunk). */
-enum { BACK_NONE, BACK_CHUNK, BACK_REST, BACK_END };
+/* Whether the engine handed the connection back to the loop (see engine_chunk). */
+enum { BACK_NONE, BACK_HANDED, BACK_END };
 
 typedef struct Tap {
     PyObject_HEAD
@@ -62,9 +62,19 @@ typedef struct Tap {
        the loop. */
     int fds[2]; /* client, upstream; -1 until engage() */
     char owner, engaged, queued, quickack_fd;
+    /* A data frame the engine is in the middle of, per leg (rem: payload bytes to come). */
+    long long rem[2], rem_off[2];
+    int rem_op[2];
+    unsigned char rem_mask[2][4];
+    /* Bytes the engine relayed that fds[i] did not take yet (it waits for EPOLLOUT, and
+       reads nothing more from the other socket meanwhile). */
+    char *out[2];
+    Py_ssize_t out_len[2], out_pos[2];
+    /* Queued for the loop: executions, activity, a hand-back with a chunk from p_leg the
+       engine did not relay. */
     int p_exec_start, p_exec_end, p_activity, p_back, p_leg;
-    char *p_data;
-    Py_ssize_t p_len;
+    char *p_chunk;
+    Py_ssize_t p_chunk_len;
     struct Tap *next_ready;
 } Tap;
 
@@ -403,7 +413,9 @@ static void
 Tap_dealloc(Tap *self)
 {
     PyObject_GC_UnTrack(self);
-    free(self->p_data); /* never engaged here: the engine's table would hold a reference */
+    free(self->out[0]); /* never engaged here: the engine's table would hold a reference */
+    free(self->out[1]);
+    free(self->p_chunk);
     Tap_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -652,27 +664,174 @@ engine_release(Tap *t)
     t->owner = OWNER_LOOP;
 }
 
-/* Hand t back to the loop with what it must do. Under the lock. */
+static char *
+copy_out(const char *data, Py_ssize_t len)
+{
+    char *copy = len > 0 ? malloc((size_t)len) : NULL;
+    if (copy != NULL)
+        memcpy(copy, data, (size_t)len);
+    return copy;
+}
+
+/* Hand t back to the loop, with a chunk from leg to process (may be empty); kind
+   BACK_END: a stream ended. What waits in the out buffers goes with it. Under the lock. */
 static void
-engine_back(Tap *t, int kind, int leg, const char *data, Py_ssize_t len)
+engine_back(Tap *t, int kind, int leg, const char *chunk, Py_ssize_t chunk_len)
 {
     engine_release(t);
     t->p_back = kind;
     t->p_leg = leg;
-    if (len > 0) {
-        t->p_data = malloc((size_t)len);
-        if (t->p_data == NULL) {
-            /* No memory for the chunk: the loop ends the connection (1011). */
-            t->p_back = BACK_END;
-            t->p_len = -1;
-        }
-        else {
-            memcpy(t->p_data, data, (size_t)len);
-            t->p_len = len;
-        }
-    }
+    t->p_chunk = copy_out(chunk, chunk_len);
+    t->p_chunk_len = t->p_chunk ? chunk_len : 0;
+    if (t->p_chunk_len != chunk_len)
+        t->p_back = BACK_END; /* no memory for it: end the connection rather than lose
+                                 bytes in its middle */
     engine_signal(t);
 }
+
+/* What the engine waits for on each socket: reading, unless the other socket has bytes
+   waiting (back-pressure); writing, while this one has. Under the lock. */
+static int
+engine_interest(Tap *t)
+{
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {
+            .events = (t->out[1 - i] ? 0 : EPOLLIN) | (t->out[i] ? EPOLLOUT : 0),
+            .data.fd = t->fds[i],
+        };
+        if (epoll_ctl(engine_epfd, EPOLL_CTL_MOD, t->fds[i], &ev) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Write what waits for fds[i]. Under the lock. */
+static void
+engine_flush(Tap *t, int i)
+{
+    while (t->out[i] != NULL) {
+        ssize_t w = send(t->fds[i], t->out[i] + t->out_pos[i],
+                         (size_t)(t->out_len[i] - t->out_pos[i]), MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return;
+            engine_back(t, BACK_END, i, NULL, 0);
+            return;
+        }
+        t->out_pos[i] += w;
+        if (t->out_pos[i] == t->out_len[i]) {
+            free(t->out[i]);
+            t->out[i] = NULL;
+            t->out_len[i] = t->out_pos[i] = 0;
+        }
+    }
+    if (engine_interest(t) < 0)
+        engine_back(t, BACK_HANDED, i, NULL, 0);
+}
+
+static uint64_t
+be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Peeks and bookkeeping for a data frame starting at f whose payload (length bytes)
+   begins at at, of which avail bytes are in this chunk, exactly as the Python relay
+   would do them: FrameScanner's fast path when the frame is the whole chunk (7- or
+   16-bit length), else its general path. Returns client_frame's or kernel_frame's flags. */
+static int
+engine_frame(Tap *t, int leg, const unsigned char *f, Py_ssize_t at, Py_ssize_t length,
+             Py_ssize_t avail, int whole_chunk)
+{
+    if (whole_chunk) /* the same call as from_client / from_upstream */
+        return leg == 0 ? client_whole_frame(t, f, at, length)
+                        : kernel_whole_frame(t, f, at + length, at, length);
+    const unsigned char *mask = leg == 0 ? f + at - 4 : NULL;
+    unsigned char head[PEEK], tail[TAIL];
+    Py_ssize_t in_chunk = length < avail ? length : avail;
+    Py_ssize_t hn = in_chunk < PEEK ? in_chunk : PEEK, tn = 0;
+    Py_ssize_t tail_at = 0;
+    if (length <= avail) { /* the frame ends here: its last (up to) 64 bytes */
+        tn = length < TAIL ? length : TAIL;
+        tail_at = length - tn;
+    }
+    for (Py_ssize_t i = 0; i < hn; i++)
+        head[i] = mask ? f[at + i] ^ mask[i & 3] : f[at + i];
+    for (Py_ssize_t i = 0; i < tn; i++)
+        tail[i] = mask ? f[at + tail_at + i] ^ mask[(tail_at + i) & 3] : f[at + tail_at + i];
+    int opcode = f[0] & 0x0F;
+    return leg == 0 ? client_frame(t, opcode, length, head, hn, tail, tn)
+                    : kernel_frame(t, opcode, length, head, hn, tail, tn);
+}
+
+/* How many bytes at the start of p (n bytes from leg) the engine relays itself, doing
+   their bookkeeping: the rest of a frame it is in the middle of, then whole unfragmented
+   data frames, then the start of one that continues in later reads. It stops before
+   anything else (control frames, fragments, a frame over the size cap, a header cut in
+   two), which the loop then gets. */
+static Py_ssize_t
+engine_walk(Tap *t, int leg, const unsigned char *p, Py_ssize_t n, int *flags)
+{
+    int masked = leg == 0;
+    uint64_t max = (uint64_t)(leg == 0 ? t->max_client : t->max_kernel);
+    Py_ssize_t pos = 0;
+    int started = t->rem[leg] != 0;
+    if (t->rem[leg]) {
+        Py_ssize_t take = t->rem[leg] < n ? (Py_ssize_t)t->rem[leg] : n;
+        t->rem[leg] -= take;
+        t->rem_off[leg] += take;
+        pos = take;
+    }
+    while (pos < n) {
+        const unsigned char *f = p + pos;
+        Py_ssize_t m = n - pos;
+        if (m < 2 || (f[0] != 0x81 && f[0] != 0x82) || ((f[1] & 0x80) != 0) != masked)
+            break;
+        uint64_t length = f[1] & 0x7F;
+        Py_ssize_t at = 2;
+        if (length == 126) {
+            if (m < 4)
+                break;
+            length = ((uint64_t)f[2] << 8) | f[3];
+            at = 4;
+        }
+        else if (length == 127) {
+            if (m < 10)
+                break;
+            length = be64(f + 2);
+            at = 10;
+        }
+        if (masked)
+            at += 4;
+        if (m < at || length > max)
+            break;
+        Py_ssize_t avail = m - at;
+        int whole_chunk = !started && pos == 0 && (f[1] & 0x7F) != 127 &&
+                          (uint64_t)avail == length;
+        int fl = engine_frame(t, leg, f, at, (Py_ssize_t)length, avail, whole_chunk);
+        *flags |= fl;
+        if (leg == 1)
+            t->mid_reply = (fl & MID_REPLY) != 0;
+        started = 1;
+        if (length <= (uint64_t)avail) {
+            pos += at + (Py_ssize_t)length;
+        }
+        else { /* continues in the next reads */
+            t->rem[leg] = (long long)(length - (uint64_t)avail);
+            t->rem_off[leg] = avail;
+            t->rem_op[leg] = f[0] & 0x0F;
+            if (masked)
+                memcpy(t->rem_mask[leg], f + at - 4, 4);
+            pos = n;
+        }
+    }
+    return pos;
+}
+
+#define peer_i(leg) (1 - (leg))
 
 /* One readable socket of an engaged connection. Under the lock. */
 static void
@@ -690,37 +849,42 @@ engine_chunk(Tap *t, int leg)
         t->client_active = 1;
     else
         t->upstream_active = 1;
-    const unsigned char *p = (const unsigned char *)engine_buf;
-    Py_ssize_t at, length = whole_frame(p, n, leg == 0, &at);
-    if (length < 0 || length > (leg == 0 ? t->max_client : t->max_kernel)) {
-        engine_back(t, BACK_CHUNK, leg, engine_buf, n);
-        return;
-    }
-    ssize_t w = send(peer, engine_buf, (size_t)n, MSG_NOSIGNAL);
-    if (w < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            engine_back(t, BACK_END, 1 - leg, NULL, 0);
-            return;
+    int flags = 0;
+    Py_ssize_t handled = engine_walk(t, leg, (const unsigned char *)engine_buf, n, &flags);
+    ssize_t w = 0;
+    if (handled > 0) {
+        w = send(peer, engine_buf, (size_t)handled, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                engine_back(t, BACK_END, 1 - leg, NULL, 0);
+                return;
+            }
+            w = 0;
         }
-        w = 0;
     }
-    int flags = leg == 0 ? client_whole_frame(t, p, at, length)
-                         : kernel_whole_frame(t, p, n, at, length);
     if (flags & EXEC_START)
         t->p_exec_start++;
     if (flags & EXEC_END)
         t->p_exec_end++;
     if (flags & ACTIVITY)
         t->p_activity = 1;
-    if (leg == 1) {
-        t->mid_reply = (flags & MID_REPLY) != 0;
-        if (t->mid_reply && t->quickack_fd) {
-            int one = 1;
-            setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
-        }
+    if (leg == 1 && t->mid_reply && t->quickack_fd) { /* as Relay.from_upstream does */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
     }
-    if (w < n) /* the peer's buffer is full: the loop's transport buffers the rest */
-        engine_back(t, BACK_REST, leg, engine_buf + w, n - w);
+    if (w < handled) { /* the peer is full: keep the rest, stop reading this side */
+        t->out[peer_i(leg)] = copy_out(engine_buf + w, handled - w);
+        if (t->out[peer_i(leg)] == NULL) {
+            engine_back(t, BACK_END, leg, NULL, 0);
+            return;
+        }
+        t->out_len[peer_i(leg)] = handled - w;
+        t->out_pos[peer_i(leg)] = 0;
+    }
+    if (handled < n) /* bytes only the loop handles */
+        engine_back(t, BACK_HANDED, leg, engine_buf + handled, n - handled);
+    else if (w < handled && engine_interest(t) < 0)
+        engine_back(t, BACK_HANDED, leg, NULL, 0);
     else if (flags & (EXEC_START | EXEC_END | ACTIVITY))
         engine_signal(t);
 }
@@ -740,10 +904,20 @@ engine_run(void *arg)
         ENGINE_LOCK();
         for (int i = 0; i < n; i++) {
             int fd = events[i].data.fd;
+            uint32_t what = events[i].events;
             /* A Tap taken back since epoll_wait returned is no longer in the table. */
             Tap *t = fd < engine_nfds ? engine_fds[fd] : NULL;
-            if (t != NULL && t->owner == OWNER_ENGINE)
-                engine_chunk(t, fd == t->fds[0] ? 0 : 1);
+            if (t == NULL || t->owner != OWNER_ENGINE)
+                continue;
+            int leg = fd == t->fds[0] ? 0 : 1;
+            if (what & EPOLLOUT)
+                engine_flush(t, leg);
+            if (t->owner != OWNER_ENGINE || !(what & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+                continue;
+            if (t->out[peer_i(leg)] == NULL)
+                engine_chunk(t, leg);
+            else if (what & (EPOLLHUP | EPOLLERR)) /* paused, and gone: the loop ends it */
+                engine_back(t, BACK_END, leg, NULL, 0);
         }
         ENGINE_UNLOCK();
     }
@@ -780,24 +954,66 @@ engine_start(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(ev);
 }
 
-/* What t has for the loop, as (exec_starts, exec_ends, activity, back, leg, data), and
-   clears it. Under the lock (with the GIL: only the loop calls this). */
+static PyObject *
+take_bytes(char **data, Py_ssize_t *len)
+{
+    if (*data == NULL)
+        return Py_NewRef(Py_None);
+    PyObject *b = PyBytes_FromStringAndSize(*data, *len);
+    free(*data);
+    *data = NULL;
+    *len = 0;
+    return b;
+}
+
+/* The engine's frame in the middle of which leg is, as (remaining, opcode, mask, offset)
+   for FrameScanner.adopt(), or None. */
+static PyObject *
+mid_frame(Tap *t, int leg)
+{
+    if (!t->rem[leg])
+        return Py_NewRef(Py_None);
+    return Py_BuildValue("(Liy#L)", t->rem[leg], t->rem_op[leg], (const char *)t->rem_mask[leg],
+                         (Py_ssize_t)(leg == 0 ? 4 : 0), t->rem_off[leg]);
+}
+
+/* What t has for the loop, as (exec_starts, exec_ends, activity, back, leg,
+   (to_client, to_upstream), chunk, (client_mid, upstream_mid)), and clears it. Under the lock (with the GIL: only the
+   loop calls this). When the connection was handed back, the engine's frame state goes
+   to the loop's scanners. */
 static PyObject *
 engine_pending(Tap *t)
 {
-    PyObject *data = Py_NewRef(Py_None);
-    if (t->p_data != NULL) {
-        Py_DECREF(data);
-        data = PyBytes_FromStringAndSize(t->p_data, t->p_len);
-        free(t->p_data);
-        t->p_data = NULL;
+    PyObject *chunk = take_bytes(&t->p_chunk, &t->p_chunk_len);
+    PyObject *rest = NULL, *mid = NULL;
+    if (t->owner == OWNER_LOOP) { /* handed back: where the engine is, what it holds */
+        mid = Py_BuildValue("(NN)", mid_frame(t, 0), mid_frame(t, 1));
+        t->rem[0] = t->rem[1] = 0;
+        for (int i = 0; i < 2; i++) {
+            t->out_pos[i] = t->out[i] ? t->out_pos[i] : 0;
+            if (t->out[i] && t->out_pos[i]) { /* drop what was written already */
+                memmove(t->out[i], t->out[i] + t->out_pos[i],
+                        (size_t)(t->out_len[i] - t->out_pos[i]));
+                t->out_len[i] -= t->out_pos[i];
+                t->out_pos[i] = 0;
+            }
+        }
+        rest = Py_BuildValue("(NN)", take_bytes(&t->out[0], &t->out_len[0]),
+                             take_bytes(&t->out[1], &t->out_len[1]));
     }
-    PyObject *r = data ? Py_BuildValue("(iiiiiN)", t->p_exec_start, t->p_exec_end,
-                                       t->p_activity, t->p_back, t->p_leg, data)
-                       : NULL;
+    else {
+        mid = Py_NewRef(Py_None);
+        rest = Py_NewRef(Py_None);
+    }
+    PyObject *r = NULL;
+    if (rest && chunk && mid)
+        r = Py_BuildValue("(iiiiiOOO)", t->p_exec_start, t->p_exec_end, t->p_activity,
+                          t->p_back, t->p_leg, rest, chunk, mid);
+    Py_XDECREF(rest);
+    Py_XDECREF(chunk);
+    Py_XDECREF(mid);
     t->p_exec_start = t->p_exec_end = t->p_activity = 0;
     t->p_back = BACK_NONE;
-    t->p_len = 0;
     return r;
 }
 
@@ -896,6 +1112,7 @@ Tap_give(Tap *self, PyObject *Py_UNUSED(ignored))
     }
     if (ok) {
         self->owner = OWNER_ENGINE;
+        self->rem[0] = self->rem[1] = 0; /* the loop's scanners are between frames */
         if (!self->engaged) {
             self->engaged = 1;
             Py_INCREF(self); /* the fd table's reference */
@@ -923,13 +1140,18 @@ Tap_take(Tap *self, PyObject *Py_UNUSED(ignored))
     if (had)
         engine_release(self);
     PyObject *pending = NULL;
-    if (self->queued) { /* unlink from the ready list and take what it queued */
+    if (self->queued) { /* unlink from the ready list: what it queued is handled now */
         Tap **at = &engine_ready;
         while (*at != NULL && *at != self)
             at = &(*at)->next_ready;
         if (*at == self)
             *at = self->next_ready;
         self->queued = 0;
+    }
+    if (had || self->p_back != BACK_NONE || self->p_exec_start || self->p_exec_end ||
+        self->p_activity) {
+        if (had)
+            self->p_back = self->p_back == BACK_NONE ? BACK_HANDED : self->p_back;
         pending = engine_pending(self);
     }
     int release = self->engaged;

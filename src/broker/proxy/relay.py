@@ -41,9 +41,8 @@ from yarl import URL
 
 from broker.proxy.tap import (
     ACTIVITY,
-    BACK_CHUNK,
+    BACK_END,
     BACK_NONE,
-    BACK_REST,
     EXEC_END,
     EXEC_START,
     PyTap,
@@ -149,6 +148,18 @@ class FrameScanner:
     def at_boundary(self) -> bool:
         """True when no frame is partly seen."""
         return self._remaining == 0 and not self._head
+
+    def adopt(self, remaining: int, opcode: int, mask: bytes, offset: int) -> None:
+        """Continue a data frame that someone else (the engine) scanned the start of:
+        ``remaining`` payload bytes are still to come, ``offset`` have passed. Its
+        peeks were taken then, so no event is made for it again."""
+        self._head = b""
+        self._remaining = remaining
+        self._offset = offset
+        self._opcode = opcode
+        self._mask = mask
+        self._ev = None
+        self.message_length = 0  # the engine takes only unfragmented frames
 
     @property
     def mid_message(self) -> bool:
@@ -636,10 +647,11 @@ class Relay:
             if not transport.is_closing():
                 transport.resume_reading()
 
-    def _from_engine(self, pending: tuple[int, int, int, int, int, bytes | None]) -> None:
+    def _from_engine(self, pending: tuple[Any, ...]) -> None:
         """What the engine queued: executions and activity for the hooks, and, when it
-        handed the connection back, what the loop must do with it."""
-        starts, ends, activity, back, leg, data = pending
+        handed the connection back, where its scanners are, the bytes it relayed that a
+        peer did not take yet, and a chunk it did not relay."""
+        starts, ends, activity, back, leg, rests, chunk, mid = pending
         on_event = self.hooks.on_event
         for _ in range(starts):
             on_event(EXEC_START)
@@ -650,18 +662,26 @@ class Relay:
         if back == BACK_NONE:
             return
         self._engine_owned = False
-        if self.tap.ended:
+        tap = self.tap
+        for scanner, frame in zip((self.to_upstream, self.to_client), mid or (), strict=True):
+            if frame is not None:  # the engine is in the middle of a frame on this leg
+                scanner.adopt(*frame)
+        if mid:
+            tap.slow_client = self.to_upstream.mid_message
+            tap.slow_upstream = self.to_client.mid_message
+        if tap.ended:
             return
         self._resume_legs()
-        if back == BACK_CHUNK and data is not None:
-            (self.tap.from_client if leg == 0 else self.tap.from_upstream)(data)
-        elif back == BACK_REST and data is not None:  # the rest of a frame the engine relayed
-            (self.upstream if leg == 0 else self.client).write(data)
-        else:
-            # BACK_END: a stream ended or failed. The transports read that themselves
-            # and end the relay; the engine never gets this connection again.
+        for transport, rest in zip((self.client, self.upstream), rests or (), strict=True):
+            if rest:  # what the engine relayed that the peer did not take yet
+                transport.write(rest)
+        if back == BACK_END:
+            # A stream ended or failed. The transports read that themselves and end the
+            # relay; the engine never gets this connection again.
             self._engine = False
             return
+        if chunk:  # what only the loop handles: a control frame, a fragment...
+            (tap.from_client if leg == 0 else tap.from_upstream)(chunk)
         self._give()
 
     # -- data ----------------------------------------------------------------------

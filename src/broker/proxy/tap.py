@@ -243,8 +243,8 @@ CTap: Any = _compiled()
 #: The implementation the relay uses.
 Tap: Any = CTap if CTap is not None else PyTap
 
-#: What the engine hands back with a connection (``_tap.c``'s BACK_* values).
-BACK_NONE, BACK_CHUNK, BACK_REST, BACK_END = range(4)
+#: Whether the engine handed a connection back (``_tap.c``'s BACK_* values).
+BACK_NONE, BACK_HANDED, BACK_END = range(3)
 _engine_loop: asyncio.AbstractEventLoop | None = None
 
 
