@@ -85,7 +85,8 @@ class Wired:
         self.relay = Watched(client_transport, Upstream(upstream_transport, leg, None, b""),
                              max_message=max_message, heartbeat=heartbeat, hooks=self.hooks)
         client_transport.set_protocol(self.relay.client_leg)
-        assert self.relay._engine_owned  # the engine has it from the start
+        await asyncio.sleep(0)
+        assert self.relay._engine_owned  # the engine has it from the loop's next turn
         return self
 
     async def read(self, sock: socket.socket, size: int, timeout: float = 10) -> bytes:

@@ -589,7 +589,10 @@ class Relay:
         upstream.leftover = b""
         if early:
             self.from_upstream(early)
-        self._give()
+        if self._engine:
+            # On the loop's next turn: the caller finishes taking the client's socket
+            # over (its protocol, aiohttp letting go) before the engine reads it.
+            self.loop.call_soon(self._give)
 
     # -- the engine ------------------------------------------------------------------
     def _engage(self, tap: Any) -> bool:
