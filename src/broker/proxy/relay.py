@@ -666,18 +666,19 @@ class Relay:
             return
         self._engine_owned = False
         tap = self.tap
-        for scanner, frame in zip((self.to_upstream, self.to_client), mid or (), strict=True):
-            if frame is not None:  # the engine is in the middle of a frame on this leg
-                scanner.adopt(*frame)
-        if mid:
+        if mid is not None:
+            for scanner, frame in zip((self.to_upstream, self.to_client), mid, strict=True):
+                if frame is not None:  # the engine is in the middle of a frame on this leg
+                    scanner.adopt(*frame)
             tap.slow_client = self.to_upstream.mid_message
             tap.slow_upstream = self.to_client.mid_message
         if tap.ended:
             return
         self._resume_legs()
-        for transport, rest in zip((self.client, self.upstream), rests or (), strict=True):
-            if rest:  # what the engine relayed that the peer did not take yet
-                transport.write(rest)
+        if rests is not None:
+            for transport, rest in zip((self.client, self.upstream), rests, strict=True):
+                if rest:  # what the engine relayed that the peer did not take yet
+                    transport.write(rest)
         if back == BACK_END:
             # A stream ended or failed. The transports read that themselves and end the
             # relay; the engine never gets this connection again.
