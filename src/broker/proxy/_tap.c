@@ -618,15 +618,18 @@ Tap_from_upstream(Tap *self, PyObject *data)
  * Driving every chunk through the event loop costs a loop iteration, a callback and the
  * GIL per wakeup: on one connection that is as much as the relaying itself. The engine
  * is one thread with its own epoll that reads and writes engaged connections directly
- * while they are in their steady state: whole frames, between frames, both write buffers
- * empty, no limiter. It never touches a Python object. The moment a chunk needs anything
- * else (a fragment, a control or close frame, a frame too big, a write that does not go
- * through at once, an end of stream), it hands the connection back: it stops reading it
- * and queues what the loop must do (process the chunk, write the rest of a frame, read
- * the end itself); the loop, woken through an eventfd, does it with the Python relay and
- * gives the connection back when the steady state returns. Activity and execution timing
- * are queued the same way. The loop takes a connection back (take()) before it writes on
- * it itself: heartbeats, closes.
+ * while they carry unfragmented data frames (whole or spanning reads; the loop gives a
+ * connection when its scanners are between frames, nothing of its own waits to be
+ * written and no limiter applies). It never touches a Python object. A peer that does
+ * not take all it is sent gets the rest when it can (EPOLLOUT) while the other side is
+ * not read. The moment a chunk holds anything else (a fragment, a control or close
+ * frame, a frame over the size cap, the end of the stream), the engine hands the
+ * connection back: it stops reading it and queues what the loop must do (process the
+ * chunk, write what a peer did not take, continue the frame the engine is in, read the
+ * end itself); the loop, woken through an eventfd, does it with the Python relay and
+ * gives the connection back when the steady state returns. Activity and execution
+ * timing are queued the same way. The loop takes a connection back (take()) before it
+ * writes on it itself: heartbeats, closes.
  *
  * engine_lock guards every engaged Tap's engine fields, its tallies and reply-tracking
  * state, the fd table and the ready list; the engine holds it while it handles one
