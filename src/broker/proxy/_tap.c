@@ -1210,11 +1210,41 @@ static PyMemberDef Tap_members[] = {
     {"slow_upstream", T_BOOL, offsetof(Tap, slow_upstream), 0, NULL},
     {"mid_reply", T_BOOL, offsetof(Tap, mid_reply), 0, NULL},
     {"busy", T_BOOL, offsetof(Tap, busy), 0, NULL},
-    {"ticking", T_BOOL, offsetof(Tap, ticking), 0, NULL},
-    {"dirty", T_BOOL, offsetof(Tap, dirty), 0, NULL},
     {"owed", T_INT, offsetof(Tap, owed), 0, NULL},
     {"owed_idle", T_INT, offsetof(Tap, owed_idle), 0, NULL},
     {NULL, 0, 0, 0, NULL},
+};
+
+/* ticking and dirty: the flush timer's flags, which the engine thread reads and sets
+   too (under the engine lock). */
+static PyObject *
+flag_get(Tap *self, void *offset)
+{
+    ENGINE_LOCK();
+    int value = *((char *)self + (size_t)offset);
+    ENGINE_UNLOCK();
+    return PyBool_FromLong(value);
+}
+
+static int
+flag_set(Tap *self, PyObject *value, void *offset)
+{
+    if (value == NULL || !PyBool_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "a bool is needed");
+        return -1;
+    }
+    ENGINE_LOCK();
+    *((char *)self + (size_t)offset) = value == Py_True;
+    ENGINE_UNLOCK();
+    return 0;
+}
+
+static PyGetSetDef Tap_getset[] = {
+    {"ticking", (getter)flag_get, (setter)flag_set, "A flush timer runs.",
+     (void *)offsetof(Tap, ticking)},
+    {"dirty", (getter)flag_get, (setter)flag_set, "Activity came while it ran.",
+     (void *)offsetof(Tap, dirty)},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject TapType = {
@@ -1231,6 +1261,7 @@ static PyTypeObject TapType = {
     .tp_clear = (inquiry)Tap_clear,
     .tp_methods = Tap_methods,
     .tp_members = Tap_members,
+    .tp_getset = Tap_getset,
 };
 
 /* The peeks on their own, so tests can compare them with tap.channel_of / state_of. */
