@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from broker.policy.wsrate import WsLimits
 from broker.proxy.relay import Relay, Upstream, UpstreamLeg
 from broker.proxy.tap import ACTIVITY, EXEC_END, EXEC_START, CTap, PyTap, engine_for
 from tests.kernelproto import encode_v1, make_message
@@ -61,7 +62,8 @@ class Wired:
     kernel: socket.socket
 
     @classmethod
-    async def open(cls, *, heartbeat: float = 0, max_message: int = 1 << 24) -> Wired:
+    async def open(cls, *, heartbeat: float = 0, max_message: int = 1 << 24,
+                   limiter: Any = None) -> Wired:
         loop = asyncio.get_running_loop()
         assert engine_for(loop)
         self = cls()
@@ -72,7 +74,7 @@ class Wired:
         client_transport, _ = await loop.connect_accepted_socket(asyncio.Protocol,
                                                                  relay_client)
         upstream_transport, leg = await loop.connect_accepted_socket(UpstreamLeg, relay_upstream)
-        self.hooks = Recording(None)
+        self.hooks = Recording(limiter)
         self.relay = Watched(client_transport, Upstream(upstream_transport, leg, None, b""),
                              max_message=max_message, heartbeat=heartbeat, hooks=self.hooks)
         client_transport.set_protocol(self.relay.client_leg)
@@ -273,4 +275,24 @@ async def test_a_heartbeat_in_the_middle_of_a_long_frame_waits_for_its_end() -> 
     assert await wired.send(True, data[300000:]) == data[300000:]
     ping = await wired.read(wired.kernel, 6)  # the kernel side's ping comes after it
     assert ping[:2] == b"\x89\x80"
+    wired.close()
+
+
+async def test_the_engine_charges_the_rate_limit_and_leaves_throttling_to_the_loop() -> None:
+    """Within the buckets the engine charges the client's messages itself; the message that
+    would be throttled goes to the loop's limiter, which pauses reading as always."""
+    throttled = []
+    limiter = WsLimits(messages_per_second=200, message_burst=20).new(
+        on_throttle=lambda: throttled.append(1))
+    wired = await Wired.open(limiter=limiter.take)
+    loop = asyncio.get_running_loop()
+    message = frame(b'{"channel": "shell"}', opcode=1, masked=True)
+    started = loop.time()
+    for _ in range(60):  # one at a time: each a whole read, as the engine likes them
+        assert await wired.send(True, message) == message
+    elapsed = loop.time() - started
+    assert elapsed >= (60 - 20 - 1) / 200  # the bucket's refill rate bounds it from below
+    assert throttled  # the loop's limiter did the throttling
+    assert wired.relay.handbacks >= len(throttled)
+    assert wired.relay.slow_calls < 60  # and the engine relayed the rest
     wired.close()

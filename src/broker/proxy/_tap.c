@@ -66,6 +66,11 @@ typedef struct Tap {
     long long rem[2], rem_off[2];
     int rem_op[2];
     unsigned char rem_mask[2][4];
+    /* The client's rate limit while the engine relays (a copy of the Python limiter's
+       buckets, handed back with the connection): on, rates and bursts, the buckets and
+       when they were last charged, whether a charge succeeded (ends a throttled spell). */
+    char lim, lim_ok;
+    double lim_mrate, lim_mburst, lim_brate, lim_bburst, lim_msgs, lim_bytes, lim_last;
     /* Bytes the engine relayed that fds[i] did not take yet (it waits for EPOLLOUT, and
        reads nothing more from the other socket meanwhile). */
     char *out[2];
@@ -620,7 +625,9 @@ Tap_from_upstream(Tap *self, PyObject *data)
  * is one thread with its own epoll that reads and writes engaged connections directly
  * while they carry unfragmented data frames (whole or spanning reads; the loop gives a
  * connection when its scanners are between frames, nothing of its own waits to be
- * written and no limiter applies). It never touches a Python object. A peer that does
+ * written and reading is not paused). It never touches a Python object. It charges the
+ * client's rate limit (a copy of the limiter's buckets) while the buckets hold; a
+ * message that would be throttled goes to the loop's limiter. A peer that does
  * not take all it is sent gets the rest when it can (EPOLLOUT) while the other side is
  * not read. The moment a chunk holds anything else (a fragment, a control or close
  * frame, a frame over the size cap, the end of the stream), the engine hands the
@@ -770,6 +777,37 @@ engine_frame(Tap *t, int leg, const unsigned char *f, Py_ssize_t at, Py_ssize_t 
                     : kernel_frame(t, opcode, length, head, hn, tail, tn);
 }
 
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* WsLimiter.take(size, 1.0) when it would answer 0.0: charges the buckets and returns 1;
+   else charges nothing and returns 0. Under the lock. */
+static int
+engine_charge(Tap *t, double size)
+{
+    double now = monotonic(), elapsed = now - t->lim_last;
+    double msgs = t->lim_msgs + elapsed * t->lim_mrate;
+    if (msgs > t->lim_mburst)
+        msgs = t->lim_mburst;
+    double bytes = t->lim_bytes + elapsed * t->lim_brate;
+    if (bytes > t->lim_bburst)
+        bytes = t->lim_bburst;
+    msgs -= 1.0;
+    bytes -= size;
+    if (!(msgs >= 0.0 && bytes >= 0.0))
+        return 0;
+    t->lim_msgs = msgs;
+    t->lim_bytes = bytes;
+    t->lim_last = now;
+    t->lim_ok = 1;
+    return 1;
+}
+
 /* How many bytes at the start of p (n bytes from leg) the engine relays itself, doing
    their bookkeeping: the rest of a frame it is in the middle of, then whole unfragmented
    data frames, then the start of one that continues in later reads. It stops before
@@ -811,6 +849,8 @@ engine_walk(Tap *t, int leg, const unsigned char *p, Py_ssize_t n, int *flags)
             at += 4;
         if (m < at || length > max)
             break;
+        if (leg == 0 && t->lim && !engine_charge(t, (double)length))
+            break; /* it would be throttled: the loop's limiter decides how */
         Py_ssize_t avail = m - at;
         int whole_chunk = !started && pos == 0 && (f[1] & 0x7F) != 127 &&
                           (uint64_t)avail == length;
@@ -981,7 +1021,7 @@ mid_frame(Tap *t, int leg)
 }
 
 /* What t has for the loop, as (exec_starts, exec_ends, activity, back, leg,
-   (to_client, to_upstream), chunk, (client_mid, upstream_mid)), and clears it. Under the lock (with the GIL: only the
+   (to_client, to_upstream), chunk, (client_mid, upstream_mid), bucket), and clears it. Under the lock (with the GIL: only the
    loop calls this). When the connection was handed back, the engine's frame state goes
    to the loop's scanners. */
 static PyObject *
@@ -1008,10 +1048,20 @@ engine_pending(Tap *t)
         mid = Py_NewRef(Py_None);
         rest = Py_NewRef(Py_None);
     }
+    PyObject *bucket = NULL;
+    if (t->owner == OWNER_LOOP && t->lim) { /* what the engine charged goes back too */
+        bucket = Py_BuildValue("(dddO)", t->lim_msgs, t->lim_bytes, t->lim_last,
+                               t->lim_ok ? Py_True : Py_False);
+        t->lim = 0;
+    }
+    else {
+        bucket = Py_NewRef(Py_None);
+    }
     PyObject *r = NULL;
-    if (rest && chunk && mid)
-        r = Py_BuildValue("(iiiiiOOO)", t->p_exec_start, t->p_exec_end, t->p_activity,
-                          t->p_back, t->p_leg, rest, chunk, mid);
+    if (rest && chunk && mid && bucket)
+        r = Py_BuildValue("(iiiiiOOOO)", t->p_exec_start, t->p_exec_end, t->p_activity,
+                          t->p_back, t->p_leg, rest, chunk, mid, bucket);
+    Py_XDECREF(bucket);
     Py_XDECREF(rest);
     Py_XDECREF(chunk);
     Py_XDECREF(mid);
@@ -1093,6 +1143,32 @@ Tap_engage(Tap *self, PyObject *args)
     self->quickack_fd = (char)quickack;
     ENGINE_UNLOCK();
     Py_XSETREF(self->cb[ON_PENDING], Py_NewRef(on_pending));
+    Py_RETURN_NONE;
+}
+
+/* Tap.limit(buckets): the client's limiter state for the engine, as (messages per second,
+   message burst, bytes per second, byte burst, messages left, bytes left, last charge),
+   or None for no limit. */
+static PyObject *
+Tap_limit(Tap *self, PyObject *state)
+{
+    double v[7];
+    if (state != Py_None && !PyArg_ParseTuple(state, "ddddddd:limit", &v[0], &v[1], &v[2],
+                                              &v[3], &v[4], &v[5], &v[6]))
+        return NULL;
+    ENGINE_LOCK();
+    self->lim = state != Py_None;
+    self->lim_ok = 0;
+    if (self->lim) {
+        self->lim_mrate = v[0];
+        self->lim_mburst = v[1];
+        self->lim_brate = v[2];
+        self->lim_bburst = v[3];
+        self->lim_msgs = v[4];
+        self->lim_bytes = v[5];
+        self->lim_last = v[6];
+    }
+    ENGINE_UNLOCK();
     Py_RETURN_NONE;
 }
 
@@ -1190,6 +1266,8 @@ static PyMethodDef Tap_methods[] = {
     {"engage", (PyCFunction)Tap_engage, METH_VARARGS,
      "engage(client_fd, upstream_fd, on_pending, quickack): sockets the engine may relay."},
     {"give", (PyCFunction)Tap_give, METH_NOARGS, "The engine reads both sockets from now on."},
+    {"limit", (PyCFunction)Tap_limit, METH_O,
+     "limit(buckets or None): the client's rate-limit state for the engine."},
     {"take", (PyCFunction)Tap_take, METH_NOARGS,
      "The loop reads both sockets again; True if the engine had them."},
 #endif

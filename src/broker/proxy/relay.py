@@ -510,6 +510,7 @@ class Relay:
     """
 
     __slots__ = (
+        "_bucket",
         "_client_paused",
         "_client_seen",
         "_closing",
@@ -578,7 +579,12 @@ class Relay:
         self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
         self._engine = self._engine_owned = self._holding = False
         self._give_timer: asyncio.TimerHandle | None = None
-        if self._fast and hooks.limiter is None:
+        # A rate limiter the engine can charge for (WsLimiter.buckets), or none at all.
+        self._bucket: Any = getattr(hooks.limiter, "__self__", None)
+        if self._bucket is not None and (not hasattr(self._bucket, "buckets")
+                                         or self._bucket.buckets() is None):
+            self._bucket = False
+        if self._fast and (hooks.limiter is None or self._bucket):
             self._engine = self._engage(tap)
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
@@ -626,6 +632,7 @@ class Relay:
         self.client.pause_reading()
         self.upstream.pause_reading()
         self._engine_owned = True
+        tap.limit(self._bucket.buckets() if self._bucket else None)
         tap.give()
 
     def _retry_give(self) -> None:
@@ -654,7 +661,7 @@ class Relay:
         """What the engine queued: executions and activity for the hooks, and, when it
         handed the connection back, where its scanners are, the bytes it relayed that a
         peer did not take yet, and a chunk it did not relay."""
-        starts, ends, activity, back, leg, rests, chunk, mid = pending
+        starts, ends, activity, back, leg, rests, chunk, mid, bucket = pending
         on_event = self.hooks.on_event
         for _ in range(starts):
             on_event(EXEC_START)
@@ -666,6 +673,8 @@ class Relay:
             return
         self._engine_owned = False
         tap = self.tap
+        if bucket is not None and self._bucket:  # what the engine charged the client
+            self._bucket.restore(*bucket)
         if mid is not None:
             for scanner, frame in zip((self.to_upstream, self.to_client), mid, strict=True):
                 if frame is not None:  # the engine is in the middle of a frame on this leg

@@ -36,14 +36,17 @@ Even with no Python per chunk, every chunk still costs the event loop a
 wakeup: an iteration of the loop, a callback into the protocol, the GIL
 released and taken around the poll. On one connection that is as much CPU
 as the relaying itself. So the compiled module also has an *engine*: one
-thread with its own epoll that relays engaged connections while they are in
-their steady state (whole frames, between frames, nothing of the loop's own
-waiting to be written, no rate limiter), without the GIL and without any
-Python object. Anything else hands the connection back to the loop with what
-it must do (a chunk to process, the rest of a frame to write, an end of
-stream to read); activity and execution timing reach the loop the same way,
-through an eventfd it watches. The relay gives the connection to the engine
-again when the steady state returns and takes it back before it writes
+thread with its own epoll that relays engaged connections while they carry
+unfragmented data frames (whole or spanning reads), without the GIL and
+without any Python object. It charges the client's rate limit itself while
+the buckets hold, and keeps what a slow peer has not taken yet while it
+stops reading the other side. Anything else hands the connection back to
+the loop with what it must do (a chunk to process, what a peer did not take
+yet, the frame the engine is in the middle of, an end of stream to read, a
+message the limiter must throttle); activity and execution timing reach the
+loop the same way, through an eventfd it watches. The relay gives the
+connection to the engine again when its scanners are between frames and
+nothing of its own waits to be written, and takes it back before it writes
 anything itself (heartbeats, closes). Linux only; ``BROKER_NO_ENGINE=1``
 keeps every connection on the loop.
 """
