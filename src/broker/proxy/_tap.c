@@ -342,24 +342,6 @@ Tap_kernel_frame(Tap *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-Tap_add(Tap *self, PyObject *args)
-{
-    int direction, channel;
-    long long size, messages = 1;
-    if (!PyArg_ParseTuple(args, "iiL|L", &direction, &channel, &size, &messages))
-        return NULL;
-    if (direction < 0 || direction > 1 || channel < 0 || channel >= NCHANNELS) {
-        PyErr_SetString(PyExc_IndexError, "no such direction or channel");
-        return NULL;
-    }
-    ENGINE_LOCK();
-    self->counts[direction][channel][0] += messages;
-    self->counts[direction][channel][1] += size;
-    ENGINE_UNLOCK();
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 Tap_take_counts(Tap *self, PyObject *Py_UNUSED(ignored))
 {
     long long counts[2][NCHANNELS][2];
@@ -1255,8 +1237,6 @@ static PyMethodDef Tap_methods[] = {
      "client_frame(opcode, length, head, tail) -> flags: a client data frame started."},
     {"kernel_frame", (PyCFunction)(void (*)(void))Tap_kernel_frame, METH_FASTCALL,
      "kernel_frame(opcode, length, head, tail) -> flags: a kernel data frame started."},
-    {"add", (PyCFunction)Tap_add, METH_VARARGS,
-     "add(direction, channel, size, messages=1): tally a message or more bytes of one."},
     {"take_counts", (PyCFunction)Tap_take_counts, METH_NOARGS,
      "The non-zero tallies as (direction, channel, messages, bytes), reset to zero."},
     {"wire", (PyCFunction)Tap_wire, METH_VARARGS,

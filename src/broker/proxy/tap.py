@@ -158,12 +158,6 @@ class PyTap:
         # [direction][channel] -> [messages, bytes]
         self._counts = [[[0, 0] for _ in CHANNELS] for _ in range(2)]
 
-    def add(self, direction: int, channel: int, size: int, messages: int = 1) -> None:
-        """Tally a message (or, with ``messages=0``, more bytes of one)."""
-        entry = self._counts[direction][channel]
-        entry[0] += messages
-        entry[1] += size
-
     def take_counts(self) -> list[tuple[int, int, int, int]]:
         """The non-zero tallies as ``(direction, channel, messages, bytes)``, reset to zero."""
         taken = []
