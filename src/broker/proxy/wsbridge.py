@@ -100,6 +100,9 @@ class KernelHooks(Hooks):
         if flags & EXEC_END and self.executions:
             self.metrics.execution_duration.observe(self.loop.time() - self.executions.popleft())
         if flags & ACTIVITY:
+            if self._flush_timer is not None:  # already ticking: its next flush writes it
+                self.tap.dirty = True
+                return
             self._note_activity()
             self.tap.ticking = True
             self._flush_timer = self.loop.call_later(FLUSH_EVERY, self._flush)
