@@ -3,8 +3,8 @@
 A connection lives on one replica, so its buckets are plain attributes of a
 :class:`WsLimiter` — no store, no lock, no await on the normal path. Two
 token buckets run side by side: messages per second and bytes per second
-(text frames are counted in characters, which equals bytes for the ASCII
-JSON Jupyter clients send). Oversized single messages are not this module's
+(a frame's payload bytes, as they cross the wire; the relay never decodes
+text). Oversized single messages are not this module's
 business: the relay's frame scanner closes those with 1009
 (``BROKER_WS_CLIENT_MAX_MESSAGE_SIZE``) before they are forwarded.
 
