@@ -132,7 +132,7 @@ async def test_whole_frames_go_through_the_engine_alone() -> None:
     wired.close()
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(16))
 async def test_the_engine_relays_what_the_python_relay_relays(seed: int) -> None:
     """Random kernel streams, cut and glued, with fragments and control frames: the far
     ends get the same bytes, and the tallies, reply state and events are the reference's."""
@@ -145,7 +145,10 @@ async def test_the_engine_relays_what_the_python_relay_relays(seed: int) -> None
     hooks.tap = PyTap()
     reference = Relay(Recorder(), Upstream(upstream, leg, None, b""), max_message=1 << 24,
                       heartbeat=0, hooks=hooks)
-    for to_kernel, chunk in interleave(rng, 80):
+    # Messages of a few KiB at most: a socket delivers each chunk in one read, so the
+    # engine peeks what the reference peeks. (What a frame longer than a read gets is
+    # the other tests' business; where a read ends is the kernel's choice.)
+    for to_kernel, chunk in interleave(rng, 80, largest=3000):
         assert await wired.send(to_kernel, chunk) == chunk
         (reference.from_client if to_kernel else reference.from_upstream)(chunk)
     await asyncio.sleep(0)

@@ -81,14 +81,14 @@ CHANNEL_NAMES = ["shell", "iopub", "control", "stdin", "other"]
 STATES = ["busy", "idle", "starting", "restarting", "dead"]
 
 
-def kernel_message(rng: random.Random) -> tuple[bytes, int]:
+def kernel_message(rng: random.Random, largest: int = 70000) -> tuple[bytes, int]:
     """A Jupyter message as a v1 binary or JSON text payload, sometimes far past the peek."""
     msg_type = rng.choice(MSG_TYPES)
     content: dict[str, Any] = {}
     if msg_type == "status":
         content = {"execution_state": rng.choice(STATES)}
     elif rng.random() < 0.3:
-        content = {"text": "x" * rng.choice([10, 600, 3000, 70000])}
+        content = {"text": "x" * rng.choice([n for n in (10, 600, 3000, 70000) if n <= largest])}
     msg = make_message(msg_type, content, channel=rng.choice(CHANNEL_NAMES))
     if rng.random() < 0.5:
         msg["parent_header"] = {"msg_id": "p" * rng.randrange(0, 700)}
@@ -100,12 +100,13 @@ def kernel_message(rng: random.Random) -> tuple[bytes, int]:
     return text.encode(), 1
 
 
-def stream_of(rng: random.Random, *, masked: bool, count: int) -> list[bytes]:
+def stream_of(rng: random.Random, *, masked: bool, count: int,
+              largest: int = 70000) -> list[bytes]:
     """``count`` frames, mostly whole kernel messages, some fragmented or control frames."""
     frames: list[bytes] = []
     for _ in range(count):
         roll = rng.random()
-        payload, opcode = kernel_message(rng)
+        payload, opcode = kernel_message(rng, largest)
         if roll < 0.08:  # a fragmented message: first part, continuation, final part
             a, b = sorted(rng.sample(range(1, len(payload)), 2)) if len(payload) > 3 else (1, 2)
             frames += [frame(payload[:a], opcode=opcode, masked=masked, fin=False, rng=rng),
@@ -243,10 +244,13 @@ def pair(monkeypatch: pytest.MonkeyPatch, *, max_message: int = 1 << 24,
             Side(False, max_message=max_message, delays=delays, monkeypatch=monkeypatch))
 
 
-def interleave(rng: random.Random, count: int) -> list[tuple[bool, bytes]]:
+def interleave(rng: random.Random, count: int,
+               largest: int = 70000) -> list[tuple[bool, bytes]]:
     """Client and kernel chunks in a random order (each direction in its own order)."""
-    up = [(True, c) for c in chunks_of(rng, stream_of(rng, masked=True, count=count))]
-    down = [(False, c) for c in chunks_of(rng, stream_of(rng, masked=False, count=count))]
+    up = [(True, c)
+          for c in chunks_of(rng, stream_of(rng, masked=True, count=count, largest=largest))]
+    down = [(False, c)
+            for c in chunks_of(rng, stream_of(rng, masked=False, count=count, largest=largest))]
     merged: list[tuple[bool, bytes]] = []
     while up or down:
         source = up if (up and (not down or rng.random() < 0.5)) else down

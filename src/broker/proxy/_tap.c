@@ -791,7 +791,8 @@ engine_charge(Tap *t, double size)
 }
 
 /* How many bytes at the start of p (n bytes from leg) the engine relays itself, doing
-   their bookkeeping: the rest of a frame it is in the middle of, then whole unfragmented
+   their bookkeeping (what the loop must hear of is queued per frame; *flags gathers the
+   frames' answers): the rest of a frame it is in the middle of, then whole unfragmented
    data frames, then the start of one that continues in later reads. It stops before
    anything else (control frames, fragments, a frame over the size cap, a header cut in
    two), which the loop then gets. */
@@ -838,6 +839,12 @@ engine_walk(Tap *t, int leg, const unsigned char *p, Py_ssize_t n, int *flags)
                           (uint64_t)avail == length;
         int fl = engine_frame(t, leg, f, at, (Py_ssize_t)length, avail, whole_chunk);
         *flags |= fl;
+        if (fl & EXEC_START) /* counted per frame: a read may hold several */
+            t->p_exec_start++;
+        if (fl & EXEC_END)
+            t->p_exec_end++;
+        if (fl & ACTIVITY)
+            t->p_activity = 1;
         if (leg == 1)
             t->mid_reply = (fl & MID_REPLY) != 0;
         started = 1;
@@ -887,12 +894,6 @@ engine_chunk(Tap *t, int leg)
             w = 0;
         }
     }
-    if (flags & EXEC_START)
-        t->p_exec_start++;
-    if (flags & EXEC_END)
-        t->p_exec_end++;
-    if (flags & ACTIVITY)
-        t->p_activity = 1;
     if (leg == 1 && t->mid_reply && t->quickack_fd) { /* as Relay.from_upstream does */
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
