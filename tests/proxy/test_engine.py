@@ -154,7 +154,8 @@ async def test_the_engine_relays_what_the_python_relay_relays(seed: int) -> None
     await asyncio.sleep(0)
     wired.relay._take()
     tap, ref = wired.hooks.tap, hooks.tap
-    assert (tap.busy, tap.owed, tap.owed_idle) == (ref.busy, ref.owed, ref.owed_idle)
+    assert (tap.busy, tap.owed, tap.owed_idle, tap.ticking, tap.dirty) == \
+        (ref.busy, ref.owed, ref.owed_idle, ref.ticking, ref.dirty)
     assert tap.take_counts() == ref.take_counts()
     assert bits(wired.hooks.events) == bits(hooks.events)
     assert wired.relay.handbacks > 0  # fragments and control frames went to Python
@@ -298,4 +299,18 @@ async def test_the_engine_charges_the_rate_limit_and_leaves_throttling_to_the_lo
     assert throttled  # the loop's limiter did the throttling
     assert wired.relay.handbacks >= len(throttled)
     assert wired.relay.slow_calls < 60  # and the engine relayed the rest
+    wired.close()
+
+
+async def test_activity_from_several_frames_of_one_read_is_noted_as_the_loop_notes_it() -> None:
+    """The first frame's activity is written at once and starts the flush timer; the
+    second, in the same read, is left for the timer (dirty), as the loop does it."""
+    wired = await Wired.open()
+    status = encode_v1(make_message("status", {"execution_state": "idle"}, channel="iopub"))
+    two = frame(status, opcode=2, masked=False) * 2
+    assert await wired.send(False, two) == two
+    await asyncio.sleep(0)
+    wired.relay._take()
+    assert wired.hooks.activity == 1
+    assert wired.hooks.tap.ticking and wired.hooks.tap.dirty
     wired.close()

@@ -217,7 +217,8 @@ state_of(const unsigned char *head, Py_ssize_t hn, const unsigned char *tail, Py
 static int
 activity(Tap *self)
 {
-    if (self->ticking) {
+    /* An activity the engine queued counts as ticking: the loop starts the timer. */
+    if (self->ticking || self->p_activity) {
         self->dirty = 1;
         return 0;
     }
