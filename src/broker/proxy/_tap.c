@@ -473,27 +473,57 @@ slow(PyObject *cb, PyObject *data)
     return r;
 }
 
-/* The length of a whole single frame that is all of data, or -1 (with *at at its payload). */
-static Py_ssize_t
-whole_frame(const unsigned char *p, Py_ssize_t n, int masked, Py_ssize_t *at)
+static uint64_t
+be64(const unsigned char *p)
 {
-    if (n < 2 || (p[0] != 0x81 && p[0] != 0x82) || ((p[1] & 0x80) != 0) != masked)
-        return -1;
-    Py_ssize_t length = p[1] & 0x7F, pos = 2;
-    if (length == 127)
-        return -1;
-    if (length == 126) {
-        if (n < 4)
-            return -1;
-        length = (p[2] << 8) | p[3];
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Whether f (m bytes) starts with the whole header of an unfragmented text or binary
+   frame, masked as this direction's are: then *length is its payload's and *at where
+   that payload starts. */
+static int
+data_header(const unsigned char *f, Py_ssize_t m, int masked, uint64_t *length,
+            Py_ssize_t *at)
+{
+    if (m < 2 || (f[0] != 0x81 && f[0] != 0x82) || ((f[1] & 0x80) != 0) != masked)
+        return 0;
+    uint64_t len = f[1] & 0x7F;
+    Py_ssize_t pos = 2;
+    if (len == 126) {
+        if (m < 4)
+            return 0;
+        len = ((uint64_t)f[2] << 8) | f[3];
         pos = 4;
+    }
+    else if (len == 127) {
+        if (m < 10)
+            return 0;
+        len = be64(f + 2);
+        pos = 10;
     }
     if (masked)
         pos += 4;
-    if (pos + length != n)
-        return -1;
+    if (m < pos)
+        return 0;
+    *length = len;
     *at = pos;
-    return length;
+    return 1;
+}
+
+/* FrameScanner's fast path: data is exactly one such frame, with a 7- or 16-bit
+   length. Its payload length (*at where it starts), or -1. */
+static Py_ssize_t
+whole_frame(const unsigned char *p, Py_ssize_t n, int masked, Py_ssize_t *at)
+{
+    uint64_t length;
+    if (!data_header(p, n, masked, &length, at) || (p[1] & 0x7F) == 127 ||
+        (uint64_t)(n - *at) != length)
+        return -1;
+    return (Py_ssize_t)length;
 }
 
 /* client_frame() for a whole masked frame at p (payload at at): the frame is written on
@@ -722,15 +752,6 @@ engine_flush(Tap *t, int i)
         engine_back(t, BACK_HANDED, i, NULL, 0);
 }
 
-static uint64_t
-be64(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v = (v << 8) | p[i];
-    return v;
-}
-
 /* Peeks and bookkeeping for a data frame starting at f whose payload (length bytes)
    begins at at, of which avail bytes are in this chunk, exactly as the Python relay
    would do them: FrameScanner's fast path when the frame is the whole chunk (7- or
@@ -812,30 +833,14 @@ engine_walk(Tap *t, int leg, const unsigned char *p, Py_ssize_t n, int *flags)
     }
     while (pos < n) {
         const unsigned char *f = p + pos;
-        Py_ssize_t m = n - pos;
-        if (m < 2 || (f[0] != 0x81 && f[0] != 0x82) || ((f[1] & 0x80) != 0) != masked)
-            break;
-        uint64_t length = f[1] & 0x7F;
-        Py_ssize_t at = 2;
-        if (length == 126) {
-            if (m < 4)
-                break;
-            length = ((uint64_t)f[2] << 8) | f[3];
-            at = 4;
-        }
-        else if (length == 127) {
-            if (m < 10)
-                break;
-            length = be64(f + 2);
-            at = 10;
-        }
-        if (masked)
-            at += 4;
-        if (m < at || length > max)
+        Py_ssize_t m = n - pos, at;
+        uint64_t length;
+        if (!data_header(f, m, masked, &length, &at) || length > max)
             break;
         if (leg == 0 && t->lim && !engine_charge(t, (double)length))
             break; /* it would be throttled: the loop's limiter decides how */
         Py_ssize_t avail = m - at;
+        /* What whole_frame() accepts, from what is parsed already. */
         int whole_chunk = !started && pos == 0 && (f[1] & 0x7F) != 127 &&
                           (uint64_t)avail == length;
         int fl = engine_frame(t, leg, f, at, (Py_ssize_t)length, avail, whole_chunk);
