@@ -579,12 +579,12 @@ class Relay:
         self.upstream.set_protocol(self.upstream_leg)  # (re-read by the transport)
         self._engine = self._engine_owned = self._holding = False
         self._give_timer: asyncio.TimerHandle | None = None
-        # A rate limiter the engine can charge for (WsLimiter.buckets), or none at all.
-        self._bucket: Any = getattr(hooks.limiter, "__self__", None)
-        if self._bucket is not None and (not hasattr(self._bucket, "buckets")
-                                         or self._bucket.buckets() is None):
-            self._bucket = False
-        if self._fast and (hooks.limiter is None or self._bucket):
+        # The limiter's buckets when the engine can charge them itself (a WsLimiter on
+        # the engine's clock); with any other limiter, connections stay on the loop.
+        limiter_of: Any = getattr(hooks.limiter, "__self__", None)
+        self._bucket: Any = (limiter_of if hasattr(limiter_of, "buckets")
+                             and limiter_of.buckets() is not None else None)
+        if self._fast and (hooks.limiter is None or self._bucket is not None):
             self._engine = self._engage(tap)
         if heartbeat:
             self._timer = self.loop.call_later(heartbeat, self._beat)
@@ -632,7 +632,7 @@ class Relay:
         self.client.pause_reading()
         self.upstream.pause_reading()
         self._engine_owned = True
-        tap.limit(self._bucket.buckets() if self._bucket else None)
+        tap.limit(self._bucket.buckets() if self._bucket is not None else None)
         tap.give()
 
     def _retry_give(self) -> None:
@@ -673,7 +673,7 @@ class Relay:
             return
         self._engine_owned = False
         tap = self.tap
-        if bucket is not None and self._bucket:  # what the engine charged the client
+        if bucket is not None and self._bucket is not None:  # what the engine charged
             self._bucket.restore(*bucket)
         if mid is not None:
             for scanner, frame in zip((self.to_upstream, self.to_client), mid, strict=True):
