@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from broker.errors import Unavailable
 from broker.models import Session, Status, hash_token, new_session_id, new_token
 from broker.store.base import EXPIRY_GRACE, MAX_EVENTS, TERMINAL_RETENTION, SessionStore
 from broker.store.crypto import TokenCipher
@@ -621,8 +622,10 @@ async def test_ping_fails_only_when_the_store_is_unusable(store: SessionStore) -
     if isinstance(store, RedisStore):
         gone = RedisStore(f"redis://127.0.0.1:{free_port()}/0", TokenCipher("x"))
         try:
-            with pytest.raises(aioredis.ConnectionError):
+            with pytest.raises(Unavailable) as refused:  # a 503, never a bare Redis error
                 await gone.ping()
+            assert refused.value.reason == "store_unavailable"
+            assert refused.value.headers["Retry-After"] == "5"
         finally:
             await gone.close()
 

@@ -103,7 +103,9 @@ DOCUMENT: dict[str, Any] = {
                 "to get that session back (200) while it is alive upstream; otherwise a new "
                 "session is created (201).",
                 "parameters": [{"name": "wait", "in": "query", "schema": {"type": "boolean"},
-                                "description": "Return once the session is ready or failed."}],
+                                "description": "Return once the session is ready or failed "
+                                "(never pending: 504 wait_timeout with the session id when "
+                                "its outcome is not known in time)."}],
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {
                     "type": "object", "additionalProperties": False,
                     "properties": {
@@ -122,7 +124,8 @@ DOCUMENT: dict[str, Any] = {
                             "on creation_rate)", "content": {"application/json": {"schema": {
                                 "$ref": "#/components/schemas/Error"}}}},
                     "503": {"description": "Capacity refusal: reason capacity or "
-                            "spec_capacity (Retry-After)", "content": {"application/json": {
+                            "spec_capacity; or the session store is unreachable: reason "
+                            "store_unavailable (Retry-After)", "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/Error"}}}},
                 },
             },
@@ -157,15 +160,20 @@ DOCUMENT: dict[str, Any] = {
                 "`:keepalive` comments, and a final `ready` event whose `url` is the broker's "
                 "`/s/{id}/` and whose `token` is a broker session token, or a `failed` event "
                 "with `status_code` (400 malformed spec, 403 denied, 429 rate limits, 503 "
-                "capacity, 502/504 upstream). The same visitor launching the same spec gets "
-                "its live session back. Providers: gh, gl, git, gist, zenodo, figshare, "
-                "dataverse, hydroshare, ckan.",
+                "capacity, 502/504 upstream). Each launch is a new session unless it proves "
+                "whose it is: a broker token of the session (`Authorization: token` or "
+                "`?token=`) brings that live session back with the same token. Providers: gh, "
+                "gl, git, gist, zenodo, figshare, dataverse, hydroshare, ckan.",
                 "parameters": [
                     {"name": "provider", "in": "path", "required": True,
                      "schema": {"type": "string"}},
                     {"name": "spec", "in": "path", "required": True,
                      "schema": {"type": "string"},
                      "description": "Provider-specific; may contain slashes (a gh ref)."},
+                    {"name": "token", "in": "query", "required": False,
+                     "schema": {"type": "string"},
+                     "description": "A broker token of a live session for this spec: that "
+                     "session comes back (a header `Authorization: token ...` works too)."},
                 ],
                 "responses": {"200": {"description": "Event stream",
                                       "content": {"text/event-stream": {}}}},
