@@ -667,7 +667,7 @@ async def test_redis_lock_is_shared_by_replicas_and_expires(
         await second.close()
 
 
-# -- extra tokens (/build reuse hands each launch its own token) -----------------------
+# -- extra tokens (a cookie-proven /build reuse hands each launch its own token) ---------
 
 
 async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
@@ -683,9 +683,10 @@ async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
     assert all(await asyncio.gather(*(store.add_token_hash(session.id, h, 3) for h in hashes)))
     stored = await store.get(session.id)
     assert sorted(stored.extra_token_hashes) == sorted(hashes)
-    assert await store.add_token_hash(session.id, "f" * 64, 3)
+    # A full list refuses: dropping a hash would invalidate a token already handed out.
+    assert not await store.add_token_hash(session.id, "f" * 64, 3)
     stored = await store.get(session.id)
-    assert len(stored.extra_token_hashes) == 3 and stored.extra_token_hashes[-1] == "f" * 64
+    assert sorted(stored.extra_token_hashes) == sorted(hashes)
     assert stored.token_hash == session.token_hash  # the first token is untouched
     assert not await store.add_token_hash("no-such-session", "b" * 64, 3)
 
