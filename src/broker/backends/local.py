@@ -131,7 +131,7 @@ class _Marked:
 
     @property
     def session_id(self) -> str:
-        return self.marker.rsplit("-", 1)[0]
+        return self.marker.partition("-")[0]  # ids are hex; the nonce may hold "-"
 
 
 def _scan_marked() -> list[_Marked]:
