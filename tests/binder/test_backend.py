@@ -194,7 +194,7 @@ async def test_binderhub_progress_never_names_the_upstream_server(
     messages = [e["message"] for e in result.events]
     assert "Server ready at [server]\n" in messages
     raw = result.raw.decode()
-    for secret in ("/user/", server.name, server.url, server.token, standin.url):
+    for secret in ("/user/", server.name, server.url, server.token, standin.url + "/"):
         assert secret not in raw
     # The session's own event log (native API) says the same.
     session_id = ready["url"].rstrip("/").rsplit("/", 1)[-1]
