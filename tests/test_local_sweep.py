@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import resource
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from broker.backends.base import Liveness, probe_server
 from broker.models import Status
+from tests.brokerproc import broker_process
 from tests.conftest import BrokerHarness, MakeBroker, pid_alive, wait_for_exit
 
 
@@ -163,3 +165,33 @@ def _marked_for(pid: int, session_id: str) -> bool:
             return f"JSB_SESSION_MARK={session_id}-".encode() in fh.read()
     except OSError:
         return False
+
+
+def _marked_pids(session_id: str) -> list[int]:
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _marked_for(pid, session_id)]
+
+
+async def test_start_up_sweep_stops_what_a_killed_memory_store_broker_left(
+    make_broker: MakeBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A memory-store broker SIGKILLed leaves its servers running (their records died
+    with it); the next broker on the same root stops them at start-up, and says so."""
+    root = tmp_path / "root"
+    async with aiohttp.ClientSession() as http, \
+            broker_process(tmp_path, {"BROKER_LOCAL_ROOT_DIR": str(root)}) as old:
+        async with http.post(f"{old.url}/api/v1/sessions", params={"wait": "true"}) as resp:
+            session = await resp.json()
+            assert resp.status == 201, session
+        orphans = _marked_pids(session["id"])
+        assert orphans
+        old.proc.send_signal(signal.SIGKILL)
+        await old.proc.wait()
+    assert all(pid_alive(pid) for pid in orphans)  # nothing else would ever stop them
+    with caplog.at_level(logging.WARNING, logger="broker.backends.local"):
+        await make_broker(local_root_dir=str(root))  # its reaper sweeps at start-up
+        for pid in orphans:
+            assert await wait_for_exit(pid, 20)
+    assert any(session["id"] in r.getMessage() and "no live session owns them" in
+               r.getMessage() for r in caplog.records)
+    assert not (root / session["id"]).exists()
