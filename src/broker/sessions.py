@@ -444,10 +444,9 @@ class SessionManager:
             event["retry_after"] = int(error.headers["Retry-After"])
         # Recorded and announced first: the cleanup may wait on the very upstream that
         # failed (a frozen hub), and clients must not wait with it.
-        try:
-            await self._persist(lambda: self.store.save(session), self.settings.spawn_timeout)
-            await self._persist(lambda: self.store.publish(session.id, event),
-                                self.settings.spawn_timeout)
+        try:  # for as long as the reaper would wait before calling the spawn lost
+            await self._persist(lambda: self.store.save(session), _ORPHAN_GRACE)
+            await self._persist(lambda: self.store.publish(session.id, event), _ORPHAN_GRACE)
         except BrokerError as exc:
             log.error("could not record the failure of session %s (%s); the reaper ends it "
                       "as spawn_lost", session.id, exc.message)
@@ -571,16 +570,33 @@ class SessionManager:
         """Like :meth:`wait`, also returning the final event (None on timeout).
 
         A failed spawn's event carries what the session record does not: the
-        refusal's HTTP ``status_code`` and ``retry_after``.
+        refusal's HTTP ``status_code`` and ``retry_after``. A store outage does
+        not end the wait early: the session is None if the store is still away
+        at the end.
         """
         final: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
-                async for event in self.store.subscribe(session_id):
-                    if event is not None and event.get("phase") in FINAL_PHASES:
-                        final = event
-                        break
-        return await self.store.get(session_id, include_expired=True), final
+                while final is None:
+                    try:
+                        async for event in self.store.subscribe(session_id):
+                            if event is not None and event.get("phase") in FINAL_PHASES:
+                                final = event
+                                break
+                        else:
+                            break  # the session is gone
+                    except Unavailable as exc:
+                        if exc.reason != "store_unavailable":
+                            raise
+                        # The store is away: the outcome may still come. Look again
+                        # until the limit (the caller answers 504 with the session id).
+                        await asyncio.sleep(1)
+        try:
+            return await self.store.get(session_id, include_expired=True), final
+        except Unavailable as exc:
+            if exc.reason != "store_unavailable":
+                raise
+            return None, final
 
     def events(
         self, session_id: str, keepalive: float = 15.0

@@ -145,3 +145,41 @@ async def test_redis_killed_and_restarted_under_traffic(
         )
     finally:
         redis.stop()
+
+
+async def test_wait_true_through_a_store_outage_gets_the_spawns_outcome(
+    make_broker: MakeBroker, tmp_path: Path, fault_table: Any
+) -> None:
+    """Redis dies while POST ?wait=true waits and stays away past the spawn timeout:
+    the answer is the spawn's own failure naming the session (never pending, never
+    500), and that failure is recorded once Redis is back."""
+    spawn_timeout = 4.0
+    redis = RedisProcess(tmp_path / "redis", persistent=True)
+    redis.start()
+    try:
+        broker = await make_broker(redis_url=redis.url, secret_key="chaos",
+                                   spawn_timeout=spawn_timeout)
+        request = asyncio.create_task(broker.create(wait=True))
+        await _until(broker.store.count_live)  # the session exists: its spawn is under way
+        redis.kill()
+        status, body = await asyncio.wait_for(request, spawn_timeout + 5 + LIMIT)
+        assert status == 504 and body["error"] == body["reason"] == "spawn_timeout", body
+        assert body["id"]
+        redis.start()
+
+        async def recorded() -> Any:
+            session = await broker.store.get(body["id"], include_expired=True)
+            return session if session is not None and session.status.terminal else None
+
+        session = await _until(recorded)
+        assert (session.status.value, session.ended_reason) == ("failed", "spawn_timeout")
+        fault_table.record(
+            fault="Redis down while a spawn is awaited (wait=true)",
+            injected="SIGKILL to redis-server (append-only file on) while POST ?wait=true "
+            "waited on a spawn; restarted after the spawn timeout",
+            clients_saw="504 spawn_timeout naming the session (never pending, never 500); "
+            "once Redis was back the session read failed spawn_timeout",
+            lost="the session that was spawning (its failure recorded when Redis returned)",
+        )
+    finally:
+        redis.stop()
