@@ -14,6 +14,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.api import openapi_agent
+from broker.api.openapi_agent import NAME_PATTERN
 
 routes = web.RouteTableDef()
 
@@ -27,6 +28,8 @@ _ERROR = {
     },
 }
 _TS = {"type": "string", "format": "date-time"}
+#: What parse_session_request accepts for ``spec``: no control characters.
+SPEC_PATTERN = "^[^\\u0000-\\u001f]*$"
 _SESSION = {
     "type": "object",
     "required": ["id", "status", "backend", "base_url", "ws_url", "created_at", "expires_at"],
@@ -109,16 +112,18 @@ DOCUMENT: dict[str, Any] = {
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {
                     "type": "object", "additionalProperties": False,
                     "properties": {
-                        "spec": {"type": "string", "maxLength": 1024,
-                                 "description": "What to launch, e.g. gh/owner/repo/ref."},
-                        "profile": {"type": "string"},
-                        "kernel_name": {"type": "string",
+                        "spec": {"type": "string", "maxLength": 1024, "pattern": SPEC_PATTERN,
+                                 "description": "What to launch, e.g. gh/owner/repo/ref. At "
+                                 "most 1024 characters (after trimming spaces), no control "
+                                 "characters (400 otherwise)."},
+                        "profile": {"type": "string", "pattern": NAME_PATTERN},
+                        "kernel_name": {"type": "string", "pattern": NAME_PATTERN,
                                         "description": "Default kernel for this session."},
                     }}}}},
                 "responses": {
                     "201": _session_ref("Created"),
                     "200": _session_ref("Reused"),
-                    **_errors(400, 403, 429, 502, 503, 504),
+                    **_errors(400, 403, 413, 429, 502, 503, 504),
                     "429": {"description": "Rate or quota refusal: reason creation_rate, "
                             "owner_sessions, spawn_concurrency (Retry-After; X-RateLimit-* "
                             "on creation_rate)", "content": {"application/json": {"schema": {
@@ -176,7 +181,15 @@ DOCUMENT: dict[str, Any] = {
                      "session comes back (a header `Authorization: token ...` works too)."},
                 ],
                 "responses": {"200": {"description": "Event stream",
-                                      "content": {"text/event-stream": {}}}},
+                                      "content": {"text/event-stream": {}}},
+                              "404": {"description": "No launch route: the path lacks a "
+                                      "provider or a spec (the router's JSON 404)",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Error"}}}},
+                              "405": {"description": "Not GET (HEAD too: a link checker must "
+                                      "not launch sessions); Allow: GET",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Error"}}}}},
             },
         },
         "/s/{sid}/api/…": {
