@@ -19,6 +19,7 @@ from broker import keys
 from broker.api import admin, execute, files, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
+from broker.api.page import add_page
 from broker.backends.base import Backend
 from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
@@ -195,4 +196,5 @@ def create_app(
     app.add_routes(openapi.routes)
     app.add_routes(admin.routes)
     app.add_routes(proxy_routes.routes)
+    add_page(app, settings)
     return app
