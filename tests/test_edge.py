@@ -157,6 +157,10 @@ async def test_connections_beyond_the_cap_are_refused_with_503(tmp_path: Path) -
                     break
                 await asyncio.sleep(0.1)
             assert status == 200
+            raw = await exchange(broker.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+            assert b'broker_limit_refusals_total{reason="too_many_connections"}' in raw
+            assert b'broker_limit_refusals_total{reason="too_many_connections"} 0.0' not in raw
         finally:
             for _, writer in idle:
                 writer.close()

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from aiohttp import web
 from pydantic import ValidationError
 
-from broker import __version__
+from broker import __version__, keys
 from broker.logs import AccessLogger, configure
 from broker.settings import Settings, describe_errors, settings_reference, unknown_variables
 
@@ -71,7 +71,9 @@ async def _run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     # The edge listens instead of a web.TCPSite: header/body timeouts and the
     # connection cap live in its connection protocol (see broker.edge).
-    edge = Edge(runner, settings, access_log_class=AccessLogger)
+    metrics = runner.app[keys.METRICS]
+    edge = Edge(runner, settings, on_refusal=metrics.limit_refused,
+                access_log_class=AccessLogger)
     try:
         host, port = await edge.listen(settings.host, settings.port)
         base = open_url(settings, host, port)

@@ -64,7 +64,9 @@ REFUSAL_REASONS = ("capacity", "owner_sessions", "rate_limited", "origin", "bad_
                    "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
 #: Reasons of ``broker_limit_refusals_total``: every limit of :mod:`broker.policy`.
 LIMIT_REASONS = ("creation_rate", "owner_sessions", "spec_capacity", "capacity",
-                 "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
+                 "spawn_concurrency", "kernels_per_session", "ws_rate", "denied",
+                 # The HTTP edge (broker.edge): connection cap and read timeouts.
+                 "too_many_connections", "header_timeout", "body_timeout")
 FAILURE_REASONS = ("upstream_failed", "spawn_timeout", "upstream_unreachable", "capacity",
                    "rate_limited", "internal")
 ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
