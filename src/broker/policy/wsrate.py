@@ -37,13 +37,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from broker.settings import Settings
 
 #: What ``take`` answers for sustained abuse: close with 1008.
 CLOSE = -1.0
+
+
+class Limiter(Protocol):
+    """What the relay charges each client data frame to (:class:`WsLimiter` is the one)."""
+
+    def take(self, size: int, messages: float = 1.0) -> float:
+        """0.0, seconds to pause reading, or :data:`CLOSE`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -141,25 +149,6 @@ class WsLimiter:
             self._since = None
             return 0.0
         return self._throttle(now, msgs, size_left)
-
-    def buckets(self) -> tuple[float, float, float, float, float, float, float] | None:
-        """The state the relay engine charges in C while it owns the connection: rates,
-        bursts, what is left, the last charge; None unless the clock is
-        ``time.monotonic`` (the engine's clock)."""
-        if self._clock is not time.monotonic:
-            return None
-        return (self._mrate, self._mburst, self._brate, self._bburst, self._msgs,
-                self._bytes, self._last)
-
-    def restore(self, msgs: float, size_left: float, last: float, charged: bool) -> None:
-        """Take back the buckets the engine charged (only ever within them: a charge that
-        would throttle comes here, to :meth:`take`); a charge that went through ends a
-        throttled spell, as one in :meth:`take` does."""
-        self._msgs = msgs
-        self._bytes = size_left
-        self._last = last
-        if charged:
-            self._since = None
 
     def _throttle(self, now: float, msgs: float, size_left: float) -> float:
         """The slow path: how long the debt takes to repay, or the close."""
