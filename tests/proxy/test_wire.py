@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
