@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench setup setup-test clean
+.PHONY: run test lint bench fault-table setup setup-test clean
 
 ## run: start the broker on its embedded defaults (local backend, memory store)
 run: $(VENV)/.runtime
@@ -12,6 +12,10 @@ run: $(VENV)/.runtime
 ## test: install everything the tests need (Redis, npm clients, ...) and run them all
 test: setup-test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## fault-table: run the fault suite (marker chaos) and rewrite its table in docs/operations.md
+fault-table: setup-test
+	BROKER_WRITE_FAULT_TABLE=1 $(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
 ## lint: ruff and mypy
 lint: setup-test

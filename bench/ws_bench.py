@@ -43,23 +43,21 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 import bench_limits
-from bench_chp import chp_version, start_chp, user_prefix
+from bench_cell import PROTOCOLS, CellResult, cells
+from bench_chp import start_chp, user_prefix
 from bench_clients import (
     V1,
     Result,
@@ -72,6 +70,7 @@ from bench_clients import (
     text_payload,
     wait_kernel_ready,
 )
+from bench_env import environment, load_average
 from bench_http import http_concurrent
 from bench_idle import IdleResult, idle_capacity, idle_footprint, raise_nofile
 from bench_procs import (
@@ -85,7 +84,7 @@ from bench_procs import (
     stop_pid,
     wait_http,
 )
-from bench_report import idle_report, report, verdict
+from bench_report import cell_report, idle_report, report, verdict
 from broker.models import Session, Status, hash_token, new_session_id
 from broker.store.crypto import TokenCipher
 from broker.store.redis import RedisStore
@@ -118,6 +117,8 @@ class Config:
     http_requests: int = 2000
     http_per_connection: int = 200
     kernel_round_trips: int = 200
+    cell_round_trips: int = 200
+    cell_protocols: tuple[str, ...] = PROTOCOLS
     max_seconds: float = 10.0
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
     kernel_protocol: str = "v1"
@@ -132,7 +133,7 @@ class Config:
 
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
          "binary_per_connection": 1, "http_requests": 200, "http_per_connection": 5,
-         "kernel_round_trips": 20, "max_seconds": 3.0,
+         "kernel_round_trips": 20, "cell_round_trips": 10, "max_seconds": 3.0,
          "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2}
 #: The REST call of scenarios h1 and h64 (a client polling its kernels).
 HTTP_PATH = "api/kernels"
@@ -221,11 +222,13 @@ async def kernel_target(http: aiohttp.ClientSession, world: World, target: Targe
 @dataclass
 class Outcome:
     results: list[Result] = field(default_factory=list)
+    cells: list[CellResult] = field(default_factory=list)
     idle: list[IdleResult] = field(default_factory=list)
 
 
 async def run(config: Config, world: World) -> Outcome:
-    want_kernel = any(s.startswith("d") for s in config.scenarios)
+    want_kernel = (any(s.startswith("d") for s in config.scenarios)
+                   or config.cell_round_trips > 0)
     echo_token, jupyter_token, broker_token = (secrets.token_urlsafe(24) for _ in range(3))
     secret = secrets.token_urlsafe(32)
     redis_port, broker_port = free_port(), free_port()
@@ -331,6 +334,16 @@ async def run(config: Config, world: World) -> Outcome:
                         {"upstream": [upstream], **proxy_pids["broker"]}), upstream),
                 ]
             outcome.results = await scenarios(http, config, echo_targets, kernel_targets)
+            if config.cell_round_trips > 0:
+                # What a page's client waits for, direct and through the broker (each
+                # node run starts its own kernel on the target's server).
+                progress("notebook cells with @jupyterlab/services: "
+                         + ", ".join(f"{t.name} {p}" for t in kernel_targets
+                                     if t.name in ("direct", "broker")
+                                     for p in config.cell_protocols))
+                outcome.cells = await cells(
+                    [t for t in kernel_targets if t.name in ("direct", "broker")],
+                    config.cell_protocols, config.cell_round_trips, config.max_seconds)
             if config.idle > 0:
                 outcome.idle = await idle(config, echo_targets)
         finally:
@@ -400,50 +413,6 @@ async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[
     return results
 
 
-# -- report ------------------------------------------------------------------------------------
-def environment() -> str:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "absent"
-
-    with open("/proc/loadavg") as fh:
-        load = " ".join(fh.read().split()[:3])
-    return (f"{os.cpu_count()} CPUs, load {load}; Python {platform.python_version()}, "
-            f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
-            f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
-            f"configurable-http-proxy {chp_version()}; broker {broker_revision()}, "
-            f"relay fast path {relay_fast_path()}")
-
-
-def relay_fast_path() -> str:
-    """Which Tap the broker runs: ``compiled`` (broker.proxy._tap) or ``python``.
-
-    The broker is started from this tree with no ``BROKER_*`` variable (so not
-    ``BROKER_NO_EXTENSIONS``): it runs the extension whenever it is built.
-    """
-    import importlib.util
-
-    built = importlib.util.find_spec("broker.proxy._tap") is not None
-    return "compiled" if built else "python (the C extension is not built)"
-
-
-def broker_revision() -> str:
-    """The commit the broker runs from, and whether src/ has uncommitted changes."""
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
-                               text=True, capture_output=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown revision"
-    if not head:
-        return "unknown revision"
-    return f"{head} + uncommitted changes in src/" if dirty else head
-
-
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -461,6 +430,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                         help="scenario h64 GET requests per connection (200)")
     parser.add_argument("--kernel-round-trips", type=int,
                         help="scenario d1 and d2 round trips each (200)")
+    parser.add_argument("--cell-round-trips", type=int,
+                        help="notebook cells timed with @jupyterlab/services under node, per "
+                        "target (direct, broker) and protocol (200; 0 skips them)")
+    parser.add_argument("--cell-protocols",
+                        help="comma-separated kernel protocols of the cell measurement "
+                        "(v1,json): v1 binary frames, the client's default, and/or JSON text")
     parser.add_argument("--max-seconds", type=float,
                         help="cap on each scenario's measured time per target (10)")
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
@@ -487,12 +462,18 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     for name in ("round_trips", "connections", "per_connection", "binary_messages",
                  "binary_per_connection", "http_requests", "http_per_connection",
-                 "kernel_round_trips", "max_seconds", "kernel_protocol", "client_ack",
+                 "kernel_round_trips", "cell_round_trips", "max_seconds", "kernel_protocol",
+                 "client_ack",
                  "idle", "idle_seconds", "json_path"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["limits"] = args.limits
     values["floor"] = args.floor
+    if args.cell_protocols:
+        protocols = tuple(p.strip() for p in args.cell_protocols.split(",") if p.strip())
+        if not protocols or any(p not in PROTOCOLS for p in protocols):
+            parser.error(f"--cell-protocols: choose from {list(PROTOCOLS)}")
+        values["cell_protocols"] = protocols
     if args.scenarios:
         chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
         unknown = [s for s in chosen if s not in SCENARIOS]
@@ -518,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     nofile = raise_nofile()  # before any child starts: they inherit it
-    print(f"# proxy benchmark: {environment()}; open files {nofile}", flush=True)
+    header = environment()  # before anything starts: the load is the machine's, not the run's
+    print(f"# proxy benchmark: {header}; open files {nofile}", flush=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
         world = World(Path(tmp))
@@ -535,17 +517,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             world.stop()
     print(f"# real-kernel frames: {config.kernel_protocol}, client ACKs: {config.client_ack}; "
-          "whole run "
-          f"{time.monotonic() - started:.1f} s\n")
+          f"whole run {time.monotonic() - started:.1f} s; load average at the end "
+          f"{load_average()[0]:.2f} (the run's own included)\n")
     labels = {s: SCENARIOS[s].format(connections=config.connections) for s in SCENARIOS}
     print(report(config.scenarios, labels, outcome.results))
+    if outcome.cells:
+        print("\n" + cell_report(outcome.cells, outcome.results, config.kernel_protocol))
     if outcome.idle:
         print("\n" + idle_report(outcome.idle))
-    print("\n" + verdict(outcome.results, outcome.idle, config.client_ack))
+    print("\n" + verdict(outcome.results, outcome.idle, config.client_ack, outcome.cells))
     if config.json_path:
         Path(config.json_path).write_text(json.dumps(
-            {"environment": environment(), "config": config.__dict__,
+            {"environment": header, "config": config.__dict__,
              "results": [r.as_dict() for r in outcome.results],
+             "cells": [r.as_dict() for r in outcome.cells],
              "idle": [r.as_dict() for r in outcome.idle]}, indent=2))
     return 0
 

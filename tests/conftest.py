@@ -15,6 +15,10 @@ Fixtures, by what they give you:
 ``broker``
     ``make_broker()`` with defaults: local backend, memory store.
 
+``fault_table``
+    Records what a fault test (marker ``chaos``) injected, what clients saw
+    and what was lost: the table in docs/operations.md (:mod:`tests.faulttable`).
+
 Helpers in :mod:`tests.kernelproto` speak the kernel protocol (JSON frames and
 the ``v1.kernel.websocket.jupyter.org`` binary frames).
 """
@@ -42,6 +46,8 @@ from broker.settings import Settings
 from broker.store.crypto import TokenCipher
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
+
+pytest_plugins = ["tests.faulttable"]
 
 
 class ManualClock:

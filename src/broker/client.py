@@ -12,6 +12,13 @@ kernel) without speaking the Jupyter protocol::
         await sandbox.upload("data.csv", b"a,b\\n1,2\\n")
         png = await sandbox.download("plot.png")
 
+Agent platforms that were given an API key pass ``api_key=``: the session
+then counts against that key's limits instead of the machine's address.
+Refusals that may pass later (429 rate limits, 503 capacity or a store
+outage) are retried, honouring the broker's ``Retry-After``, until
+``retry_budget`` seconds have been spent waiting; then they are raised.
+:class:`SyncAgentSession` offers the same calls for code that is not async.
+
 Leaving the ``async with`` block deletes the session unless ``keep=True``;
 keep it and save ``sandbox.token`` to get the same session (and kernel
 state) back later with ``AgentSession(url, token=saved_token)``. Refusals
@@ -25,12 +32,15 @@ at ``/api/v1/openapi.json`` and in ``docs/agents.md``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -42,7 +52,16 @@ __all__ = [
     "ExecutionResult",
     "FileInfo",
     "OutputEvent",
+    "SyncAgentSession",
 ]
+
+_T = TypeVar("_T")
+#: Statuses worth waiting out: the broker says when with ``Retry-After``.
+_RETRIED = frozenset({429, 503})
+#: Seconds to wait on a retryable refusal that named no ``Retry-After``.
+_DEFAULT_RETRY_AFTER = 1.0
+#: The Jupyter session path of the default kernel the execute API runs code on.
+DEFAULT_KERNEL_PATH = "broker-execute"
 
 _DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=10)
 #: Executions last as long as their own time limit; only the connect is bounded here.
@@ -159,10 +178,18 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    retry = resp.headers.get("Retry-After")
     raise BrokerClientError(resp.status, str(body.get("reason") or body.get("error") or "error"),
                             str(body.get("message") or resp.reason or ""),
-                            float(retry) if retry and retry.isdigit() else None)
+                            _retry_after(resp.headers.get("Retry-After")))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (the broker sends whole seconds; HTTP dates are not used)."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 class AgentSession:
@@ -173,7 +200,10 @@ class AgentSession:
     and creates a new one otherwise. ``keep``: leave the session running when
     the ``async with`` block ends (it still expires with the broker's max age
     and idle timeout). ``http``: an existing aiohttp session to use (not closed
-    by this object).
+    by this object). ``api_key``: the platform's key (``BROKER_API_KEYS`` on the
+    broker); it is sent only when creating or reusing a session, the session
+    token does the rest. ``retry_budget``: seconds this object may spend in
+    total waiting out 429/503 refusals (0 raises the first one).
     """
 
     def __init__(
@@ -185,8 +215,15 @@ class AgentSession:
         kernel_name: str = "",
         keep: bool = False,
         http: aiohttp.ClientSession | None = None,
+        api_key: str | None = None,
+        retry_budget: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.broker_url = broker_url.rstrip("/")
+        self.api_key = api_key
+        #: Seconds still available for waiting out 429/503 refusals.
+        self.retry_budget = retry_budget
+        self._sleep = sleep
         self.token = token
         self.spec = spec
         self.kernel_name = kernel_name
@@ -213,12 +250,43 @@ class AgentSession:
         return URL(f"{self.broker_url}/api/v1/sessions/{self.id}/" + "/".join(tail),
                    encoded=True)
 
+    @asynccontextmanager
+    async def _call(self, method: str, url: str | URL,
+                    **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One HTTP call; a 429/503 is waited out and retried while the budget lasts.
+
+        Only calls the broker refused before doing anything are retried (a
+        refusal is an answer, not a half-done call), so retrying never runs
+        code twice.
+        """
+        while True:
+            wait = _DEFAULT_RETRY_AFTER
+            async with self.http.request(method, url, **kwargs) as resp:
+                if resp.status not in _RETRIED:
+                    yield resp
+                    return
+                try:
+                    await _raise_for(resp)
+                except BrokerClientError as refusal:
+                    if refusal.retry_after is not None:
+                        wait = refusal.retry_after
+                    if wait > self.retry_budget:
+                        raise
+                    self.retry_budget -= wait
+            await self._sleep(wait)
+
     async def start(self) -> AgentSession:
         """Create the session (or get the earlier one back) and wait until it is ready."""
         body = {k: v for k, v in (("spec", self.spec), ("kernel_name", self.kernel_name)) if v}
-        async with self.http.post(f"{self.broker_url}/api/v1/sessions",
-                                  params={"wait": "true"}, json=body or None,
-                                  headers=self._headers()) as resp:
+        params = {"wait": "true"}
+        headers = self._headers()
+        if self.api_key:
+            # The key names the owner; an earlier session's token travels as ?token=.
+            headers = {"Authorization": f"Bearer {self.api_key}"}
+            if self.token:
+                params["token"] = self.token
+        async with self._call("POST", f"{self.broker_url}/api/v1/sessions", params=params,
+                              json=body or None, headers=headers) as resp:
             await _raise_for(resp)
             self.info = await resp.json()
             self.reused = resp.status == 200
@@ -234,7 +302,7 @@ class AgentSession:
         try:
             if self.id:
                 url = URL(f"{self.broker_url}/api/v1/sessions/{self.id}", encoded=True)
-                async with self.http.delete(url, headers=self._headers()) as resp:
+                async with self._call("DELETE", url, headers=self._headers()) as resp:
                     if resp.status != 404:  # already gone is fine
                         await _raise_for(resp)
         finally:
@@ -279,9 +347,9 @@ class AgentSession:
         ``timeout``: seconds before the broker interrupts the code (its default
         and cap are broker settings); the result then has status ``timeout``.
         """
-        async with self.http.post(self._url("execute"), headers=self._headers(),
-                                  json=self._execute_body(code, timeout, kernel_name),
-                                  timeout=_EXECUTE_TIMEOUT) as resp:
+        async with self._call("POST", self._url("execute"), headers=self._headers(),
+                              json=self._execute_body(code, timeout, kernel_name),
+                              timeout=_EXECUTE_TIMEOUT) as resp:
             await _raise_for(resp)
             return ExecutionResult.from_json(await resp.json())
 
@@ -290,9 +358,9 @@ class AgentSession:
                      ) -> AsyncIterator[OutputEvent | ExecutionResult]:
         """Run code and yield each output as it arrives, then the :class:`ExecutionResult`."""
         headers = {**self._headers(), "Accept": "text/event-stream"}
-        async with self.http.post(self._url("execute"), headers=headers,
-                                  json=self._execute_body(code, timeout, kernel_name),
-                                  timeout=_EXECUTE_TIMEOUT) as resp:
+        async with self._call("POST", self._url("execute"), headers=headers,
+                              json=self._execute_body(code, timeout, kernel_name),
+                              timeout=_EXECUTE_TIMEOUT) as resp:
             await _raise_for(resp)
             data_lines: list[str] = []
             async for raw in resp.content:
@@ -313,6 +381,26 @@ class AgentSession:
                     yield OutputEvent(kind, event)
         raise BrokerClientError(502, "stream_ended", "The stream ended without a result")
 
+    async def restart_kernel(self) -> bool:
+        """Restart the session's default kernel (its variables are lost, its files kept).
+
+        Returns False when no code has run yet (there is no default kernel to
+        restart). Goes through the session's Jupyter API (``base_url``), where
+        the default kernel is the Jupyter session at path ``broker-execute``.
+        """
+        base = str(self.info.get("base_url", ""))
+        async with self._call("GET", f"{base}api/sessions", headers=self._headers()) as resp:
+            await _raise_for(resp)
+            listed = await resp.json()
+        kernel = next((s.get("kernel") or {} for s in listed
+                       if s.get("path") == DEFAULT_KERNEL_PATH), None)
+        if not kernel or not kernel.get("id"):
+            return False
+        async with self._call("POST", f"{base}api/kernels/{kernel['id']}/restart",
+                              headers=self._headers()) as resp:
+            await _raise_for(resp)
+        return True
+
     # -- files ---------------------------------------------------------------------
     @staticmethod
     def _path(path: str) -> str:
@@ -321,16 +409,16 @@ class AgentSession:
     async def upload(self, path: str, data: bytes | str) -> FileInfo:
         """Write a file (parent directories are created); ``str`` is stored as UTF-8."""
         payload = data.encode() if isinstance(data, str) else data
-        async with self.http.put(self._url("files", self._path(path)), data=payload,
-                                 headers={**self._headers(),
-                                          "Content-Type": "application/octet-stream"}) as resp:
+        async with self._call("PUT", self._url("files", self._path(path)), data=payload,
+                              headers={**self._headers(),
+                                       "Content-Type": "application/octet-stream"}) as resp:
             await _raise_for(resp)
             return FileInfo.from_json(await resp.json())
 
     async def download(self, path: str) -> bytes:
         """A file's exact bytes."""
-        async with self.http.get(self._url("files", self._path(path)),
-                                 headers=self._headers()) as resp:
+        async with self._call("GET", self._url("files", self._path(path)),
+                              headers=self._headers()) as resp:
             await _raise_for(resp)
             return await resp.read()
 
@@ -338,12 +426,136 @@ class AgentSession:
         """The entries of a directory ('' is the session's working directory)."""
         tail = self._path(path).rstrip("/")
         url = self._url("files", tail + "/") if tail else self._url("files")
-        async with self.http.get(url, headers=self._headers()) as resp:
+        async with self._call("GET", url, headers=self._headers()) as resp:
             await _raise_for(resp)
             return [FileInfo.from_json(e) for e in (await resp.json())["entries"]]
 
     async def delete_file(self, path: str) -> None:
         """Remove a file or an empty directory."""
-        async with self.http.delete(self._url("files", self._path(path)),
-                                    headers=self._headers()) as resp:
+        async with self._call("DELETE", self._url("files", self._path(path)),
+                              headers=self._headers()) as resp:
             await _raise_for(resp)
+
+
+class SyncAgentSession:
+    """:class:`AgentSession` for code that is not async (scripts, most agent frameworks).
+
+    Every call runs on an event loop in a thread of this object's own, so it
+    works the same from plain code and from inside a running loop (a notebook).
+    Use it as a context manager, or call :meth:`close` (or :meth:`detach` to
+    keep the session), which also stops the thread. Arguments are those of
+    :class:`AgentSession`.
+    """
+
+    def __init__(self, broker_url: str, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="broker-client", daemon=True)
+        self._thread.start()
+        self._async = AgentSession(broker_url, **kwargs)
+
+    def _run(self, call: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(call, self._loop).result()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return self._async.id
+
+    @property
+    def token(self) -> str | None:
+        """The session token (save it to get the session back later)."""
+        return self._async.token
+
+    @property
+    def reused(self) -> bool:
+        """True when an earlier session was handed back."""
+        return self._async.reused
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The broker's description of the session."""
+        return self._async.info
+
+    def start(self) -> SyncAgentSession:
+        """Create the session (or get the earlier one back) and wait until it is ready."""
+        self._run(self._async.start())
+        return self
+
+    def execute(self, code: str, *, timeout: float | None = None,
+                kernel_name: str | None = None) -> ExecutionResult:
+        """Run code on the session's kernel; see :meth:`AgentSession.execute`."""
+        return self._run(self._async.execute(code, timeout=timeout, kernel_name=kernel_name))
+
+    def stream(self, code: str, *, timeout: float | None = None,
+               kernel_name: str | None = None) -> Iterator[OutputEvent | ExecutionResult]:
+        """Run code and yield each output as it arrives, then the result."""
+        events = self._async.stream(code, timeout=timeout, kernel_name=kernel_name)
+
+        async def following() -> OutputEvent | ExecutionResult | None:
+            return await anext(events, None)
+
+        async def stop() -> None:
+            aclose = getattr(events, "aclose", None)  # an async generator's
+            if aclose is not None:
+                await aclose()
+
+        try:
+            while (event := self._run(following())) is not None:
+                yield event
+        finally:
+            self._run(stop())
+
+    def restart_kernel(self) -> bool:
+        """Restart the default kernel; see :meth:`AgentSession.restart_kernel`."""
+        return self._run(self._async.restart_kernel())
+
+    def upload(self, path: str, data: bytes | str) -> FileInfo:
+        """Write a file; see :meth:`AgentSession.upload`."""
+        return self._run(self._async.upload(path, data))
+
+    def download(self, path: str) -> bytes:
+        """A file's exact bytes."""
+        return self._run(self._async.download(path))
+
+    def list_files(self, path: str = "") -> list[FileInfo]:
+        """The entries of a directory ('' is the session's working directory)."""
+        return self._run(self._async.list_files(path))
+
+    def delete_file(self, path: str) -> None:
+        """Remove a file or an empty directory."""
+        self._run(self._async.delete_file(path))
+
+    def close(self) -> None:
+        """Delete the session and stop the client's thread."""
+        try:
+            self._run(self._async.close())
+        finally:
+            self._stop()
+
+    def detach(self) -> None:
+        """Leave the session running (keep :attr:`token`) and stop the client's thread."""
+        try:
+            self._run(self._async.aclose_http())
+        finally:
+            self._stop()
+
+    def __enter__(self) -> SyncAgentSession:
+        try:
+            return self.start()
+        except BaseException:
+            self.detach()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._async.keep:
+            self.detach()
+        else:
+            self.close()
