@@ -44,10 +44,10 @@ from aiohttp import web
 from yarl import URL
 
 from broker import keys
-from broker.errors import BadRequest, NotFound, UpstreamFailed
+from broker.errors import BadRequest, NotFound, RateLimited, UpstreamFailed
 from broker.metrics import CHANNELS, Direction, Metrics
 from broker.models import Session
-from broker.policy.wsrate import Limiter, WsLimits
+from broker.policy.wsrate import Limiter, SessionWsBudgets, WsLimiter, WsLimits
 from broker.proxy import wire
 from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START
 from broker.proxy.paths import join
@@ -153,6 +153,44 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     loop = asyncio.get_running_loop()
     started = loop.time()
     key = _check_upgrade(request)
+    budgets = request.app[keys.WS_BUDGETS]
+    admitted, shared = budgets.open(session.id)
+    if not admitted:
+        metrics.limit_refused("ws_rate")
+        raise RateLimited(
+            f"This session already has {settings.ws_session_max_connections} kernel "
+            "WebSockets open; close one first", reason="too_many_websockets", retry_after=5)
+    slot = _Slot(budgets, session.id)
+    try:
+        return await _bridge(request, session, remainder, key, shared, slot, started)
+    except BaseException:
+        slot.release()
+        raise
+
+
+class _Slot:
+    """A connection's place in its session's count; released once, whichever path ends it."""
+
+    __slots__ = ("budgets", "session_id")
+
+    def __init__(self, budgets: SessionWsBudgets | None, session_id: str) -> None:
+        self.budgets = budgets
+        self.session_id = session_id
+
+    def release(self) -> None:
+        budgets, self.budgets = self.budgets, None
+        if budgets is not None:
+            budgets.close(self.session_id)
+
+
+async def _bridge(request: web.Request, session: Session, remainder: str, key: str,
+                  shared: WsLimiter | None, slot: _Slot, started: float
+                  ) -> web.StreamResponse:
+    """:func:`bridge` once the connection is admitted (its slot is released on failure)."""
+    settings = request.app[keys.SETTINGS]
+    manager = request.app[keys.MANAGER]
+    metrics = manager.metrics
+    loop = asyncio.get_running_loop()
     offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
                for p in header.split(",") if p.strip()]
     http_url = join(session.upstream_url, remainder)
@@ -182,8 +220,8 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
         raise
     module = wire.select(settings.ws_relay_compiled)
     hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
-                        limiter=_limiter_for(request), module=module)
-    connection = _Connection(manager, session.id, loop.time())
+                        limiter=_limiter_for(request, shared), module=module)
+    connection = _Connection(manager, session.id, loop.time(), slot)
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
                   heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
                   max_client_message=settings.ws_client_max_message_size, client_leg=leg,
@@ -260,17 +298,20 @@ class _Connection:
     """One relayed kernel WebSocket's bookkeeping, after the handler has returned.
 
     The handler returns as soon as the relay owns the sockets (see
-    :func:`_hand_over`): a suspended handler kept aiohttp's request, task and
+    :func:`_take_over`): a suspended handler kept aiohttp's request, task and
     middleware frames alive for the connection's whole life, several KiB per
     idle connection. What must happen at the end (the session's closer
-    unregistered, the open-connections gauge, a log line) happens here, from
+    unregistered, the session's connection slot, the open-connections gauge, a
+    log line) happens here, from
     the relay's ``on_done``.
     """
 
-    __slots__ = ("_unregister", "manager", "relay", "session_id", "started")
+    __slots__ = ("_unregister", "manager", "relay", "session_id", "slot", "started")
 
-    def __init__(self, manager: SessionManager, session_id: str, started: float) -> None:
+    def __init__(self, manager: SessionManager, session_id: str, started: float,
+                 slot: _Slot) -> None:
         self.manager = manager
+        self.slot = slot
         self.session_id = session_id
         self.started = started
         self.relay: Relay | None = None
@@ -289,6 +330,7 @@ class _Connection:
             self.relay.finish(code, reason)
 
     def ended(self) -> None:
+        self.slot.release()
         relay, self.relay = self.relay, None
         if self._unregister is not None:
             self._unregister()
@@ -300,15 +342,16 @@ class _Connection:
                      self.session_id, code, reason, relay.loop.time() - self.started)
 
 
-def _limiter_for(request: web.Request) -> Limiter | None:
+def _limiter_for(request: web.Request, shared: WsLimiter | None = None) -> Limiter | None:
     """The per-connection client message limiter, when limits are configured.
 
     A fresh :class:`~broker.policy.wsrate.WsLimiter` per connection (see that
-    module for the contract). Metrics are touched on its slow path only.
+    module for the contract), charging ``shared`` (the session's aggregate
+    budget) too. Metrics are touched on its slow path only.
     """
     limits = WsLimits.from_settings(request.app[keys.SETTINGS])
     if limits is None:
-        return None
+        return shared  # the session's budget alone, or nothing on the hot path
     metrics = request.app[keys.MANAGER].metrics
     return limits.new(on_throttle=metrics.ws_throttled.inc,
-                      on_close=lambda: metrics.limit_refused("ws_rate"))
+                      on_close=lambda: metrics.limit_refused("ws_rate"), parent=shared)
