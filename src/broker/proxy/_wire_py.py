@@ -399,12 +399,12 @@ class FrameScanner:
             fin = (b0 & 0x80) != 0
             if self.server and not self._check_header(b0, b1, opcode, fin, length, pos - base):
                 return frames
+            total = length if opcode != OP_CONT else self.message_length + length
+            if total > self.max_message:  # (also bounds what a 64-bit length may claim)
+                self._fail(1009, "message too big", pos - base)
+                return frames
             self._key = data[at:at + 4] if b1 & 0x80 else b""
             if opcode < OP_CLOSE:  # data or continuation: counts towards the message
-                total = length if opcode != OP_CONT else self.message_length + length
-                if total > self.max_message:
-                    self._fail(1009, "message too big", pos - base)
-                    return frames
                 self.message_length = 0 if fin else total
                 self._fragmented = not fin
                 if opcode != OP_CONT:
