@@ -2,7 +2,7 @@
 
 Usage::
 
-    make bench BENCH_ARGS="--json /tmp/run.json" > /tmp/run.txt
+    make -s bench BENCH_ARGS="--json /tmp/run.json" > /tmp/run.txt
     .venv/bin/python bench/bench_docs.py /tmp/run.txt /tmp/run.json
 
 The run's stdout replaces the fenced block under "## One run on this machine"
@@ -86,9 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("report", type=Path, help="the run's stdout")
     parser.add_argument("json", type=Path, help="the run's --json file")
     args = parser.parse_args(argv)
-    report = args.report.read_text()
-    if not report.startswith("# proxy benchmark: "):
+    text = args.report.read_text()
+    # `make bench` may print its set-up commands first: the report starts at its header.
+    start = text.find("# proxy benchmark: ")
+    if start < 0:
         parser.error(f"{args.report} is not a benchmark report")
+    report = text[start:]
     run = json.loads(args.json.read_text())
     DOC.write_text(replace_run(DOC.read_text(), report))
     README.write_text(replace_table(README.read_text(), readme_table(run)))

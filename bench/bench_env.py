@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -52,10 +53,16 @@ def machine_state() -> str:
             f"on {cpus} CPUs; loaded from {LOADED_PER_CPU * cpus:.2f})")
 
 
-def relay_path() -> str:
-    """``compiled (<modules>)`` or ``pure Python``: what the broker's relay imports."""
+def relay_path(broker_env: Mapping[str, str]) -> str:
+    """``compiled (<modules>)`` or ``pure Python``: what the broker's relay imports.
+
+    Loaded is not necessarily used (a setting may select the Python build of
+    a module whose compiled build is imported): the run also prints what the
+    running broker's ``/versions`` says about its relay.
+    """
     try:
-        done = subprocess.run([python(), "-c", _PROBE], cwd=ROOT, env=clean_env(), text=True,
+        done = subprocess.run([python(), "-c", _PROBE], cwd=ROOT, env=clean_env(**broker_env),
+                              text=True,
                               capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown ({exc})"
@@ -79,7 +86,7 @@ def broker_revision() -> str:
     return f"{head} + uncommitted changes in src/" if dirty else head
 
 
-def environment() -> str:
+def environment(broker_env: Mapping[str, str]) -> str:
     """One header line: machine state, versions, the broker's commit and relay path."""
     def version(dist: str) -> str:
         try:
@@ -91,4 +98,4 @@ def environment() -> str:
             f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
             f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
             f"configurable-http-proxy {chp_version()}, @jupyterlab/services "
-            f"{client_version()}; broker {broker_revision()}, relay {relay_path()}")
+            f"{client_version()}; broker {broker_revision()}, relay {relay_path(broker_env)}")

@@ -127,6 +127,8 @@ class Config:
     idle_seconds: float = 60.0
     idle_settle: float = 1.0
     json_path: str = ""
+    #: (name, value) pairs added to the broker's environment (BROKER_* settings).
+    broker_env: tuple[tuple[str, str], ...] = ()
     limits: bool = False
     floor: bool = False
 
@@ -224,6 +226,8 @@ class Outcome:
     results: list[Result] = field(default_factory=list)
     cells: list[CellResult] = field(default_factory=list)
     idle: list[IdleResult] = field(default_factory=list)
+    #: The running broker's GET /versions.
+    versions: dict[str, Any] = field(default_factory=dict)
 
 
 async def run(config: Config, world: World) -> Outcome:
@@ -274,7 +278,7 @@ async def run(config: Config, world: World) -> Outcome:
                       BROKER_MAX_SESSIONS_PER_OWNER="0",
                       # The echo session is injected, not spawned by this broker's
                       # local backend: its reconciliation sweep would (rightly) end it.
-                      BROKER_REAP_INTERVAL="3600")))
+                      BROKER_REAP_INTERVAL="3600", **dict(config.broker_env))))
     broker_url = f"http://127.0.0.1:{broker_port}"
 
     echo_port = int((await read_line(echo, "port ", START_TIMEOUT)).split()[1])
@@ -291,6 +295,9 @@ async def run(config: Config, world: World) -> Outcome:
     chp_echo = await chp.add_user(ECHO_USER, echo_origin)
     chp_kernel = await chp.add_user(KERNEL_USER, jupyter_url) if jupyter_url else ""
     await wait_http(broker, f"{broker_url}/health", START_TIMEOUT)
+    outcome = Outcome()
+    async with aiohttp.ClientSession() as http, http.get(f"{broker_url}/versions") as resp:
+        outcome.versions = await resp.json()
     if jupyter is not None:
         await wait_http(jupyter, f"{jupyter_url}{kernel_prefix[1:]}api/status", START_TIMEOUT,
                         {"Authorization": f"token {jupyter_token}"})
@@ -309,7 +316,6 @@ async def run(config: Config, world: World) -> Outcome:
         raw_port = int((await read_line(raw, "port ", START_TIMEOUT)).split()[1])
         echo_targets.append(Target("raw", f"http://127.0.0.1:{raw_port}{echo_prefix}",
                                    echo_token, {"upstream": [echo.pid], "proxy": [raw.pid]}))
-    outcome = Outcome()
     async with aiohttp.ClientSession() as http:
         kernel_targets: list[Target] = []
         real: dict[str, Any] = {}
@@ -457,6 +463,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--floor", action="store_true",
                         help="add a 'raw' target for the echo scenarios: a relay that only "
                         "copies bytes (bench/raw_relay.py), the floor for a proxy in Python")
+    parser.add_argument("--broker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a BROKER_* setting for the broker under test (repeatable), e.g. "
+                        "the relay's pure-Python switch; the header names every one")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     args = parser.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -468,6 +477,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["limits"] = args.limits
+    pairs = [item.partition("=") for item in args.broker_env]
+    if any(not name.startswith("BROKER_") or not sep for name, sep, _ in pairs):
+        parser.error("--broker-env takes BROKER_<NAME>=<value>")
+    values["broker_env"] = tuple((name, value) for name, _, value in pairs)
     values["floor"] = args.floor
     if args.cell_protocols:
         protocols = tuple(p.strip() for p in args.cell_protocols.split(",") if p.strip())
@@ -499,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     nofile = raise_nofile()  # before any child starts: they inherit it
-    header = environment()  # before anything starts: the load is the machine's, not the run's
+    # Before anything starts: the load is the machine's, not the run's.
+    header = environment(dict(config.broker_env))
     print(f"# proxy benchmark: {header}; open files {nofile}", flush=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
@@ -516,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         finally:
             world.stop()
+    relay = {k: v for k, v in outcome.versions.items() if "relay" in k.lower()}
+    print(f"# broker GET /versions: {json.dumps(relay) if relay else 'no relay field'}; broker "
+          f"settings from --broker-env: {dict(config.broker_env) or 'none'}")
     print(f"# real-kernel frames: {config.kernel_protocol}, client ACKs: {config.client_ack}; "
           f"whole run {time.monotonic() - started:.1f} s; load average at the end "
           f"{load_average()[0]:.2f} (the run's own included)\n")
@@ -528,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + verdict(outcome.results, outcome.idle, config.client_ack, outcome.cells))
     if config.json_path:
         Path(config.json_path).write_text(json.dumps(
-            {"environment": header, "config": config.__dict__,
+            {"environment": header, "config": config.__dict__, "versions": outcome.versions,
              "results": [r.as_dict() for r in outcome.results],
              "cells": [r.as_dict() for r in outcome.cells],
              "idle": [r.as_dict() for r in outcome.idle]}, indent=2))

@@ -22,7 +22,8 @@ What it does, as BinderHub does it:
 * Phases ``waiting`` → ``fetching`` → ``building`` (log lines, one with a
   capitalised phase, one without a phase, one with an unknown phase) →
   ``pushing`` → ``built`` (``imageName``) → ``launching`` (hub progress,
-  "Launch attempt N failed, retrying...") → ``ready`` with every ready
+  "Launch attempt N failed, retrying...", "Server ready at /user/{name}/")
+  → ``ready`` with every ready
   field. A repo/ref built before starts at ``built`` ("Found built image,
   launching...").
 * ``:keepalive`` comments every ``keepalive`` seconds; after a *build* the
@@ -282,6 +283,9 @@ class BinderStandin:
         await self._emit(response, launch, {"phase": "launching",
                                             "message": "Launching server...\n"})
         server = await self._launch_server(response, launch, repo_url)
+        # BinderHub relays the hub's progress, whose last message names the server's path.
+        await self._emit(response, launch, {"phase": "launching",
+                                            "message": f"Server ready at /user/{server.name}/\n"})
         ready = {
             "phase": "ready",
             "message": f"server running at {server.url}\n",

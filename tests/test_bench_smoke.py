@@ -88,6 +88,8 @@ def test_header_says_how_loaded_the_machine_was_and_which_relay_ran(bench_output
     assert re.search(r"relay (compiled \(broker\.[\w.]+(, broker\.[\w.]+)*\)|pure Python)",
                      header), header
     assert re.search(r"@jupyterlab/services \d+\.\d+\.\d+", header), header
+    assert any(line.startswith("# broker GET /versions: ")
+               for line in bench_output.splitlines()), bench_output
 
 
 def test_every_scenario_has_numbers_for_every_target(bench_output: str) -> None:

@@ -189,12 +189,24 @@ async def test_idle_sessions_are_culled_but_busy_ones_are_not(
     assert still.status is Status.READY and still.last_activity == clock.now
 
 
-async def test_reaper_reconciles_sessions_whose_upstream_is_gone(broker: BrokerHarness) -> None:
-    """A server that stopped answering is found by the sweep, not only on reuse."""
+async def test_reaper_reconciles_sessions_whose_upstream_is_gone(
+    make_broker: MakeBroker, clock: ManualClock
+) -> None:
+    """A server that stopped answering is found by the sweep, not only on reuse,
+    but only after BROKER_REAP_PROBE_FAILURES failed probes spanning
+    BROKER_REAP_PROBE_WINDOW seconds: one failed probe is not death."""
+    broker = await make_broker(clock=clock, reap_probe_failures=3, reap_probe_window=60)
     healthy, deaf = await asyncio.gather(broker.ready_session(), broker.ready_session())
     pid = await _server_pid(broker, deaf["id"])
     os.kill(pid, signal.SIGSTOP)
     try:
+        assert await broker.manager.reap_once() == 0  # 1 failure
+        clock.advance(59)
+        assert await broker.manager.reap_once() == 0  # 3 failures would be enough...
+        assert await broker.manager.reap_once() == 0  # ...but they span only 59 s
+        still = await broker.store.get(deaf["id"])
+        assert still.status is Status.READY
+        clock.advance(1)
         assert await broker.manager.reap_once() == 1
         ended = await broker.store.get(deaf["id"], include_expired=True)
         assert ended.status is Status.STOPPED and ended.ended_reason == "upstream_gone"

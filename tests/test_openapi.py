@@ -83,3 +83,48 @@ async def test_openapi_documents_agent_responses(make_broker: MakeBroker) -> Non
         assert resp.status == 400 and "400" in files_doc["get"]["responses"]
     async with broker.http.delete(f"{base}/files/dir/a.txt", headers=auth) as resp:
         assert str(resp.status) in files_doc["delete"]["responses"]
+
+
+async def test_openapi_agrees_with_what_the_handlers_accept(make_broker: MakeBroker) -> None:
+    """Where the document and a handler could disagree, both say the same."""
+    import jsonschema
+
+    broker = await make_broker()
+    async with broker.http.get(f"{broker.url}/api/v1/openapi.json") as resp:
+        doc = await resp.json()
+    create = doc["paths"]["/api/v1/sessions"]["post"]
+    body_schema = create["requestBody"]["content"]["application/json"]["schema"]
+
+    def documented(body: dict[str, Any]) -> bool:
+        try:
+            jsonschema.validate(body, body_schema)
+        except jsonschema.ValidationError:
+            return False
+        return True
+
+    # Refused bodies: the document refuses them too (no session is started for them).
+    for body in ({"spec": "gh/a/b\x07"}, {"spec": "x" * 1025}, {"profile": "-bad"},
+                 {"kernel_name": "no spaces"}, {"spec": "a", "extra": 1}):
+        async with broker.http.post(f"{broker.url}/api/v1/sessions", json=body) as resp:
+            assert resp.status == 400, body
+        assert not documented(body), body
+    assert "413" in create["responses"]
+
+    # An empty upload is an empty file: the body is optional in the document.
+    put = doc["paths"]["/api/v1/sessions/{sid}/files/{path}"]["put"]
+    assert put["requestBody"]["required"] is False
+    session = await broker.ready_session()
+    async with broker.http.put(f"{broker.url}/api/v1/sessions/{session['id']}/files/empty.txt",
+                               headers={"Authorization": f"token {session['token']}"},
+                               data=b"") as resp:
+        assert str(resp.status) in put["responses"] and resp.status == 201
+        assert (await resp.json())["size"] == 0
+
+    # /build: what is not a launch is the router's JSON 404 / 405, as documented.
+    build = doc["paths"]["/build/{provider}/{spec}"]["get"]["responses"]
+    async with broker.http.get(f"{broker.url}/build/gh") as resp:
+        assert resp.status == 404 and "404" in build
+        assert (await resp.json())["reason"] == "not_found"
+    async with broker.http.head(f"{broker.url}/build/gh/owner/repo/HEAD") as resp:
+        assert resp.status == 405 and "405" in build
+        assert resp.headers["Allow"] == "GET"

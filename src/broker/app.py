@@ -56,7 +56,10 @@ def make_backend(
     """The backend named by BROKER_BACKEND."""
     if settings.backend == "local":
         return LocalBackend(
-            http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args
+            http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args,
+            # Replicas sharing this store may stop each other's leftovers (LocalBackend.sweep).
+            shared_store=f"{settings.redis_url}\0{settings.redis_prefix}" if settings.redis_url
+            else "",
         )
     if settings.backend == "jupyterhub":
         return JupyterHubBackend(

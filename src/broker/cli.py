@@ -46,6 +46,7 @@ def _serve(settings: Settings) -> None:
 async def _run(settings: Settings) -> None:
     """Listen, announce the real address, wait for SIGTERM/SIGINT, shut down gracefully."""
     from broker.app import create_app  # imported late: `config` must not need aiohttp apps
+    from broker.edge import AcceptErrorLog, Edge
 
     runner = web.AppRunner(
         create_app(settings),
@@ -57,12 +58,14 @@ async def _run(settings: Settings) -> None:
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The edge listens instead of a web.TCPSite: header/body timeouts and the
+    # connection cap live in its connection protocol (see broker.edge).
+    edge = Edge(runner, settings, access_log_class=AccessLogger)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        host, port = await edge.listen(settings.host, settings.port)
         base = settings.public_url or f"http://{host}:{port}"
         store = "Redis" if settings.redis_url else "in-memory store"
         log.info("session-broker %s listening on %s:%s (%s backend, %s)", __version__, host,
@@ -80,7 +83,22 @@ async def _run(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down: draining for up to %g s", settings.shutdown_drain)
     finally:
+        await edge.close()
         await runner.cleanup()
+
+
+def _mcp(broker_url: str, api_key: str | None, http_port: int | None) -> int:
+    """Run the MCP server; stdout is the protocol on stdio, so logs go to stderr."""
+    try:
+        from broker.agent import mcp
+    except ImportError:
+        print("session-broker mcp needs the MCP SDK: pip install 'jupyter-session-broker[mcp]'",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mcp.run(broker_url, api_key=api_key, http_port=http_port)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,11 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (BROKER_PORT)")
     config = commands.add_parser("config", help="print every setting, its default and meaning")
     config.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    mcp = commands.add_parser(
+        "mcp", help="serve a broker's sandboxes as MCP tools (stdio, or HTTP with --http)")
+    mcp.add_argument("--broker-url", default="http://127.0.0.1:8765",
+                     help="the broker to use (default: %(default)s)")
+    mcp.add_argument("--api-key", help="an API key of the broker's BROKER_API_KEYS")
+    mcp.add_argument("--http", type=int, metavar="PORT",
+                     help="serve streamable HTTP on 127.0.0.1:PORT/mcp instead of stdio")
     args = parser.parse_args(argv)
 
     if args.command == "config":
         _print_config(args.markdown)
         return 0
+    if args.command == "mcp":
+        return _mcp(args.broker_url, args.api_key, args.http)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = Settings(**overrides)

@@ -7,11 +7,12 @@ the hash of the broker token it did hand out. Stores serialise it with
 is encrypted by the store's :class:`~broker.store.crypto.TokenCipher`, never
 written in clear.
 
-A session normally accepts one broker token. Each token-less reuse through the
-BinderHub-compatible ``/build`` door adds the hash of a freshly minted token
-(the newest :data:`MAX_EXTRA_TOKENS` are kept), so a visitor's later page
-loads can be handed a working token without any token ever being stored in a
-recoverable form.
+A session normally accepts one broker token. A ``/build`` reuse proven by the
+broker's visitor cookie (no token presented) adds the hash of a freshly minted
+token, so a visitor's later page loads can be handed a working token without
+any token ever being stored in a recoverable form. At most
+:data:`MAX_EXTRA_TOKENS` are added; none is ever dropped, so every token a
+session was issued opens it for the session's whole life.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any
 #: everywhere time matters, so expiry and limits are testable without sleeping.
 Clock = Callable[[], float]
 system_clock: Clock = time.time
-#: Extra broker tokens a session accepts (one per token-less /build reuse).
-#: Bounded so a record cannot grow without limit; the oldest is dropped first,
-#: which only affects a page that has been open across ten later launches.
+#: Extra broker tokens a session accepts (one per cookie-proven /build reuse).
+#: Bounded so a record cannot grow without limit. Once a session holds this
+#: many, it is not handed out by cookie again (that visitor gets a new
+#: session): dropping an old hash instead would log out a page still using it.
 MAX_EXTRA_TOKENS = 10
 
 
@@ -87,10 +89,12 @@ class Session:
     backend_state: dict[str, str] = dataclasses.field(default_factory=dict)
     message: str = ""
     ended_reason: str = ""
-    #: Who, besides the owner's address, asked (an opaque hash of the page's
-    #: Origin and optional visitor cookie on /build); part of the reuse key.
+    #: Which visitor of the owner's address asked: on /build with
+    #: BROKER_BUILD_VISITOR_COOKIE, an opaque hash of the page's Origin and the
+    #: broker's visitor cookie (a secret only that browser holds); part of the
+    #: reuse key. Empty otherwise.
     visitor: str = ""
-    #: Hashes of further broker tokens minted for token-less /build reuse.
+    #: Hashes of further broker tokens minted for cookie-proven /build reuse.
     extra_token_hashes: list[str] = dataclasses.field(default_factory=list, repr=False)
 
     def token_matches(self, token: str) -> bool:
@@ -101,9 +105,20 @@ class Session:
             matched |= hmac.compare_digest(extra, presented)
         return matched
 
-    def add_token_hash(self, token_hash: str) -> None:
-        """Accept one more broker token, forgetting the oldest beyond the bound."""
-        self.extra_token_hashes = [*self.extra_token_hashes, token_hash][-MAX_EXTRA_TOKENS:]
+    @property
+    def tokens_full(self) -> bool:
+        """True once no further token can be minted (see :data:`MAX_EXTRA_TOKENS`)."""
+        return len(self.extra_token_hashes) >= MAX_EXTRA_TOKENS
+
+    def add_token_hash(self, token_hash: str) -> bool:
+        """Accept one more broker token; False (nothing changed) once the bound is reached.
+
+        Refusing rather than forgetting the oldest keeps every issued token valid.
+        """
+        if self.tokens_full:
+            return False
+        self.extra_token_hashes = [*self.extra_token_hashes, token_hash]
+        return True
 
     def expired(self, now: float) -> bool:
         """True once the session is past its max age."""

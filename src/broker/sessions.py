@@ -7,15 +7,31 @@ behave the same whichever door a visitor came in by.
 Invariants:
 
 * A session's broker token is returned exactly once, at creation; afterwards
-  only its hash exists. Reuse therefore requires the client to present the
-  token it was given, as thebe's saved sessions do. The one exception is the
-  ``/build`` door (:meth:`SessionManager.launch`): an EventSource cannot
-  present a token, so a reuse by the same owner *and* visitor mints a fresh
-  token for the live session and stores only its hash beside the first.
+  only its hash exists. Reuse therefore requires proof: the client presents
+  a token the session was issued (as thebe's saved sessions do), or, on the
+  ``/build`` door (:meth:`SessionManager.launch`), the visitor secret the
+  broker itself issued (its cookie); then a fresh token is minted for the
+  live session and only its hash is stored beside the first. An address or
+  Origin alone is never proof: people behind one NAT share them.
 * A session is only handed back for reuse after the upstream itself said it
   is alive; a dead one is stopped and replaced.
 * A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout``,
-  and a failed or abandoned spawn is cleaned up on the backend.
+  and a failed or abandoned spawn is cleaned up on the backend. The failure
+  is recorded and announced *before* that cleanup runs (a frozen hub must
+  not delay the answer); the cleanup is bounded (``BROKER_CLEANUP_TIMEOUT``)
+  and, if it fails, retried on every reaper interval until it succeeds.
+* A store outage never kills a spawn silently: its outcome is saved with
+  bounded retries once the store answers again; a spawn whose replica died
+  is ended by the reaper (``spawn_lost``).
+* A ready session is stopped as ``upstream_gone`` only after
+  ``BROKER_REAP_PROBE_FAILURES`` consecutive failed probes spanning at least
+  ``BROKER_REAP_PROBE_WINDOW`` seconds. Probes that could not be made for
+  reasons of our own ("cannot check": out of file descriptors, our timers
+  late) never count, and a sweep where most probes could not be made gives
+  no verdict at all. The failure counts live in the memory of the replica
+  that reaps: a probe sequence only means something from one prober, and
+  if the reaper lock moves to another replica the count starts again, which
+  can only delay a verdict, never hasten one.
 * A new session exists only after :class:`~broker.policy.limits.AdmissionControl`
   reserved every cluster-wide limit for it in one atomic step; a refusal
   leaves nothing behind, and every way a session ends (stop, failed spawn,
@@ -31,9 +47,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from broker.backends.base import Backend
+from broker.backends.base import Backend, Liveness, probe
 from broker.errors import (
     BrokerError,
     Forbidden,
@@ -58,6 +74,7 @@ from broker.models import (
 from broker.policy.limits import Admission, AdmissionControl
 from broker.settings import Settings
 from broker.store.base import FINAL_PHASES, SessionStore
+from broker.store.redis import store_unavailable
 
 log = logging.getLogger(__name__)
 #: Seconds between activity writes for one session from one replica.
@@ -73,6 +90,22 @@ _READY_CACHE_SIZE = 10_000
 #: Seconds a pending session may outlive its spawn timeout before the reaper
 #: decides the replica that was spawning it is gone.
 _ORPHAN_GRACE = 30.0
+#: Longest pause between attempts to record a spawn's outcome while the store is away.
+_RECORD_BACKOFF_MAX = 5.0
+
+T = TypeVar("T")
+
+
+def _forget_in(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback: drop the task from ``tasks`` and mark its exception as seen
+    (whoever awaited it already handled it; one that was shielded away logged its own)."""
+
+    def forget(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return forget
 
 
 @dataclass(frozen=True)
@@ -120,6 +153,10 @@ class SessionManager:
         self._reads: dict[str, asyncio.Future[Session | None]] = {}
         #: Asks the upstream whether a session's kernels are executing (set by the app).
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
+        #: Sessions whose backend cleanup failed or timed out: retried every reap interval.
+        self._cleanups: dict[str, Session] = {}
+        #: session id -> (consecutive failed probes, clock time of the first of them).
+        self._probe_failures: dict[str, tuple[int, float]] = {}
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
@@ -141,7 +178,8 @@ class SessionManager:
                 return reused, presented_token, True
         session_id = new_session_id()
         try:
-            admission = await self.limiter.admit(session_id, request.owner, request.spec)
+            with store_unavailable():  # the Redis admission engine shares the store's Redis
+                admission = await self.limiter.admit(session_id, request.owner, request.spec)
         except BrokerError as refusal:
             reason = label_or_other(refusal.reason, REFUSAL_REASONS, "rate_limited")
             self.metrics.creations.labels("refused", reason).inc()
@@ -182,17 +220,22 @@ class SessionManager:
     async def _reusable(self, request: SessionRequest, token: str | None) -> Session | None:
         """The live session this request may reuse, after the upstream confirmed it.
 
-        ``token`` None means the caller vouches for the identity itself
-        (:meth:`launch`); otherwise the token must open the session.
+        With ``token``: the owner's live session for the same spec, profile and
+        kernel that the token opens, whichever door issued it (a ``/build``
+        token recovers its session through the native API too). ``token``
+        None means the caller vouches for the visitor itself (:meth:`launch`,
+        with a secret the broker issued): the session with the same reuse key,
+        unless it cannot take another token (then the visitor gets a new one).
         """
-        probe = Session(id="", token_hash="", owner=request.owner, backend="", created_at=0,
-                        expires_at=0, spec=request.spec, profile=request.profile,
-                        kernel_name=request.kernel_name, visitor=request.visitor)
-        session_id = await self.store.find_reusable(probe.reuse_key)
-        if session_id is None:
-            return None
-        session = await self.store.get(session_id)
-        if session is None or (token is not None and not session.token_matches(token)):
+        if token is not None:
+            session = await self._opened_by_token(request, token)
+        else:
+            session = await self._by_reuse_key(request)
+            if session is not None and session.tokens_full:
+                log.info("session %s has issued its last token; %s gets a new session",
+                         session.id, request.owner)
+                return None
+        if session is None:
             return None
         if session.status is Status.PENDING:
             return session
@@ -203,13 +246,39 @@ class SessionManager:
         await self.stop(session, "upstream_gone")
         return None
 
+    async def _by_reuse_key(self, request: SessionRequest) -> Session | None:
+        """The live session the store's reuse index names for this request, if any."""
+        probe = Session(id="", token_hash="", owner=request.owner, backend="", created_at=0,
+                        expires_at=0, spec=request.spec, profile=request.profile,
+                        kernel_name=request.kernel_name, visitor=request.visitor)
+        session_id = await self.store.find_reusable(probe.reuse_key)
+        return None if session_id is None else await self.store.get(session_id)
+
+    async def _opened_by_token(self, request: SessionRequest, token: str) -> Session | None:
+        """The owner's live session for this request that ``token`` opens, if any.
+
+        The reuse index names only the owner's newest session for a request,
+        and a ``/build`` session's key carries its visitor; a token of another
+        one is found among the owner's live sessions (few: the per-owner cap).
+        """
+        session = await self._by_reuse_key(request)
+        if session is not None and session.token_matches(token):
+            return session
+        wanted = (request.spec, request.profile, request.kernel_name)
+        for candidate in await self.store.list_owner(request.owner):
+            if (candidate.spec, candidate.profile, candidate.kernel_name) == wanted \
+                    and not candidate.status.terminal and candidate.token_matches(token):
+                return candidate
+        return None
+
     async def launch(self, request: SessionRequest) -> tuple[Session, str | None, bool]:
-        """The ``/build`` door: reuse by identity alone, or create.
+        """The ``/build`` door with a visitor secret instead of a token: reuse, or create.
 
         Returns (session, token, reused). A reused session comes back without
         a token: once it is ready, :meth:`issue_token` mints one for this
-        visit. Only use this where ``request.visitor`` identifies the visitor
-        as well as a client without a token can be identified.
+        visit. Only call this when ``request.visitor`` carries a secret the
+        broker issued to this visitor alone (its visitor cookie): an address
+        or an Origin is shared by everyone behind one NAT.
         """
         reused = await self._reusable(request, None)
         if reused is not None:
@@ -219,13 +288,14 @@ class SessionManager:
         return session, token, False
 
     async def issue_token(self, session_id: str) -> str | None:
-        """Mint one more broker token for a ready session; None if it is not ready.
+        """Mint one more broker token for a ready session; None if it is not ready or full.
 
         Only ready sessions get extra tokens: after ``ready`` nothing but a
         terminal transition rewrites the record, so the spawn cannot overwrite
         the new hash with its older copy. The store appends the hash
-        atomically, so tokens minted at the same moment on several replicas
-        all work.
+        atomically and refuses beyond :data:`MAX_EXTRA_TOKENS` (never dropping
+        one, so every token issued stays valid), so tokens minted at the same
+        moment on several replicas all work.
         """
         token = new_token()
         if not await self.store.add_token_hash(session_id, hash_token(token), MAX_EXTRA_TOKENS):
@@ -272,6 +342,8 @@ class SessionManager:
             outcome = "timeout"
         except BrokerError:
             pass
+        except Exception:  # a task nobody awaits must not end with an unretrieved exception
+            log.exception("spawn of session %s ended unexpectedly", session.id)
         finally:
             self.metrics.spawns_in_progress.labels(backend).dec()
             elapsed = asyncio.get_running_loop().time() - started
@@ -316,17 +388,38 @@ class SessionManager:
             session.upstream_url = event.upstream_url
             session.upstream_token = event.upstream_token
             session.last_activity = self.clock()
-        current = await self.store.get(session.id, include_expired=True)
+        # A store outage pauses the spawn here (bounded by the spawn timeout) rather
+        # than failing a server that is starting fine.
+        limit = self.settings.spawn_timeout
+        current = await self._persist(
+            lambda: self.store.get(session.id, include_expired=True), limit)
         if current is None or current.status.terminal:
             # Deleted while spawning (maybe on another replica): undo the spawn.
             await self._cleanup_backend(session)
             raise asyncio.CancelledError
-        await self.store.save(session)
+        await self._persist(lambda: self.store.save(session), limit)
         if event.phase == "ready":
             # Free the spawn slot before anyone hears "ready", so whoever reacts to it
             # finds the slot free.
             await self._settle(session, ready=True)
-        await self.store.publish(session.id, event.public())
+        await self._persist(lambda: self.store.publish(session.id, event.public()), limit)
+
+    async def _persist(self, call: Callable[[], Awaitable[T]], limit: float) -> T:
+        """``call()``, retried with bounded backoff for up to ``limit`` s while the store is away.
+
+        Only ``store_unavailable`` is retried; anything else is the caller's.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        delay = 0.25
+        while True:
+            try:
+                return await call()
+            except Unavailable as exc:
+                if exc.reason != "store_unavailable" or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)  # backoff towards an external service, not a sync
+            delay = min(delay * 2, _RECORD_BACKOFF_MAX)
 
     async def _fail(self, session: Session, error: BrokerError) -> None:
         reason = label_or_other(error.reason, FAILURE_REASONS, "upstream_failed")
@@ -339,26 +432,56 @@ class SessionManager:
             session.id,
             error.message,
         )
-        await self._cleanup_backend(session)
         session.status = Status.FAILED
         self._ready_cache.pop(session.id, None)
         session.message = error.message
         session.ended_reason = error.reason
-        await self.store.save(session)
-        await self._release(session)
         event: dict[str, Any] = {"phase": "failed", "message": error.message,
                                  "status_code": error.status, "reason": error.reason}
         if "Retry-After" in error.headers:
             # A refusal that may pass later (hub spawn limit, capacity): tell clients when,
             # also those that learn of it from the event log (POST ?wait=true, /events).
             event["retry_after"] = int(error.headers["Retry-After"])
-        await self.store.publish(session.id, event)
+        # Recorded and announced first: the cleanup may wait on the very upstream that
+        # failed (a frozen hub), and clients must not wait with it.
+        try:  # for as long as the reaper would wait before calling the spawn lost
+            await self._persist(lambda: self.store.save(session), _ORPHAN_GRACE)
+            await self._persist(lambda: self.store.publish(session.id, event), _ORPHAN_GRACE)
+        except BrokerError as exc:
+            log.error("could not record the failure of session %s (%s); the reaper ends it "
+                      "as spawn_lost", session.id, exc.message)
+        await self._release(session)
+        await self._cleanup_backend(session)
 
-    async def _cleanup_backend(self, session: Session) -> None:
+    async def _cleanup_backend(self, session: Session) -> bool:
+        """Stop the session's server, bounded; on failure remember it for the reaper to retry.
+
+        Shielded, so a cancelled caller (a stopped spawn) does not abort the stop;
+        bounded by ``BROKER_CLEANUP_TIMEOUT``, so a frozen upstream cannot hold
+        the caller (and what it reports) hostage. True when the server is gone.
+        """
+        stop = asyncio.ensure_future(
+            asyncio.wait_for(self.backend.stop(session), self.settings.cleanup_timeout))
+        self._background.add(stop)
+        stop.add_done_callback(_forget_in(self._background))
         try:
-            await asyncio.shield(self.backend.stop(session))
-        except Exception:
-            log.exception("could not stop the server of session %s", session.id)
+            await asyncio.shield(stop)
+        except Exception as exc:
+            if session.id not in self._cleanups:
+                log.warning("could not stop the server of session %s (%s: %s); retrying on "
+                            "the next reaper sweep", session.id, type(exc).__name__,
+                            getattr(exc, "message", exc))
+            self._cleanups[session.id] = session
+            return False
+        self._cleanups.pop(session.id, None)
+        return True
+
+    async def retry_cleanups(self) -> int:
+        """Retry the backend cleanups that failed on this replica; returns how many are left."""
+        for session in list(self._cleanups.values()):
+            if await self._cleanup_backend(session):
+                log.info("stopped the server of session %s on a later attempt", session.id)
+        return len(self._cleanups)
 
     # -- lookup and authentication ---------------------------------------------------------
     async def authenticate(self, session_id: str, token: str | None) -> Session:
@@ -447,16 +570,33 @@ class SessionManager:
         """Like :meth:`wait`, also returning the final event (None on timeout).
 
         A failed spawn's event carries what the session record does not: the
-        refusal's HTTP ``status_code`` and ``retry_after``.
+        refusal's HTTP ``status_code`` and ``retry_after``. A store outage does
+        not end the wait early: the session is None if the store is still away
+        at the end.
         """
         final: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
-                async for event in self.store.subscribe(session_id):
-                    if event is not None and event.get("phase") in FINAL_PHASES:
-                        final = event
-                        break
-        return await self.store.get(session_id, include_expired=True), final
+                while final is None:
+                    try:
+                        async for event in self.store.subscribe(session_id):
+                            if event is not None and event.get("phase") in FINAL_PHASES:
+                                final = event
+                                break
+                        else:
+                            break  # the session is gone
+                    except Unavailable as exc:
+                        if exc.reason != "store_unavailable":
+                            raise
+                        # The store is away: the outcome may still come. Look again
+                        # until the limit (the caller answers 504 with the session id).
+                        await asyncio.sleep(1)
+        try:
+            return await self.store.get(session_id, include_expired=True), final
+        except Unavailable as exc:
+            if exc.reason != "store_unavailable":
+                raise
+            return None, final
 
     def events(
         self, session_id: str, keepalive: float = 15.0
@@ -566,21 +706,27 @@ class SessionManager:
 
     async def reap_once(self) -> int:
         """Stop sessions past max age, idle ones, spawns whose replica vanished,
-        and ready sessions whose upstream no longer answers (reconciliation:
-        a hub or BinderHub may cull or lose a server without telling anyone)."""
+        and ready sessions whose upstream stopped answering (reconciliation:
+        a hub or BinderHub may cull or lose a server without telling anyone);
+        then let the backend sweep servers no live session owns."""
         now = self.clock()
+        sessions = await self.store.list_live()
+        reasons = list(await asyncio.gather(*(self._reap_reason(s, now) for s in sessions)))
+        to_probe = [i for i, (s, r) in enumerate(zip(sessions, reasons, strict=True))
+                    if not r and s.status is Status.READY]
         checks = asyncio.Semaphore(_RECONCILE_CONCURRENCY)
 
-        async def reason_for(session: Session) -> str:
-            reason = await self._reap_reason(session, now)
-            if reason or session.status is not Status.READY:
-                return reason
+        async def check(session: Session) -> Liveness:
             async with checks:
-                alive = await self.backend.is_alive(session)
-            return "" if alive else "upstream_gone"
+                return await probe(self.backend, session)
 
-        sessions = await self.store.list_live()
-        reasons = await asyncio.gather(*(reason_for(s) for s in sessions))
+        results = await asyncio.gather(*(check(sessions[i]) for i in to_probe))
+        for i, verdict in zip(to_probe, self._verdicts(
+                [sessions[i] for i in to_probe], list(results), now), strict=True):
+            reasons[i] = verdict
+        live_ids = {s.id for s in sessions}
+        for session_id in set(self._probe_failures) - live_ids:
+            del self._probe_failures[session_id]
         stopped = 0
         for session, reason in zip(sessions, reasons, strict=True):
             if reason:
@@ -590,9 +736,41 @@ class SessionManager:
         if sweep is not None:  # upstream leftovers no session owns (e.g. hub was down)
             try:
                 await sweep(self.store.list_live)
-            except BrokerError as exc:
-                log.warning("backend sweep skipped: %s", exc.message)
+            except (BrokerError, OSError) as exc:
+                log.warning("backend sweep skipped: %s", getattr(exc, "message", exc))
         return stopped
+
+    def _verdicts(self, sessions: list[Session], results: list[Liveness],
+                  now: float) -> list[str]:
+        """"upstream_gone" for the sessions whose probes failed often and long enough.
+
+        A sweep where most probes could not be made says more about this
+        replica (starved of descriptors, its loop late) than about the
+        upstreams: it gives no verdict and leaves every count as it was.
+        """
+        unknown = sum(r is Liveness.UNKNOWN for r in results)
+        if results and unknown * 2 > len(results):
+            log.warning("liveness sweep skipped: %d of %d probes could not be made here",
+                        unknown, len(results))
+            return [""] * len(results)
+        needed = self.settings.reap_probe_failures
+        window = self.settings.reap_probe_window
+        verdicts = []
+        for session, result in zip(sessions, results, strict=True):
+            verdict = ""
+            if result is Liveness.ALIVE:
+                self._probe_failures.pop(session.id, None)
+            elif result is Liveness.DEAD:
+                count, first = self._probe_failures.get(session.id, (0, now))
+                count += 1
+                self._probe_failures[session.id] = (count, first)
+                if count >= needed and now - first >= window:
+                    verdict = "upstream_gone"
+                else:
+                    log.info("session %s: upstream probe failed (%d of %d)", session.id,
+                             count, needed)
+            verdicts.append(verdict)
+        return verdicts
 
     async def _reap_reason(self, session: Session, now: float) -> str:
         if session.expired(now):
@@ -613,17 +791,26 @@ class SessionManager:
 
         With several replicas, a store lock lets only one sweep at a time (the
         lock outlives a sweep that hangs, and expires if its replica dies).
+        The first sweep runs at start-up, so servers a killed replica left
+        behind are stopped (or adopted) before the first interval. Cleanups that
+        failed on this replica are retried on every interval, lock or not.
         """
         interval = self.settings.reap_interval
+        first = True
         while True:
-            await asyncio.sleep(interval)
+            if not first:
+                await asyncio.sleep(interval)
+            first = False
             try:
+                await self.retry_cleanups()
                 if not await self.store.try_lock("reaper", ttl=max(interval * 2, 60)):
                     continue
                 try:
                     await self.reap_once()
                 finally:
                     await self.store.release_lock("reaper")
+            except BrokerError as exc:  # the store is away: the next sweep tries again
+                log.warning("session reaper sweep skipped: %s", exc.message)
             except Exception:
                 log.exception("session reaper sweep failed")
 

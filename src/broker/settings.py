@@ -105,19 +105,21 @@ class Settings(BaseSettings):
     )
     build_reuse: bool = Field(
         True,
-        description="/build: hand a visitor who launches the same spec again their live session "
-        "(checked alive upstream first) with a freshly minted token, instead of a new session. "
-        "The visitor is the client address (BROKER_TRUSTED_PROXIES) plus the page's Origin, "
-        "plus BROKER_BUILD_VISITOR_COOKIE when on; people behind one NAT on the same page "
-        "therefore share a session. Turn off where that is unacceptable (then every launch is "
-        "a new session, limited by BROKER_MAX_SESSIONS_PER_OWNER).",
+        description="/build: hand a visitor their live session for the same spec again (checked "
+        "alive upstream first) when the launch proves who it is: a broker token of that session "
+        "presented (Authorization header or ?token=; the same token comes back, none is "
+        "minted), or the visitor cookie of BROKER_BUILD_VISITOR_COOKIE (a fresh token is "
+        "minted, at most 10 per session; after that the visitor gets a new session). Without "
+        "proof every launch is a new session: an address or Origin is never proof, people "
+        "behind one NAT share it. Off: every launch is a new session.",
     )
     build_visitor_cookie: bool = Field(
         False,
-        description="/build: also identify visitors by a first-party cookie the broker sets, so "
-        "people behind one NAT get separate sessions. Only works for pages served from the "
-        "broker's own origin (a cross-origin EventSource sends no cookies); on other pages "
-        "leave it off, or every launch would start a new session.",
+        description="/build: set a secret visitor cookie (HttpOnly, path /build) and accept it "
+        "back as proof for BROKER_BUILD_REUSE, so a browser relaunching a spec gets its own "
+        "session again. Only pages served from the broker's own origin send it: thebe opens "
+        "its EventSource without credentials, so a book on another origin never does (it "
+        "reuses its session from localStorage instead).",
     )
     build_profiles: CommaList = Field(
         default_factory=list,
@@ -367,6 +369,38 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest HTTP request body accepted (413 beyond).",
     )
+    header_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds a client has to send a request line and headers, counted from "
+        "the connection's start (or, on a kept-alive connection, from the request's first "
+        "byte). At the limit the broker answers 408 'header_timeout' and closes the "
+        "connection: a client dribbling headers byte by byte cannot hold it open.",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may stall (no byte received) while the broker "
+        "waits for the rest of it. At the limit the connection is closed. A body declared "
+        "larger than the route accepts is refused with 413 at once, without waiting for it.",
+    )
+    keepalive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="Seconds an idle kept-alive client connection stays open between "
+        "requests; then the broker closes it. Keep it above the idle timeout of a proxy or "
+        "load balancer in front of the broker (they reuse connections).",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Client connections (HTTP and WebSocket) one replica keeps open at once. "
+        "Beyond it a new connection is answered 503 'too_many_connections' with Retry-After "
+        "and closed. 0 = derived from the open-file limit (half of what is left after a "
+        "reserve of 100, since a proxied connection also holds an upstream one); a larger "
+        "value is lowered to that, so the broker refuses cleanly instead of running out of "
+        "file descriptors.",
+    )
     upstream_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for an upstream REST reply."
     )
@@ -419,6 +453,28 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="Seconds between sweeps that stop expired sessions and mark dead ones.",
+    )
+    reap_probe_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed liveness probes (one per reaper sweep) before a ready "
+        "session whose server does not answer is stopped as upstream_gone; see also "
+        "BROKER_REAP_PROBE_WINDOW. Probes this replica could not make (out of file "
+        "descriptors, its own loop starved) never count.",
+    )
+    reap_probe_window: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds the failed probes (BROKER_REAP_PROBE_FAILURES) must span, from "
+        "the first to the last, before the session is stopped: a server busy or paused for "
+        "less than this keeps its session.",
+    )
+    cleanup_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds one backend cleanup (stopping a session's server) may take. At "
+        "the limit it is abandoned for now and retried on every reaper interval until it "
+        "succeeds; the session's outcome was recorded before it started.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the broker's own loggers."

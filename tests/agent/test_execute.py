@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from tests.agent.conftest import Agent, MakeAgent
@@ -52,13 +51,14 @@ async def test_each_output_lands_in_its_field(agent: Agent) -> None:
 
 async def test_timeout_interrupts_and_the_kernel_survives(agent: Agent) -> None:
     await agent.execute("kept = 'state'")
-    started = time.monotonic()
     out = await agent.execute("print('spinning', flush=True)\nwhile True: pass", timeout=2)
-    elapsed = time.monotonic() - started
     assert out["status"] == "timeout", out
-    assert 2.0 <= elapsed < 3.5, elapsed
     assert out["stdout"] == "spinning\n"  # what arrived before the interrupt is kept
     assert out["error"]["ename"] == "TimeoutError"
+    assert out["error"]["evalue"].startswith("Execution exceeded 2 s and was interrupted")
+    # The loop never ends by itself: it was interrupted, so the kernel's own traceback
+    # (KeyboardInterrupt in the loop) is what the answer carries.
+    assert "KeyboardInterrupt" in "\n".join(out["error"]["traceback"]), out["error"]
     after = await agent.execute("kept")
     assert after["status"] == "ok", after
     assert after["result"] == {"text/plain": "'state'"}  # interrupted, not restarted
@@ -66,10 +66,14 @@ async def test_timeout_interrupts_and_the_kernel_survives(agent: Agent) -> None:
 
 async def test_timeout_is_capped_by_the_setting(make_agent: MakeAgent) -> None:
     agent = await make_agent(execute_timeout_max=1.0)
-    started = time.monotonic()
     out = await agent.execute("while True: pass", timeout=3600)
-    assert out["status"] == "timeout"
-    assert time.monotonic() - started < 2.5
+    assert out["status"] == "timeout", out
+    # The answer names the limit it applied: the setting's 1 s, not the asked-for hour
+    # (and the test's own 120 s timeout would end a call that waited for the hour).
+    assert out["error"]["evalue"].startswith("Execution exceeded 1 s and was interrupted"), out
+    assert "KeyboardInterrupt" in "\n".join(out["error"]["traceback"]), out["error"]
+    after = await agent.execute("'alive'")
+    assert after["result"] == {"text/plain": "'alive'"}  # interrupted, the kernel kept
 
 
 async def test_concurrent_calls_are_serialised(agent: Agent) -> None:
@@ -182,12 +186,10 @@ async def test_a_call_after_a_restart_waits_for_the_new_kernel(agent: Agent) -> 
                 if msg["header"]["msg_type"] == "status" and not msg["parent_header"] \
                         and msg["content"]["execution_state"] == "restarting":
                     break
-            started = time.monotonic()
             after = await agent.execute("print('up')\n'mark' in globals()", timeout=20)
-            assert after["status"] == "ok", after
+            assert after["status"] == "ok", after  # ran on the restarted kernel, no time-out
             assert after["stdout"] == "up\n"
             assert after["result"] == {"text/plain": "False"}
-            assert time.monotonic() - started < 15
 
 
 async def test_kernel_names(agent: Agent) -> None:
@@ -257,11 +259,9 @@ async def test_a_kernel_shut_down_elsewhere_is_replaced(agent: Agent) -> None:
     async with agent.http.delete(f"{base}api/kernels/{kernel_id}",
                                  headers=agent.headers) as resp:
         assert resp.status == 204
-    started = time.monotonic()
     out = await agent.execute("'before' in globals()", timeout=20)
-    assert out["status"] == "ok", out
+    assert out["status"] == "ok", out  # a new kernel answered; the deaf socket was dropped
     assert out["result"] == {"text/plain": "False"}
-    assert time.monotonic() - started < 10
     async with agent.http.get(f"{base}api/kernels", headers=agent.headers) as resp:
         assert [k["id"] for k in await resp.json()] != [kernel_id]
 

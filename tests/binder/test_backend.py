@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 
 from broker import keys
-from tests.binder.conftest import BinderBroker
+from broker.backends.binderhub import failure_error, public_message
+from tests.binder.conftest import BOOK, BinderBroker
+from tests.binder.eventsource import event_source
 from tests.binderstandin import BinderStandin
 from tests.conftest import BrokerHarness, pid_alive
 from tests.kernelproto import V1, execute
@@ -176,3 +178,46 @@ async def test_health_follows_binderhub(
     await standin.close()
     with pytest.raises(aiohttp.ClientConnectionError):
         await backend.health()
+
+
+async def test_binderhub_progress_never_names_the_upstream_server(
+    standin: BinderStandin, binder_broker: BinderBroker
+) -> None:
+    """BinderHub relays the hub's "Server ready at /user/{name}/"; clients see no path."""
+    broker = await binder_broker()
+    result = await event_source(broker.http, f"{broker.url}/build/gh/org/repo/HEAD",
+                                origin=BOOK)
+    ready = result.ready
+    (server,) = standin.servers.values()
+    sent_upstream = [e.get("message", "") for e in standin.launches[0].events]
+    assert f"Server ready at /user/{server.name}/\n" in sent_upstream
+    messages = [e["message"] for e in result.events]
+    assert "Server ready at [server]\n" in messages
+    raw = result.raw.decode()
+    for secret in ("/user/", server.name, server.url, server.token, standin.url + "/"):
+        assert secret not in raw
+    # The session's own event log (native API) says the same.
+    session_id = ready["url"].rstrip("/").rsplit("/", 1)[-1]
+    logged = await _events(broker, {"id": session_id, "token": ready["token"]})
+    assert "Server ready at [server]" in [e["message"] for e in logged]
+    assert not any("/user/" in e["message"] for e in logged)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "client_sees"),
+    [
+        ("Server ready at /user/owner-repo-x1y2/", "Server ready at [server]"),
+        ("Server ready at https://hub.example.org/user/o-r-x/lab?token=abc",
+         "Server ready at [server]"),
+        ("Spawn failed: http://binder.internal:8585/hub/api/users/o-r-x/server?token=abc",
+         "Spawn failed: [server]"),
+        ("see http://binder.internal:85851/x", "see http://binder.internal:85851/x"),
+        ("Fetching https://github.com/org/repo", "Fetching https://github.com/org/repo"),
+        ("pip: Authorization: token 0123456789abcdef0123", "pip: Authorization: token [secret]"),
+    ],
+)
+def test_upstream_messages_are_rewritten_for_clients(upstream: str, client_sees: str) -> None:
+    assert public_message(upstream, ("binder.internal:8585",)) == client_sees
+    error = failure_error({"phase": "failed", "message": upstream},
+                          ("binder.internal:8585",))
+    assert error.message == client_sees

@@ -19,6 +19,7 @@ import pytest
 
 from broker import keys
 from broker.backends.local import LocalBackend
+from broker.models import MAX_EXTRA_TOKENS
 from tests.binder.conftest import BOOK, OTHER_BOOK, BinderBroker
 from tests.binder.eventsource import Launch, event_source
 from tests.binderstandin import BinderStandin
@@ -101,60 +102,92 @@ async def test_thebe_launches_and_uses_a_session_through_build(
     assert await status_with(broker, ready, "api/kernels", "not-the-token") == 403
 
 
-async def test_the_same_visitor_gets_the_same_session_with_a_fresh_token(
+def session_id_of(ready: dict[str, Any]) -> str:
+    return str(ready["url"]).rstrip("/").rsplit("/", 1)[-1]
+
+
+async def test_a_relaunch_is_a_new_session_unless_it_presents_a_token(
     make_broker: MakeBroker,
 ) -> None:
-    broker = await make_broker(allowed_origins=[BOOK, OTHER_BOOK],
-                               trusted_proxies=["127.0.0.1/32"])
+    """Address and Origin prove nothing (a classroom shares them); a token does."""
+    broker = await make_broker(allowed_origins=[BOOK, OTHER_BOOK])
     first = (await launch(broker)).ready
-    again_launch = await launch(broker)
-    again = again_launch.ready
-    assert again["url"] == first["url"]
-    assert again["token"] != first["token"]
-    assert "launching" in again_launch.phases
+    second = (await launch(broker)).ready
+    assert second["url"] != first["url"]
+    assert await status_with(broker, second, "api/kernels", first["token"]) == 403
+    assert len(local_pids(broker)) == 2
+
+    # The token of the first launch, as a header or in the query, brings that session back
+    # with that same token: nothing is minted, so nothing can ever be pushed out.
+    for extra in ({"headers": {"Authorization": f"token {first['token']}"}},
+                  {"query": f"?token={first['token']}"}):
+        spec = SPEC + str(extra.get("query", ""))
+        again_launch = await launch(broker, spec, headers=extra.get("headers"))
+        again = again_launch.ready
+        assert (again["url"], again["token"]) == (first["url"], first["token"])
+        assert "Found your running session, reconnecting...\n" in [
+            e["message"] for e in again_launch.events]
+    stored = await broker.store.get(session_id_of(first))
+    assert stored is not None and stored.extra_token_hashes == []
+    assert len(local_pids(broker)) == 2
+    # A token opens only its own spec's session; a token that opens nothing is a new launch.
+    other_spec = (await launch(broker, "gh/owner/repo/main",
+                               headers={"Authorization": f"token {first['token']}"})).ready
+    assert other_spec["url"] not in (first["url"], second["url"])
+    assert other_spec["token"] != first["token"]
+
+
+async def recovered_natively(broker: BrokerHarness, ready: dict[str, Any]) -> None:
+    """POST /api/v1/sessions with a /build token answers 200 with that session."""
+    async with broker.http.post(f"{broker.url}/api/v1/sessions", json={"spec": SPEC},
+                                headers={"Authorization": f"token {ready['token']}"}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    assert body["id"] == session_id_of(ready)
+    assert body["token"] == ready["token"]
     assert len(local_pids(broker)) == 1
-    # Both tokens open it: thebe's saved {baseUrl, token} of the first page load still works.
-    for token in (first["token"], again["token"]):
-        assert await status_with(broker, first, "api/kernels", token) == 200
-        assert await status_with(broker, first, "api/status", token) == 200
-    session_id = first["url"].rstrip("/").rsplit("/", 1)[-1]
-    stored = await broker.store.get(session_id)
-    assert len(stored.extra_token_hashes) == 1
-    assert first["token"] not in str(stored) and again["token"] not in str(stored)
-
-    # Another book, or another visitor address, is another visitor.
-    other_book = (await launch(broker, origin=OTHER_BOOK)).ready
-    assert other_book["url"] != first["url"]
-    elsewhere = (await launch(broker, headers={"X-Forwarded-For": "203.0.113.9"})).ready
-    assert elsewhere["url"] not in (first["url"], other_book["url"])
-    assert elsewhere["binder_client_ip"] == "203.0.113.9"
-    # Another spec is another session too.
-    other_spec = (await launch(broker, "gh/owner/repo/main")).ready
-    assert other_spec["url"] not in (first["url"], other_book["url"], elsewhere["url"])
 
 
-async def test_concurrent_launches_share_one_session_and_both_tokens_work(
+async def test_a_build_token_recovers_its_session_through_the_native_api(
+    make_broker: MakeBroker,
+) -> None:
+    broker = await make_broker(allowed_origins=[BOOK])
+    await recovered_natively(broker, (await launch(broker)).ready)
+
+
+async def test_a_cookie_launched_session_is_recovered_by_its_token_too(
+    make_broker: MakeBroker,
+) -> None:
+    """With the cookie the session carries its visitor: another reuse key than the POST's."""
+    broker = await make_broker(allowed_origins=[BOOK], build_visitor_cookie=True)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as jar:
+        ready = (await event_source(jar, f"{broker.url}/build/{SPEC}", origin=BOOK)).ready
+    stored = await broker.store.get(session_id_of(ready))
+    assert stored is not None and stored.visitor
+    await recovered_natively(broker, ready)
+
+
+async def test_concurrent_launches_without_proof_get_their_own_sessions(
     make_broker: MakeBroker,
 ) -> None:
     broker = await make_broker(allowed_origins=[BOOK])
     one, two = await asyncio.gather(launch(broker), launch(broker))
-    assert one.ready["url"] == two.ready["url"]
-    assert one.ready["token"] != two.ready["token"]
-    for token in (one.ready["token"], two.ready["token"]):
-        assert await status_with(broker, one.ready, "api/kernels", token) == 200
-    assert len(local_pids(broker)) == 1
+    assert one.ready["url"] != two.ready["url"]
+    assert await status_with(broker, one.ready, "api/kernels", two.ready["token"]) == 403
+    assert await status_with(broker, two.ready, "api/kernels", one.ready["token"]) == 403
+    assert len(local_pids(broker)) == 2
 
 
 async def test_reuse_checks_the_upstream_is_alive_first(make_broker: MakeBroker) -> None:
     broker = await make_broker(allowed_origins=[BOOK])
     first = (await launch(broker)).ready
-    session_id = first["url"].rstrip("/").rsplit("/", 1)[-1]
+    session_id = session_id_of(first)
     session = await broker.store.get(session_id)
     # The server goes away without the broker noticing (no exit report).
     await broker.app[keys.BACKEND].stop(session)
     assert (await broker.store.get(session_id)).status.value == "ready"
 
-    fresh = (await launch(broker)).ready
+    fresh = (await launch(broker, headers={"Authorization": f"token {first['token']}"})).ready
     assert fresh["url"] != first["url"]
     old = await broker.store.get(session_id)
     assert (old.status.value, old.ended_reason) == ("stopped", "upstream_gone")
@@ -164,7 +197,7 @@ async def test_reuse_checks_the_upstream_is_alive_first(make_broker: MakeBroker)
 async def test_reuse_can_be_switched_off(make_broker: MakeBroker) -> None:
     broker = await make_broker(allowed_origins=[BOOK], build_reuse=False)
     first = (await launch(broker)).ready
-    second = (await launch(broker)).ready
+    second = (await launch(broker, headers={"Authorization": f"token {first['token']}"})).ready
     assert first["url"] != second["url"]
 
 
@@ -186,8 +219,28 @@ async def test_a_visitor_cookie_separates_people_behind_one_address(
         await jar_a.close()
         await jar_b.close()
     assert a2.ready["url"] == a1.ready["url"]
+    assert a2.ready["token"] != a1.ready["token"]
     assert "Set-Cookie" not in a2.headers
     assert b1.ready["url"] != a1.ready["url"]
+
+
+async def test_every_token_a_session_issued_keeps_opening_it(make_broker: MakeBroker) -> None:
+    """Cookie-proven reloads mint tokens up to the bound, then start a new session:
+    no reload ever invalidates a token an open page still holds."""
+    broker = await make_broker(build_visitor_cookie=True)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as jar:
+        loads = [(await event_source(jar, f"{broker.url}/build/{SPEC}")).ready
+                 for _ in range(MAX_EXTRA_TOKENS + 3)]
+    first_url = loads[0]["url"]
+    # The first load and MAX_EXTRA_TOKENS reloads share a session; later reloads do not.
+    assert [r["url"] == first_url for r in loads] == (
+        [True] * (MAX_EXTRA_TOKENS + 1) + [False, False])
+    assert loads[-1]["url"] == loads[-2]["url"]  # the new session is reused in turn
+    assert len({r["token"] for r in loads}) == len(loads)
+    for ready in loads:
+        assert await status_with(broker, ready, "api/kernels", ready["token"]) == 200
+    stored = await broker.store.get(session_id_of(loads[0]))
+    assert stored is not None and len(stored.extra_token_hashes) == MAX_EXTRA_TOKENS
 
 
 @pytest.mark.parametrize(
@@ -236,14 +289,14 @@ async def test_broker_refusals_are_failed_events_with_their_status(
     make_broker: MakeBroker,
 ) -> None:
     broker = await make_broker(allowed_origins=[BOOK], max_sessions_per_owner=1)
-    assert (await launch(broker)).ready
+    first = (await launch(broker)).ready
     refused = await launch(broker, "gh/owner/another/HEAD")
     assert refused.status == 200
     assert refused.final is not None and refused.final["status_code"] == 429
     assert refused.final["reason"] and refused.final["retry_after"] >= 1
     assert "live sessions" in refused.final["message"]
-    # Reuse does not count against the owner's limit.
-    assert (await launch(broker)).ready
+    # Reuse (proven by the session's token) does not count against the owner's limit.
+    assert (await launch(broker, headers={"Authorization": f"token {first['token']}"})).ready
 
     capped = await make_broker(allowed_origins=[BOOK], max_sessions=1)
     assert (await launch(capped)).ready

@@ -1,10 +1,11 @@
-"""Extra broker tokens for token-less /build reuse: model, both stores, and minting.
+"""Extra broker tokens for cookie-proven /build reuse: model, both stores, and minting.
 
 The broker token is shown once and only hashes are stored. A /build reuse
-mints a fresh token for the live session and appends its hash (newest
-``MAX_EXTRA_TOKENS`` kept); these tests check that hashes survive both
-stores, that no token is ever stored, and that minting refuses sessions
-that are not ready.
+proven by the visitor cookie mints a fresh token for the live session and
+appends its hash (at most ``MAX_EXTRA_TOKENS``, none ever dropped); these
+tests check that hashes survive both stores, that no token is ever stored,
+that a full session refuses another token instead of forgetting one, and
+that minting refuses sessions that are not ready.
 """
 
 from __future__ import annotations
@@ -60,18 +61,33 @@ async def manager(store: SessionStore, clock: ManualClock,
         await backend.close()
 
 
-def test_extra_tokens_open_the_session_and_the_oldest_is_forgotten() -> None:
+def test_extra_tokens_open_the_session_and_none_is_ever_forgotten() -> None:
     first = new_token()
     session = make_session(ManualClock(), token_hash=hash_token(first))
     minted = [new_token() for _ in range(MAX_EXTRA_TOKENS + 1)]
-    for token in minted:
-        session.add_token_hash(hash_token(token))
+    added = [session.add_token_hash(hash_token(token)) for token in minted]
+    assert added == [True] * MAX_EXTRA_TOKENS + [False]
+    assert session.tokens_full
     assert len(session.extra_token_hashes) == MAX_EXTRA_TOKENS
     assert session.token_matches(first)
-    assert not session.token_matches(minted[0])  # beyond the bound
-    assert all(session.token_matches(t) for t in minted[1:])
+    assert all(session.token_matches(t) for t in minted[:-1])
+    assert not session.token_matches(minted[-1])  # refused, never issued
     assert not session.token_matches(new_token())
     assert "extra_token_hashes" not in repr(session)
+
+
+async def test_a_full_session_refuses_another_token_in_both_stores(
+    manager: SessionManager, store: SessionStore, clock: ManualClock
+) -> None:
+    first = new_token()
+    session = make_session(clock, token_hash=hash_token(first))
+    await store.create(session)
+    issued = [await manager.issue_token(session.id) for _ in range(MAX_EXTRA_TOKENS)]
+    assert None not in issued
+    assert await manager.issue_token(session.id) is None
+    for token in [first, *issued]:
+        assert token is not None
+        assert (await manager.authenticate(session.id, token)).id == session.id
 
 
 def test_visitor_narrows_reuse_and_leaves_existing_keys_unchanged() -> None:
@@ -154,3 +170,19 @@ async def test_native_reuse_still_requires_the_token(
     created, new, reused_native = await manager.create(request, None)
     assert created.id != session.id and new and not reused_native
     await manager.stop(created, "test")
+
+
+async def test_launch_does_not_hand_out_a_full_session(
+    manager: SessionManager, store: SessionStore, clock: ManualClock
+) -> None:
+    """A cookie-proven relaunch of a session with no token left starts a new session."""
+    full = make_session(clock, visitor="build:x",
+                        extra_token_hashes=[hash_token(new_token())
+                                            for _ in range(MAX_EXTRA_TOKENS)])
+    await store.create(full)
+    request = SessionRequest(owner=full.owner, spec=full.spec, visitor="build:x")
+    created, token, reused = await manager.launch(request)
+    assert created.id != full.id and token and not reused
+    await manager.stop(created, "test")
+    left = await store.get(full.id)  # left alone (not probed, not stopped): its tokens work
+    assert left is not None and left.status is Status.READY

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from broker.errors import Unavailable
 from broker.models import Session, Status, hash_token, new_session_id, new_token
 from broker.store.base import EXPIRY_GRACE, MAX_EVENTS, TERMINAL_RETENTION, SessionStore
 from broker.store.crypto import TokenCipher
@@ -621,8 +622,10 @@ async def test_ping_fails_only_when_the_store_is_unusable(store: SessionStore) -
     if isinstance(store, RedisStore):
         gone = RedisStore(f"redis://127.0.0.1:{free_port()}/0", TokenCipher("x"))
         try:
-            with pytest.raises(aioredis.ConnectionError):
+            with pytest.raises(Unavailable) as refused:  # a 503, never a bare Redis error
                 await gone.ping()
+            assert refused.value.reason == "store_unavailable"
+            assert refused.value.headers["Retry-After"] == "5"
         finally:
             await gone.close()
 
@@ -664,7 +667,7 @@ async def test_redis_lock_is_shared_by_replicas_and_expires(
         await second.close()
 
 
-# -- extra tokens (/build reuse hands each launch its own token) -----------------------
+# -- extra tokens (a cookie-proven /build reuse hands each launch its own token) ---------
 
 
 async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
@@ -680,9 +683,10 @@ async def test_token_hashes_are_appended_atomically_and_only_to_ready_sessions(
     assert all(await asyncio.gather(*(store.add_token_hash(session.id, h, 3) for h in hashes)))
     stored = await store.get(session.id)
     assert sorted(stored.extra_token_hashes) == sorted(hashes)
-    assert await store.add_token_hash(session.id, "f" * 64, 3)
+    # A full list refuses: dropping a hash would invalidate a token already handed out.
+    assert not await store.add_token_hash(session.id, "f" * 64, 3)
     stored = await store.get(session.id)
-    assert len(stored.extra_token_hashes) == 3 and stored.extra_token_hashes[-1] == "f" * 64
+    assert sorted(stored.extra_token_hashes) == sorted(hashes)
     assert stored.token_hash == session.token_hash  # the first token is untouched
     assert not await store.add_token_hash("no-such-session", "b" * 64, 3)
 

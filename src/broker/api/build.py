@@ -15,15 +15,24 @@ headers. The answer is BinderHub's event stream, whatever the backend:
   ``url`` = the broker's ``/s/{id}/`` and ``token`` = a broker token, plus
   BinderHub's other ready fields where they are known.
 
-Session caching (what thebe otherwise keeps in localStorage) lives here:
-the same visitor launching the same spec gets their live session back,
-after the upstream confirmed it is alive. The visitor is the owner (client
-address, ``X-Forwarded-For`` only from trusted proxies) plus an opaque hash
-of the page's ``Origin`` and, with ``BROKER_BUILD_VISITOR_COOKIE``, a
-first-party cookie. A reused session's broker token was shown once and is
-not stored, so each reuse mints a fresh token for the same session
-(:meth:`~broker.sessions.SessionManager.issue_token`); earlier tokens keep
-working, so a page still holding its saved ``{baseUrl, token}`` is unaffected.
+Reuse needs proof, never an address or an Origin, which everyone behind
+one NAT shares (a classroom would otherwise share one kernel):
+
+* a broker token presented (``Authorization: token ...`` or ``?token=``):
+  the owner's live session for the spec that this token opens comes back
+  with that same token, and nothing is minted;
+* with ``BROKER_BUILD_VISITOR_COOKIE``, the visitor cookie the broker set on
+  an earlier launch (a secret only that browser holds): the session comes
+  back with a freshly minted token (:meth:`~broker.sessions.SessionManager.issue_token`),
+  at most :data:`~broker.models.MAX_EXTRA_TOKENS` times; after that the
+  visitor gets a new session rather than an older token being forgotten.
+
+Anything else starts a new session. thebe itself never needs either: it
+keeps ``{baseUrl, token}`` in localStorage and reuses that without calling
+``/build``. Its ``EventSource`` is opened without ``withCredentials``, so a
+page on another origin never sends the cookie; the cookie helps only pages
+served from the broker's own origin (hence ``SameSite=Lax``, path ``/build``).
+With ``BROKER_BUILD_REUSE=false`` every launch is a new session.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from broker.api.sessions import SSE_HEADERS
 from broker.backends.binderhub import PUBLIC_PREFIX
 from broker.errors import BadRequest, BrokerError, Unavailable
 from broker.models import Session, Status, new_token
-from broker.policy.auth import public_base, request_owner
+from broker.policy.auth import public_base, request_owner, request_token
 from broker.policy.identity import client_ip, forwarded_proto_host
 from broker.policy.specs import BuildSpec, parse_spec
 from broker.sessions import SessionManager, SessionRequest
@@ -85,17 +94,19 @@ class _Stream:
 
 
 def visitor_identity(request: web.Request, settings: Settings) -> tuple[str, str]:
-    """(visitor key, cookie value to set or ''): who, below the owner, is launching.
+    """(visitor key, cookie value to set or ''): which browser, below the owner, is launching.
 
-    The page's Origin separates books on one address; the optional cookie
-    separates people on one address, where the browser sends it.
+    Only the broker's own visitor cookie identifies a browser; without
+    ``BROKER_BUILD_VISITOR_COOKIE`` the key is '' (no identity, no reuse
+    without a token). A browser without the cookie is given one; its key is
+    then new, so it proves nothing until the cookie comes back.
     """
+    if not settings.build_visitor_cookie:
+        return "", ""
     origin = request.headers.get("Origin", "").rstrip("/").lower()
-    cookie, new_cookie = "", ""
-    if settings.build_visitor_cookie:
-        cookie = request.cookies.get(VISITOR_COOKIE, "")
-        if not _COOKIE_VALUE.match(cookie):
-            cookie = new_cookie = new_token()
+    cookie, new_cookie = request.cookies.get(VISITOR_COOKIE, ""), ""
+    if not _COOKIE_VALUE.match(cookie):
+        cookie = new_cookie = new_token()
     material = json.dumps(["build", origin, cookie]).encode()
     return "build:" + hashlib.sha256(material).hexdigest()[:32], new_cookie
 
@@ -189,12 +200,16 @@ async def _follow(
 
 
 async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
-                  spec: BuildSpec) -> None:
+                  spec: BuildSpec, *, cookie_proof: bool) -> None:
+    """Reuse on proof (a token, else the visitor cookie), or start a new session."""
     manager = request.app[keys.MANAGER]
     settings = request.app[keys.SETTINGS]
+    presented = request_token(request) if settings.build_reuse else None
     for _attempt in range(_ATTEMPTS):
         token: str | None
-        if settings.build_reuse:
+        if presented:
+            session, token, reused = await manager.create(wanted, presented)
+        elif settings.build_reuse and cookie_proof:
             session, token, reused = await manager.launch(wanted)
         else:
             session, token, reused = await manager.create(wanted)
@@ -211,7 +226,7 @@ async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
 # No HEAD: a link checker's HEAD request must not launch a session.
 @routes.get("/build/{provider}/{spec:.+}", name="build", allow_head=False)
 async def build(request: web.Request) -> web.StreamResponse:
-    """Launch (or find again) the visitor's session for a spec, as BinderHub's event stream."""
+    """Launch a session for a spec (on proof, the visitor's own again) as BinderHub's stream."""
     settings = request.app[keys.SETTINGS]
     response = web.StreamResponse(headers=SSE_HEADERS)
     visitor, new_cookie = visitor_identity(request, settings)
@@ -230,7 +245,8 @@ async def build(request: web.Request) -> web.StreamResponse:
             wanted = SessionRequest(owner=request_owner(request), spec=spec.path,
                                     profile=profile_for(spec.path, settings.build_profiles),
                                     visitor=visitor)
-            await _launch(request, stream, wanted, spec)
+            await _launch(request, stream, wanted, spec,
+                          cookie_proof=bool(visitor) and not new_cookie)
         except BrokerError as error:
             log.log(logging.INFO if error.expected else logging.ERROR,
                     "/build %s refused: %s (%s)", request.match_info.get("provider", ""),

@@ -1,8 +1,13 @@
 """Cross-cutting HTTP behaviour: JSON errors and CORS.
 
 * Every error leaves as ``{"error", "reason", "message"}`` with the status of
-  its :class:`~broker.errors.BrokerError` (aiohttp's own 404/405/413 too);
-  unexpected exceptions become a bare 500 and a server-side traceback.
+  its :class:`~broker.errors.BrokerError` (aiohttp's own 404/405/413 too, 405
+  with its ``Allow`` header); unexpected exceptions become a bare 500 and a
+  server-side traceback. A client that went away mid-request is not an
+  error: logged at debug, and the access log says 499 (nginx's "client
+  closed request"), not 500.
+* A body declared larger than its route accepts is refused with 413 before
+  the handler waits for it.
 * CORS headers are added in ``on_response_prepare``, so they are on every
   response a browser may read — errors, event streams and WebSocket
   handshakes included. A request whose ``Origin`` is not allowed is refused
@@ -20,7 +25,8 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from broker import keys
-from broker.errors import BrokerError, Forbidden
+from broker.edge import EdgeHandler
+from broker.errors import BrokerError, Forbidden, PayloadTooLarge
 from broker.logs import new_request_id, request_id_var
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,21 @@ def _http_error(exc: web.HTTPException) -> BrokerError:
     error.status = exc.status
     if exc.status == 413:
         error.message = "The request body is too large"
+    if "Allow" in exc.headers:
+        error.headers["Allow"] = exc.headers["Allow"]
     return error
+
+
+#: Status recorded for a request whose client left before the answer (nginx's
+#: convention); it never reaches the client, only the access log and metrics.
+CLIENT_GONE = 499
+
+
+def _body_limit(request: web.Request) -> int:
+    """The largest body the matched route reads (the files API has its own setting)."""
+    if request.method == "PUT" and request.match_info.route.name == "files":
+        return int(request.app[keys.SETTINGS].max_upload_size)
+    return request.client_max_size
 
 
 @web.middleware
@@ -75,8 +95,20 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
         return error_response(Forbidden(f"Origin {origin} is not allowed", reason="origin"))
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(status=204)
+    length = request.content_length
+    if length is not None and length > _body_limit(request):
+        # At once: waiting for (and discarding) a declared 10 GB body would hold
+        # the connection for as long as the client cares to dribble it.
+        response = error_response(PayloadTooLarge(
+            f"The request body ({length} bytes) is larger than this endpoint accepts "
+            f"({_body_limit(request)} bytes)"))
+        response.force_close()  # the unread body makes the connection unusable
+        return response
     try:
         return await handler(request)
+    except ConnectionResetError:
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return web.Response(status=CLIENT_GONE)
     except BrokerError as error:
         if error.expected:
             log.info("%s %s refused: %s (%s)", request.method, request.path, error.reason,
@@ -132,10 +164,16 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     started = loop.time()
     response: web.StreamResponse | None = None
+    protocol = request.protocol
+    edge = protocol if isinstance(protocol, EdgeHandler) else None
+    if edge is not None:
+        edge.handling(request)  # headers complete: the header timeout is over
     try:
         response = await handler(request)
         return response
     finally:
+        if edge is not None:
+            edge.handled()
         request_id_var.reset(context)
         # WebSocket handlers return when the socket closes, or once the relay took it
         # over (101); the bridge times its handshake itself.

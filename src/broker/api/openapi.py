@@ -14,6 +14,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.api import openapi_agent
+from broker.api.openapi_agent import NAME_PATTERN
 
 routes = web.RouteTableDef()
 
@@ -27,6 +28,8 @@ _ERROR = {
     },
 }
 _TS = {"type": "string", "format": "date-time"}
+#: What parse_session_request accepts for ``spec``: no control characters.
+SPEC_PATTERN = "^[^\\u0000-\\u001f]*$"
 _SESSION = {
     "type": "object",
     "required": ["id", "status", "backend", "base_url", "ws_url", "created_at", "expires_at"],
@@ -103,26 +106,31 @@ DOCUMENT: dict[str, Any] = {
                 "to get that session back (200) while it is alive upstream; otherwise a new "
                 "session is created (201).",
                 "parameters": [{"name": "wait", "in": "query", "schema": {"type": "boolean"},
-                                "description": "Return once the session is ready or failed."}],
+                                "description": "Return once the session is ready or failed "
+                                "(never pending: 504 wait_timeout with the session id when "
+                                "its outcome is not known in time)."}],
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {
                     "type": "object", "additionalProperties": False,
                     "properties": {
-                        "spec": {"type": "string", "maxLength": 1024,
-                                 "description": "What to launch, e.g. gh/owner/repo/ref."},
-                        "profile": {"type": "string"},
-                        "kernel_name": {"type": "string",
+                        "spec": {"type": "string", "maxLength": 1024, "pattern": SPEC_PATTERN,
+                                 "description": "What to launch, e.g. gh/owner/repo/ref. At "
+                                 "most 1024 characters (after trimming spaces), no control "
+                                 "characters (400 otherwise)."},
+                        "profile": {"type": "string", "pattern": NAME_PATTERN},
+                        "kernel_name": {"type": "string", "pattern": NAME_PATTERN,
                                         "description": "Default kernel for this session."},
                     }}}}},
                 "responses": {
                     "201": _session_ref("Created"),
                     "200": _session_ref("Reused"),
-                    **_errors(400, 403, 429, 502, 503, 504),
+                    **_errors(400, 403, 413, 429, 502, 503, 504),
                     "429": {"description": "Rate or quota refusal: reason creation_rate, "
                             "owner_sessions, spawn_concurrency (Retry-After; X-RateLimit-* "
                             "on creation_rate)", "content": {"application/json": {"schema": {
                                 "$ref": "#/components/schemas/Error"}}}},
                     "503": {"description": "Capacity refusal: reason capacity or "
-                            "spec_capacity (Retry-After)", "content": {"application/json": {
+                            "spec_capacity; or the session store is unreachable: reason "
+                            "store_unavailable (Retry-After)", "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/Error"}}}},
                 },
             },
@@ -157,18 +165,31 @@ DOCUMENT: dict[str, Any] = {
                 "`:keepalive` comments, and a final `ready` event whose `url` is the broker's "
                 "`/s/{id}/` and whose `token` is a broker session token, or a `failed` event "
                 "with `status_code` (400 malformed spec, 403 denied, 429 rate limits, 503 "
-                "capacity, 502/504 upstream). The same visitor launching the same spec gets "
-                "its live session back. Providers: gh, gl, git, gist, zenodo, figshare, "
-                "dataverse, hydroshare, ckan.",
+                "capacity, 502/504 upstream). Each launch is a new session unless it proves "
+                "whose it is: a broker token of the session (`Authorization: token` or "
+                "`?token=`) brings that live session back with the same token. Providers: gh, "
+                "gl, git, gist, zenodo, figshare, dataverse, hydroshare, ckan.",
                 "parameters": [
                     {"name": "provider", "in": "path", "required": True,
                      "schema": {"type": "string"}},
                     {"name": "spec", "in": "path", "required": True,
                      "schema": {"type": "string"},
                      "description": "Provider-specific; may contain slashes (a gh ref)."},
+                    {"name": "token", "in": "query", "required": False,
+                     "schema": {"type": "string"},
+                     "description": "A broker token of a live session for this spec: that "
+                     "session comes back (a header `Authorization: token ...` works too)."},
                 ],
                 "responses": {"200": {"description": "Event stream",
-                                      "content": {"text/event-stream": {}}}},
+                                      "content": {"text/event-stream": {}}},
+                              "404": {"description": "No launch route: the path lacks a "
+                                      "provider or a spec (the router's JSON 404)",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Error"}}}},
+                              "405": {"description": "Not GET (HEAD too: a link checker must "
+                                      "not launch sessions); Allow: GET",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Error"}}}}},
             },
         },
         "/s/{sid}/api/…": {

@@ -97,6 +97,8 @@ def _json(description: str, schema: str) -> dict[str, Any]:
 
 
 _SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}
+#: Profile and kernel names as the handlers check them (api.sessions.NAME), or empty.
+NAME_PATTERN = "^([A-Za-z0-9][A-Za-z0-9._\\-]{0,99})?$"
 _PATH = {
     "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
     "description": "Relative to the session's working directory, '/'-separated, "
@@ -129,7 +131,8 @@ PATHS: dict[str, Any] = {
                                 "description": "Seconds; default BROKER_EXECUTE_TIMEOUT_"
                                 "DEFAULT, lowered to BROKER_EXECUTE_TIMEOUT_MAX. Counts from "
                                 "when the code is sent to the kernel."},
-                    "kernel_name": {"type": "string", "description": "Kernel for the "
+                    "kernel_name": {"type": "string", "pattern": NAME_PATTERN,
+                                    "description": "Kernel for the "
                                     "session's default kernel when it is first started "
                                     "(default: the session's kernel_name, else the server's "
                                     "default); a different name later is 409."},
@@ -140,7 +143,7 @@ PATHS: dict[str, Any] = {
                             "application/json": {"schema": {
                                 "$ref": "#/components/schemas/ExecuteResult"}},
                             "text/event-stream": {}}},
-                **_errors(400, 401, 403, 404, 409, 502, 503),
+                **_errors(400, 401, 403, 404, 409, 413, 502, 503),
             },
         },
     },
@@ -170,7 +173,9 @@ PATHS: dict[str, Any] = {
             "description": "Parent directories are created. Larger than "
             "BROKER_MAX_UPLOAD_SIZE: 413.",
             "security": _AUTH,
-            "requestBody": {"required": True,
+            "requestBody": {"required": False,
+                            "description": "The file's bytes; an empty body makes an empty "
+                            "file.",
                             "content": {"application/octet-stream": {}}},
             "responses": {"201": _json("Created", "FileEntry"),
                           "200": _json("Replaced", "FileEntry"),

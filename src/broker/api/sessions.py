@@ -78,6 +78,16 @@ def json_object(raw: bytes, allowed: set[str], *, empty_ok: bool,
     if raw.strip():
         try:
             data = json.loads(raw)
+            # A lone surrogate (a "\ud800" escape) is valid JSON but not Unicode:
+            # no store or upstream can encode it, so it is refused here, once.
+            json.dumps(data, ensure_ascii=False).encode()
+        except RecursionError as exc:  # nesting deeper than the parser's stack
+            raise BadRequest("The body is nested too deeply") from exc
+        except UnicodeDecodeError as exc:
+            raise BadRequest("The body is not valid UTF-8") from exc
+        except UnicodeEncodeError as exc:
+            raise BadRequest("The body holds a string that is not valid Unicode (a lone "
+                             "surrogate)") from exc
         except ValueError as exc:
             raise BadRequest(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -126,6 +136,17 @@ async def create_session(request: web.Request) -> web.Response:
     if _flag(request, "wait") and session.status is Status.PENDING:
         waited, final = await manager.wait_outcome(session.id, manager.settings.spawn_timeout + 5)
         session = waited or session
+        if session.status is Status.PENDING:
+            # Never answer "pending" to a client that asked to wait: the spawn is still
+            # going (its outcome not recorded yet). Name the session, and hand a new one's
+            # token over (this is its only chance), so the client can follow or delete it.
+            error = BrokerError("The session did not finish starting within the wait limit",
+                                reason="wait_timeout")
+            error.status = 504
+            body = error.body() | {"id": session.id}
+            if not reused:
+                body["token"] = token
+            return web.json_response(body, status=504, headers=limit_headers)
         if session.status is Status.FAILED:
             error = BrokerError(session.message or "The session failed to start",
                                 reason=session.ended_reason or "upstream_failed")

@@ -11,12 +11,37 @@ replica or after a restart.
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import errno
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
 
 from broker.models import ProgressEvent, Session
+
+log = logging.getLogger(__name__)
+
+#: errnos that mean "this process is out of something", not "the upstream is dead".
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.EADDRNOTAVAIL})
+#: A probe whose timeout fired this much later than asked ran on a starved loop.
+_LATE_FACTOR = 1.5
+
+
+class Liveness(enum.Enum):
+    """What one probe of an upstream server found out."""
+
+    #: It answered ``api/status`` with 200.
+    ALIVE = "alive"
+    #: It refused, reset, did not answer in time, or answered anything but 200.
+    DEAD = "dead"
+    #: The probe could not be made for reasons of our own (out of descriptors, our
+    #: loop too late to time it): says nothing about the upstream.
+    UNKNOWN = "unknown"
+
 
 #: Called by a backend when a ready session's server dies on its own:
 #: (session id, human-readable reason).
@@ -39,6 +64,8 @@ class Backend(Protocol):
     async def is_alive(self, session: Session) -> bool:
         """Ask the upstream itself (not a cache) whether the server still answers."""
 
+    # Optional: ``async def probe(self, session) -> Liveness`` (see :func:`probe`).
+
     async def health(self) -> None:
         """Raise if the backend cannot spawn right now (for /ready)."""
 
@@ -46,16 +73,51 @@ class Backend(Protocol):
         """Release the backend's own resources at shutdown."""
 
 
-async def server_answers(http: aiohttp.ClientSession, base_url: str, token: str,
-                         limit: float = 10.0) -> bool:
-    """Whether a Jupyter server at ``base_url`` answers ``api/status`` for ``token``.
+async def probe(backend: Backend, session: Session) -> Liveness:
+    """One liveness probe of a session's server through its backend.
 
-    The one liveness probe every backend uses for ``is_alive``: it asks the
-    server itself, so a reused or reconciled session is never a stale cache
-    entry. Any failure (refused, timeout, non-200) means "not alive".
+    Uses the backend's own ``probe`` when it has one, else ``is_alive``
+    (where every failure counts as DEAD). An exception escaping the backend
+    is our problem, not the upstream's: UNKNOWN.
+    """
+    check: Callable[[Session], Awaitable[Liveness]] | None = getattr(backend, "probe", None)
+    try:
+        if check is not None:
+            return await check(session)
+        return Liveness.ALIVE if await backend.is_alive(session) else Liveness.DEAD
+    except Exception as exc:
+        log.warning("could not probe the server of session %s: %s", session.id,
+                    type(exc).__name__)
+        return Liveness.UNKNOWN
+
+
+def _local_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or an OSError it wraps) is this process running out of something."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+            return True
+        os_error = getattr(exc, "os_error", None)
+        if isinstance(os_error, OSError) and os_error.errno in _LOCAL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+async def probe_server(http: aiohttp.ClientSession, base_url: str, token: str,
+                       limit: float = 10.0) -> Liveness:
+    """Ask a Jupyter server at ``base_url`` for ``api/status`` with ``token``.
+
+    The one liveness probe every backend builds on: it asks the server
+    itself, so a reused or reconciled session is never a stale cache entry.
+    "Does not answer" (refused, reset, no reply within ``limit``) and
+    "answers dead" (not 200) are DEAD; our own trouble (EMFILE and the like,
+    or a timeout that fired far later than asked because this loop was
+    starved) is UNKNOWN.
     """
     if not base_url:
-        return False
+        return Liveness.DEAD
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         async with http.get(
             f"{base_url}api/status",
@@ -63,6 +125,15 @@ async def server_answers(http: aiohttp.ClientSession, base_url: str, token: str,
             timeout=aiohttp.ClientTimeout(total=limit),
             allow_redirects=False,
         ) as resp:
-            return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
+            return Liveness.ALIVE if resp.status == 200 else Liveness.DEAD
+    except TimeoutError:
+        late = loop.time() - started > limit * _LATE_FACTOR
+        return Liveness.UNKNOWN if late else Liveness.DEAD
+    except (aiohttp.ClientError, OSError) as exc:
+        return Liveness.UNKNOWN if _local_failure(exc) else Liveness.DEAD
+
+
+async def server_answers(http: aiohttp.ClientSession, base_url: str, token: str,
+                         limit: float = 10.0) -> bool:
+    """Whether :func:`probe_server` found the server alive (for session reuse)."""
+    return await probe_server(http, base_url, token, limit) is Liveness.ALIVE

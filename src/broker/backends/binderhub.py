@@ -24,6 +24,11 @@ Invariants:
 * BinderHub has no stop call. With ``BROKER_BINDER_HUB_API_TOKEN`` the
   backend asks the BinderHub's JupyterHub to stop the server; without it the
   hub's culler does, later. The session ends for its clients either way.
+* BinderHub's messages reach clients (progress, failures) only through
+  :func:`public_message`: a hub server path (``Server ready at
+  /user/owner-repo-x1y2/``), any URL on the BinderHub's or its hub's host,
+  and anything token-shaped are rewritten, so the upstream server's
+  location and secrets stay with the broker.
 * The ready event's public fields (image, repo_url, binder_ref_url,
   binder_persistent_request) are kept in ``backend_state`` under
   ``public:``-prefixed keys, so the broker's own ``/build`` can repeat them;
@@ -45,6 +50,7 @@ from yarl import URL
 from broker.backends.base import LostCallback, server_answers
 from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
+from broker.logs import scrub
 from broker.models import ProgressEvent, Session
 from broker.policy.specs import parse_spec
 
@@ -70,11 +76,31 @@ _RETRY_IN = re.compile(r"try again in (\d+) seconds?", re.IGNORECASE)
 #: BinderHub's quota refusals: per repository, and for the whole BinderHub.
 _QUOTA = re.compile(r"too many users", re.IGNORECASE)
 _HUB_USER_PATH = re.compile(r"^(?P<base>.*?)/user/(?P<user>[^/]+)/(?:(?P<server>[^/]+)/)?$")
+#: A hub user server's path, with its scheme and host when given (BinderHub relays
+#: the hub's "Server ready at /user/{name}/"): where the upstream server lives.
+_SERVER_PATH = re.compile(r"(?:\b[a-z][a-z0-9+.\-]*://[^\s/\"'<>]+)?/user/[^\s\"'<>]*",
+                          re.IGNORECASE)
+#: What replaces an upstream location in a message a client sees.
+HIDDEN = "[server]"
 
 
-def failure_error(event: dict[str, Any]) -> BrokerError:
-    """The broker error for a BinderHub ``failed`` event, keeping its message."""
-    message = str(event.get("message") or "").strip()[:_MAX_MESSAGE]
+def public_message(message: str, hosts: tuple[str, ...] = ()) -> str:
+    """An upstream message as a client may see it: no server path, upstream URL or token.
+
+    ``hosts`` are the BinderHub's and its hub's ``host[:port]``: any URL on them
+    is hidden too (build logs also name public URLs, such as the repository's,
+    which stay).
+    """
+    text = _SERVER_PATH.sub(HIDDEN, message)
+    for host in hosts:
+        text = re.sub(rf"\b[a-z][a-z0-9+.\-]*://{re.escape(host)}(?![\w.:@-])(?:[/?#][^\s\"'<>]*)?",
+                      HIDDEN, text, flags=re.IGNORECASE)
+    return scrub(text).strip()[:_MAX_MESSAGE]
+
+
+def failure_error(event: dict[str, Any], hosts: tuple[str, ...] = ()) -> BrokerError:
+    """The broker error for a BinderHub ``failed`` event, keeping its (public) message."""
+    message = public_message(str(event.get("message") or ""), hosts)
     message = message or "BinderHub could not launch the server"
     status = event.get("status_code")
     if status == 429:
@@ -85,9 +111,10 @@ def failure_error(event: dict[str, Any]) -> BrokerError:
     return UpstreamFailed(message)
 
 
-def _http_error(status: int, text: str) -> BrokerError:
+def _http_error(status: int, text: str, hosts: tuple[str, ...] = ()) -> BrokerError:
     """An HTTP-level refusal (before any event): BinderHub's auth, a proxy, a 404."""
-    detail = f"BinderHub answered HTTP {status}" + (f": {text[:200]}" if text else "")
+    text = public_message(text[:200], hosts)
+    detail = f"BinderHub answered HTTP {status}" + (f": {text}" if text else "")
     if status == 429:
         return RateLimited(detail, retry_after=60)
     if status == 503:
@@ -137,6 +164,8 @@ class BinderHubBackend:
         # Reuse waits for this answer: a hung server must not hold a launch long.
         self._alive_timeout = aiohttp.ClientTimeout(total=min(request_timeout, 10.0))
         self.on_lost = on_lost
+        #: Hosts whose URLs never reach a client (see public_message).
+        self._hosts = tuple({URL(u).raw_authority for u in (self._binder, self._hub_url) if u})
 
     # -- spawning ---------------------------------------------------------------------
     async def spawn(self, session: Session) -> AsyncIterator[ProgressEvent]:
@@ -152,20 +181,21 @@ class BinderHubBackend:
         try:
             async with self._http.get(url, headers=headers, timeout=self._stream_timeout) as resp:
                 if resp.status != 200:
-                    raise _http_error(resp.status, (await resp.text(errors="replace")).strip())
+                    raise _http_error(resp.status, (await resp.text(errors="replace")).strip(),
+                                      self._hosts)
                 phase = "waiting"
                 async for event in json_events(resp.content):
                     raw_phase = str(event.get("phase") or "").strip().lower()
                     if raw_phase in FAILED_PHASES:
                         resp.close()
-                        raise failure_error(event)
+                        raise failure_error(event, self._hosts)
                     if raw_phase == "ready":
                         resp.close()  # BinderHub would hold the stream open ~60 s more
                         yield self._ready(event)
                         return
                     # Unknown phases and phase-less log lines continue the current phase.
                     phase = raw_phase if raw_phase in PHASES else phase
-                    message = str(event.get("message") or "").strip()[:_MAX_MESSAGE]
+                    message = public_message(str(event.get("message") or ""), self._hosts)
                     yield ProgressEvent(phase, message, progress=PHASES[phase])
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamFailed(

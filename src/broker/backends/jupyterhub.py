@@ -56,7 +56,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import LostCallback, server_answers
+from broker.backends.base import Liveness, LostCallback, probe_server
 from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.logs import scrub
@@ -258,8 +258,11 @@ class JupyterHubBackend:
 
     # -- lifecycle ------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
-        return await server_answers(self._http, session.upstream_url, session.upstream_token,
-                                    10.0)
+        return await self.probe(session) is Liveness.ALIVE
+
+    async def probe(self, session: Session) -> Liveness:
+        """One liveness probe of the server through the hub's proxy."""
+        return await probe_server(self._http, session.upstream_url, session.upstream_token, 10.0)
 
     async def stop(self, session: Session) -> None:
         user, server = self._state_names(session)

@@ -13,25 +13,53 @@ Invariants: a server whose process exits while its session is live is
 reported through ``on_lost``; ``stop`` ends the whole process group (kernels
 included) and removes the working directory; ``close`` stops every server
 this broker started, because nothing else could stop them later.
+
+Every process of a session carries three environment variables, which is how
+any broker on this host finds it again (``/proc/<pid>/environ``), whoever
+started it: ``JSB_SESSION_MARK`` (session id and a nonce), ``JSB_BROKER_SCOPE``
+(which store the session lives in: a hash of BROKER_REDIS_URL and
+BROKER_REDIS_PREFIX, or of the root directory with the memory store) and
+``JSB_BROKER_ID`` (the starting broker's pid, process start time and an
+instance nonce). :meth:`LocalBackend.sweep` (start-up and every reaper
+interval) reconciles them with the store:
+
+* a server whose session is live in the store is left running (a replica
+  that died leaves it adopted: any replica proxies to it, stops it, probes it);
+* with Redis (the store is shared and authoritative) a server of this scope
+  whose session is not live is stopped, whoever started it, and so is the
+  working directory of such a session under this broker's root;
+* with the memory store the record of a server this process did not start
+  is unknowable. If the broker that started it is gone, its sessions went
+  with it: the server is stopped, with a warning. If that broker is still
+  running (a second replica on the same root directory, which the memory
+  store does not support), the server is left alone and a warning says so,
+  once per server: killing another replica's sessions silently is worse.
+
+Only processes of this host are visible, so replicas on other hosts are never
+touched; each host's replicas sweep their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from broker.backends.base import LostCallback, server_answers
+from broker.backends.base import Liveness, LostCallback, probe_server, server_answers
 from broker.errors import UpstreamFailed
 from broker.models import ProgressEvent, Session, new_token
 
@@ -42,6 +70,12 @@ log = logging.getLogger(__name__)
 _PRIVATE_ENV_PREFIXES = ("BROKER_", "JUPYTERHUB_", "REDIS_")
 #: Environment variable that marks every process of one session.
 _MARKER_ENV = "JSB_SESSION_MARK"
+#: ... which store its session lives in (see the module docstring).
+_SCOPE_ENV = "JSB_BROKER_SCOPE"
+#: ... which broker process started it: "pid:start time:instance nonce".
+_BROKER_ENV = "JSB_BROKER_ID"
+#: What a session id looks like (models.new_session_id): guards directory removal.
+_SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Longest wait for a started server to answer api/status.
 _ANSWER_LIMIT = 90.0
 _STOP_GRACE = 5.0
@@ -84,22 +118,94 @@ class _Server:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _kill_marked(marker: str) -> int:
-    """SIGKILL every process whose environment carries ``marker`` (blocking: /proc scan)."""
-    needle = f"{_MARKER_ENV}={marker}".encode()
-    killed = 0
+@dataclass(frozen=True)
+class _Marked:
+    """A process of this host that belongs to some broker's session."""
+
+    pid: int
+    marker: str
+    scope: str
+    broker: str
+    #: Its working directory ("" if unreadable): a session server's is its workdir.
+    cwd: str
+
+    @property
+    def session_id(self) -> str:
+        return self.marker.partition("-")[0]  # ids are hex; the nonce may hold "-"
+
+
+def _scan_marked() -> list[_Marked]:
+    """Every process carrying a session marker (blocking: reads /proc).
+
+    Raises OSError when /proc itself cannot be listed (e.g. EMFILE): a sweep
+    or stop that cannot see must not conclude anything.
+    """
+    found = []
+    prefixes = (f"{_MARKER_ENV}=".encode(), f"{_SCOPE_ENV}=".encode(),
+                f"{_BROKER_ENV}=".encode())
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle not in fh.read().split(b"\0"):
-                    continue
-            os.kill(int(entry), signal.SIGKILL)
-            killed += 1
-        except (OSError, ValueError):
+                raw = fh.read()
+        except OSError as exc:  # gone meanwhile, or not ours to read
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise
             continue
+        if prefixes[0] not in raw:
+            continue
+        values = ["", "", ""]
+        for item in raw.split(b"\0"):
+            for i, prefix in enumerate(prefixes):
+                if item.startswith(prefix):
+                    values[i] = item[len(prefix):].decode(errors="replace")
+        if not values[0]:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            cwd = ""
+        found.append(_Marked(int(entry), values[0], values[1], values[2], cwd))
+    return found
+
+
+def _kill(pids: list[int]) -> int:
+    """SIGKILL these processes; how many were still there."""
+    killed = 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
     return killed
+
+
+def _kill_marked(marker: str) -> int:
+    """SIGKILL every process whose environment carries ``marker`` (blocking: /proc scan)."""
+    return _kill([m.pid for m in _scan_marked() if m.marker == marker])
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a directory tree; raise (OSError, e.g. EMFILE) unless it is gone afterwards,
+    so the caller can retry instead of leaving it behind silently."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` (/proc/<pid>/stat field 22), "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _broker_alive(broker: str) -> bool:
+    """Whether the broker process named by a JSB_BROKER_ID value still runs."""
+    pid, _, rest = broker.partition(":")
+    start = rest.partition(":")[0]
+    return pid.isdigit() and bool(start) and _process_start(int(pid)) == start
 
 
 class LocalBackend:
@@ -114,7 +220,10 @@ class LocalBackend:
         root_dir: str = "",
         extra_args: list[str] | None = None,
         on_lost: LostCallback | None = None,
+        shared_store: str = "",
     ) -> None:
+        """``shared_store`` names the shared (Redis) store the sessions live in
+        (URL and key prefix); empty for the memory store. See :meth:`sweep`."""
         self._http = http
         self._own_root = not root_dir
         self._root = Path(root_dir or tempfile.mkdtemp(prefix="session-broker-"))
@@ -122,6 +231,12 @@ class LocalBackend:
         self._extra_args = list(extra_args or [])
         self.on_lost = on_lost
         self._servers: dict[str, _Server] = {}
+        self._shared = bool(shared_store)
+        basis = f"redis\0{shared_store}" if shared_store else f"memory\0{self._root.resolve()}"
+        self._scope = hashlib.sha256(basis.encode()).hexdigest()[:16]
+        self._id = f"{os.getpid()}:{_process_start(os.getpid())}:{new_token()[:8]}"
+        #: Markers of other live brokers' servers already warned about (memory store).
+        self._warned: set[str] = set()
 
     # -- spawning -----------------------------------------------------------------
     def _command(self, port: int, workdir: Path) -> list[str]:
@@ -146,6 +261,8 @@ class LocalBackend:
     def _environment(self, token: str, workdir: Path, marker: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
         env[_MARKER_ENV] = marker
+        env[_SCOPE_ENV] = self._scope
+        env[_BROKER_ENV] = self._id
         env["JUPYTER_TOKEN"] = token
         env["JUPYTER_RUNTIME_DIR"] = str(workdir / ".runtime")
         env["PYTHONUNBUFFERED"] = "1"
@@ -221,7 +338,10 @@ class LocalBackend:
         self._servers.pop(session_id, None)
         log.warning("jupyter server of session %s exited with code %s", session_id, code)
         # Its kernels, their children and its directory must not outlive it.
-        await self._remove(server)
+        try:
+            await self._remove(server)
+        except OSError as exc:  # e.g. EMFILE: the sweep removes what is left
+            log.warning("could not clean up after session %s yet: %s", session_id, exc)
         if self.on_lost is not None:
             await self.on_lost(session_id, f"The Jupyter server exited (code {code})")
 
@@ -248,10 +368,15 @@ class LocalBackend:
 
     # -- lifecycle -------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
+        return await self.probe(session) is Liveness.ALIVE
+
+    async def probe(self, session: Session) -> Liveness:
+        """One liveness probe. A server this process did not start (another
+        replica's, or one adopted from a replica that died) is asked all the same."""
         server = self._servers.get(session.id)
-        if server is None or server.proc.returncode is not None:
-            return False
-        return await self._answers(session.upstream_url, session.upstream_token)
+        if server is not None and server.proc.returncode is not None:
+            return Liveness.DEAD
+        return await probe_server(self._http, session.upstream_url, session.upstream_token, 5)
 
     async def _terminate(self, session_id: str) -> None:
         server = self._servers.pop(session_id, None)
@@ -280,12 +405,96 @@ class LocalBackend:
         killed = await asyncio.to_thread(_kill_marked, server.marker)
         if killed:
             log.info("stopped %d leftover processes of a session's server", killed)
-        await asyncio.to_thread(shutil.rmtree, server.workdir, True)
+        await asyncio.to_thread(_rmtree, server.workdir)
         with contextlib.suppress(OSError):
             server.log_path.unlink()
 
     async def stop(self, session: Session) -> None:
-        await self._terminate(session.id)
+        """Stop the session's server, whoever on this host started it.
+
+        One this process started is ended gracefully; otherwise (another
+        replica's, a dead replica's, or a cleanup retried after an earlier
+        attempt failed half-way, e.g. on EMFILE) its processes are found by
+        their marker and killed, and its working directory is removed.
+        Raises OSError when it could not look (the caller retries later).
+        """
+        if session.id in self._servers:
+            await self._terminate(session.id)
+            return
+        await self._remove_found(session.id, session.backend_state.get("workdir", ""))
+
+    async def _remove_found(self, session_id: str, workdir: str,
+                            found: list[_Marked] | None = None) -> int:
+        """Kill this scope's processes of one session; remove its directory and log."""
+        if found is None:
+            found = await asyncio.to_thread(_scan_marked)
+        procs = [m for m in found if m.session_id == session_id and m.scope == self._scope]
+        killed = await asyncio.to_thread(_kill, [m.pid for m in procs])
+        dirs = {Path(d) for d in [workdir, *(m.cwd for m in procs)] if d}
+        for path in dirs:
+            if path.name == session_id and _SESSION_ID.match(session_id):
+                await asyncio.to_thread(_rmtree, path)
+                with contextlib.suppress(OSError):
+                    (path.parent / f"{session_id}.log").unlink()
+        return killed
+
+    async def sweep(self, live_sessions: Callable[[], Awaitable[list[Session]]]) -> int:
+        """Stop this scope's servers whose session is not live; returns how many.
+
+        This host's processes and this root's directories are listed *before*
+        the store is read: a spawn saves its session before it starts a
+        process or makes a directory, so nothing seen here can belong to a
+        session the store does not know yet. See the module docstring for
+        who may stop what.
+        """
+        found = [m for m in await asyncio.to_thread(_scan_marked) if m.scope == self._scope]
+        dirs = await asyncio.to_thread(self._session_dirs)
+        if not found and not dirs:
+            return 0
+        live = {s.id for s in await live_sessions()}
+        stopped = 0
+        by_marker: dict[str, list[_Marked]] = {}
+        for marked in found:
+            by_marker.setdefault(marked.marker, []).append(marked)
+        for marker, procs in by_marker.items():
+            sid = procs[0].session_id
+            if sid in live:
+                continue  # its session lives: any replica can serve it (adopted)
+            broker = procs[0].broker
+            own = self._servers.get(sid)
+            if own is not None and own.marker == marker:
+                log.warning("stopping the server of session %s: its session is no longer "
+                            "live in the store", sid)
+                await self._terminate(sid)
+            elif broker != self._id and not self._shared and _broker_alive(broker):
+                if marker not in self._warned:
+                    self._warned.add(marker)
+                    log.warning(
+                        "found the server of session %s (pid %d) started by another running "
+                        "broker (pid %s) on the same root directory; with the memory store "
+                        "its session is unknown here, so it is left alone. Run one replica "
+                        "per root directory, or share a Redis store (BROKER_REDIS_URL)",
+                        sid, procs[0].pid, broker.partition(":")[0])
+                continue
+            else:
+                log.warning("stopping %d leftover processes of session %s (pid %d): no live "
+                            "session owns them (left by broker %s)", len(procs), sid,
+                            procs[0].pid, broker.partition(":")[0])
+                await self._remove_found(sid, "", found)
+            stopped += 1
+        running = {m.session_id for m in found}
+        for path in dirs:
+            if path.name not in live and path.name not in running \
+                    and path.name not in self._servers:
+                await self._remove_found(path.name, str(path), [])
+        return stopped
+
+    def _session_dirs(self) -> list[Path]:
+        """Working directories of sessions under this broker's root (blocking)."""
+        try:
+            return [p for p in self._root.iterdir() if p.is_dir() and _SESSION_ID.match(p.name)]
+        except FileNotFoundError:
+            return []
 
     async def health(self) -> None:
         if not self._root.is_dir():

@@ -60,10 +60,12 @@ class SessionStore(Protocol):
         """Record kernel activity (last_activity) without rewriting the session."""
 
     async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
-        """Atomically append a token hash to a *ready* session (newest ``keep`` kept).
+        """Atomically append a token hash to a *ready* session holding fewer than ``keep``.
 
-        False when the session is gone or not ready. Atomic so that tokens
-        minted at once on several replicas are all kept.
+        False when the session is gone, not ready, or already holds ``keep``
+        extra hashes; a hash is never dropped, so every issued token keeps
+        working. Atomic so that tokens minted at once on several replicas are
+        all kept and the bound holds across them.
         """
 
     async def delete(self, session_id: str) -> None:

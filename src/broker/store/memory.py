@@ -100,7 +100,9 @@ class MemoryStore:
         if record.get("status") != "ready":
             return False
         hashes = json.loads(record.get("extra_token_hashes") or "[]")
-        record["extra_token_hashes"] = json.dumps([*hashes, token_hash][-keep:])
+        if len(hashes) >= keep:
+            return False  # full: never drop a hash, an issued token must keep working
+        record["extra_token_hashes"] = json.dumps([*hashes, token_hash])
         return True
 
     async def delete(self, session_id: str) -> None:

@@ -21,17 +21,26 @@ Every write that must not resurrect a deleted session (save, touch,
 publish) is a Lua script that first checks the record exists, so a late
 write can never leave a key without a TTL behind; save also refuses to take
 a failed/stopped record back to a live status.
+
+When Redis cannot be reached (refused, reset, timed out, still loading its
+data, a read-only replica after a failover), every operation raises
+:class:`~broker.errors.Unavailable` with reason ``store_unavailable`` and a
+``Retry-After``: clients get a well-formed 503, never a 500, and callers that
+must record an outcome (the spawn) know to retry (:func:`store_unavailable`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 
 from broker.errors import Unavailable
 from broker.models import Clock, Session, system_clock
@@ -71,14 +80,14 @@ end
 return 1
 """
 
-# KEYS: record   ARGV: token hash, how many to keep
+# KEYS: record   ARGV: token hash, most hashes the list may hold (a full list refuses)
 _APPEND_HASH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'ready' then return 0 end
 local raw = redis.call('HGET', KEYS[1], 'extra_token_hashes')
 local list = {}
 if raw and raw ~= '' then list = cjson.decode(raw) end
+if #list >= tonumber(ARGV[2]) then return 0 end
 table.insert(list, ARGV[1])
-while #list > tonumber(ARGV[2]) do table.remove(list, 1) end
 local parts = {}
 for i, h in ipairs(list) do parts[i] = '"' .. h .. '"' end
 redis.call('HSET', KEYS[1], 'extra_token_hashes', '[' .. table.concat(parts, ',') .. ']')
@@ -115,6 +124,51 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+#: Seconds a client is told to wait when the store is unreachable.
+STORE_RETRY_AFTER = 5
+#: Redis trouble that says "the store is not usable right now", not "this request is wrong".
+_OUTAGES = (
+    redis_errors.ConnectionError,  # refused, reset, closed; BusyLoadingError is one too
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica promoted or demoted under us
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+    OSError,
+    TimeoutError,
+)
+
+
+@contextlib.contextmanager
+def store_unavailable() -> Iterator[None]:
+    """Turn a Redis outage raised inside the block into a 503 ``store_unavailable``.
+
+    Also used around the Redis admission engine's calls (the session manager),
+    so one mapping covers every Redis call a request makes.
+    """
+    try:
+        yield
+    except redis_errors.MaxConnectionsError:
+        raise  # our own pool is full: the caller decides (see subscribe)
+    except _OUTAGES as exc:
+        raise Unavailable("The session store cannot be reached right now; try again soon",
+                          reason="store_unavailable", retry_after=STORE_RETRY_AFTER) from exc
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _mapped(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A store method whose Redis outages surface as :func:`store_unavailable` says."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        with store_unavailable():
+            return await method(*args, **kwargs)
+
+    return call
+
 
 #: Connections of the main pool (lookups, writes, Lua scripts); each is held briefly.
 _MAX_CONNECTIONS = 200
@@ -200,6 +254,7 @@ class RedisStore:
         return Session.from_record(record, self._cipher.decrypt) if record else None
 
     # -- protocol -------------------------------------------------------------
+    @_mapped
     async def create(self, session: Session) -> None:
         remaining = max(1, math.ceil(session.expires_at - self._clock()))
         fields = self._flat_record(session)
@@ -209,6 +264,7 @@ class RedisStore:
                   remaining, *fields],
         )
 
+    @_mapped
     async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
         session = self._decode(await self._redis.hgetall(self._k("s", session_id)))
         if session is None:
@@ -217,6 +273,7 @@ class RedisStore:
             return None
         return session
 
+    @_mapped
     async def save(self, session: Session) -> None:
         fields = self._flat_record(session)
         terminal = "1" if session.status.terminal else "0"
@@ -225,13 +282,16 @@ class RedisStore:
             args=[session.id, terminal, int(TERMINAL_RETENTION), *fields],
         )
 
+    @_mapped
     async def touch(self, session_id: str, when: float) -> None:
         await self._touch(keys=[self._k("s", session_id)], args=[repr(when)])
 
+    @_mapped
     async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
         added = await self._add_token(keys=[self._k("s", session_id)], args=[token_hash, keep])
         return bool(added)
 
+    @_mapped
     async def delete(self, session_id: str) -> None:
         session = await self.get(session_id, include_expired=True)
         if session is None:
@@ -240,6 +300,7 @@ class RedisStore:
             return
         await self._delete(keys=self._keys(session), args=[session_id])
 
+    @_mapped
     async def find_reusable(self, reuse_key: str) -> str | None:
         session_id = await self._redis.get(self._k("r", reuse_key))
         if not session_id:
@@ -268,16 +329,20 @@ class RedisStore:
             await self._redis.zrem(self._k("live"), *vanished)
         return sessions
 
+    @_mapped
     async def list_live(self) -> list[Session]:
         return await self._load_many(list(await self._redis.zrange(self._k("live"), 0, -1)))
 
+    @_mapped
     async def list_owner(self, owner: str) -> list[Session]:
         ids = await self._redis.zrangebyscore(self._k("o", owner), f"({self._clock()!r}", "+inf")
         return await self._load_many(list(ids))
 
+    @_mapped
     async def count_live(self) -> int:
         return int(await self._redis.zcount(self._k("live"), f"({self._clock()!r}", "+inf"))
 
+    @_mapped
     async def publish(self, session_id: str, event: dict[str, Any]) -> None:
         await self._publish(
             keys=[self._k("s", session_id), self._k("e", session_id)],
@@ -290,18 +355,21 @@ class RedisStore:
         stream = self._k("e", session_id)
         last = "0-0"
         silent_ms = 0
-        if not await self._redis.exists(self._k("s", session_id)):
-            return  # at once, not after a blocking read on a stream that never comes
+        with store_unavailable():
+            if not await self._redis.exists(self._k("s", session_id)):
+                return  # at once, not after a blocking read on a stream that never comes
         while True:
             block = min(_BLOCK_MS, max(1, int(keepalive * 1000) - silent_ms))
             try:
-                reply = await self._blocking.xread({stream: last}, count=100, block=block)
-            except aioredis.ConnectionError as exc:  # its own pool is full (or Redis is gone)
+                with store_unavailable():
+                    reply = await self._blocking.xread({stream: last}, count=100, block=block)
+            except redis_errors.MaxConnectionsError as exc:  # its own pool is full
                 raise Unavailable("Too many progress streams are open right now; try again "
                                   "soon", reason="streams_busy", retry_after=5) from exc
             if not reply:
-                if not await self._redis.exists(self._k("s", session_id)):
-                    return
+                with store_unavailable():
+                    if not await self._redis.exists(self._k("s", session_id)):
+                        return
                 silent_ms += block
                 if silent_ms >= keepalive * 1000:
                     silent_ms = 0
@@ -316,14 +384,17 @@ class RedisStore:
                 if event.get("phase") in FINAL_PHASES:
                     return
 
+    @_mapped
     async def try_lock(self, name: str, ttl: float) -> bool:
         taken = await self._redis.set(self._k("lock", name), self._holder, nx=True,
                                       px=max(1, int(ttl * 1000)))
         return bool(taken)
 
+    @_mapped
     async def release_lock(self, name: str) -> None:
         await self._release(keys=[self._k("lock", name)], args=[self._holder])
 
+    @_mapped
     async def ping(self) -> None:
         await self._redis.ping()
 
