@@ -16,18 +16,20 @@ FROM python:${PYTHON_VERSION}-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# A C compiler for the relay's fast path (broker.proxy._tap, see setup.py);
-# only this stage has it.
+# A C compiler for the relay's compiled module (broker.proxy._wire_c, which
+# Cython makes from _wire_py.py, see setup.py); only this stage has it.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md requirements.lock ./
 COPY src ./src
 # The wheel holds only the package; the venv gets no pip of its own
-# (--without-pip), so the final image carries no build tooling.
+# (--without-pip), so the final image carries no build tooling. Its
+# dependencies are the tested versions of requirements.lock (constraints).
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/broker \
- && python -m pip --python /opt/broker/bin/python install "$(ls /wheels/*.whl)[speed]"
+ && python -m pip --python /opt/broker/bin/python install \
+      -c requirements.lock "$(ls /wheels/*.whl)[speed]"
 
 # ---- runtime ----------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime

@@ -30,7 +30,7 @@ setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 	bash scripts/setup-test-deps.sh
 
-$(VENV)/.runtime: pyproject.toml setup.py src/broker/proxy/_tap.c
+$(VENV)/.runtime: pyproject.toml setup.py src/broker/proxy/_wire_py.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[speed]'

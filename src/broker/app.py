@@ -29,7 +29,9 @@ from broker.models import Clock, system_clock
 from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
 from broker.policy.kernels import KernelGate
+from broker.policy.wsrate import SessionWsBudgets
 from broker.proxy import routes as proxy_routes
+from broker.proxy import wire
 from broker.proxy.rest import kernels_busy
 from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
@@ -172,7 +174,11 @@ def create_app(
         middlewares=[observe, errors_and_origin], client_max_size=settings.max_request_body
     )
     app[keys.SETTINGS] = settings
-    app[keys.METRICS] = Metrics(settings.backend)
+    app[keys.METRICS] = Metrics(settings.backend,
+                                relay=wire.mode(settings.ws_relay_compiled))
+    app[keys.WS_BUDGETS] = SessionWsBudgets.from_settings(
+        settings, on_throttle=app[keys.METRICS].ws_throttled.inc,
+        on_close=functools.partial(app[keys.METRICS].limit_refused, "ws_rate"))
     app[keys.CLOCK] = clock
     app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:

@@ -13,6 +13,7 @@ from broker.models import Clock
 from broker.policy.denylist import DenyList
 from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
+from broker.policy.wsrate import SessionWsBudgets
 from broker.proxy.kernel_client import AgentKernels
 from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
@@ -35,4 +36,6 @@ DENY = web.AppKey("deny_list", DenyList)
 #: Set only when BROKER_MAX_KERNELS_PER_SESSION is on.
 KERNEL_GATE = web.AppKey("kernel_gate", KernelGate)
 METRICS = web.AppKey("metrics", Metrics)
+#: Per-session kernel WebSocket cap and aggregate budget, on this replica.
+WS_BUDGETS = web.AppKey("ws_budgets", SessionWsBudgets)
 KERNELS = web.AppKey("agent_kernels", AgentKernels)

@@ -46,6 +46,7 @@ import enum
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from broker import __version__
+from broker.proxy import wire
 
 
 class Direction(enum.StrEnum):
@@ -90,11 +91,14 @@ def label_or_other(value: str, allowed: tuple[str, ...], other: str = "other") -
 class Metrics:
     """The broker's metrics, registered on one registry."""
 
-    def __init__(self, backend: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, backend: str, registry: CollectorRegistry | None = None,
+                 relay: str | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.info = Info("broker", "Broker version and configured backend.", registry=r)
-        self.info.info({"version": __version__, "backend": backend})
+        self.info = Info("broker", "Broker version, configured backend, and which build of the "
+                         "kernel WebSocket relay runs (compiled or python).", registry=r)
+        self.info.info({"version": __version__, "backend": backend,
+                        "relay": relay if relay is not None else wire.mode()})
         self.sessions = Gauge(
             "broker_sessions", "Sessions in the store by backend and status (cluster-wide).",
             ["backend", "status"], registry=r)

@@ -332,6 +332,37 @@ class Settings(BaseSettings):
         "message had to wait) before it is closed with 1008 'message rate limit exceeded'. A "
         "client that bursts and then pauses is only slowed, never closed.",
     )
+    ws_session_max_connections: int = Field(
+        10,
+        ge=0,
+        description="Kernel WebSockets one session may hold open at once on one replica; one "
+        "more is refused before the upgrade with 429 'too_many_websockets' and Retry-After. "
+        "0 = no cap. Per replica: behind N replicas a session may hold up to N times this.",
+    )
+    ws_session_messages_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Messages per second all kernel WebSockets of one session may send "
+        "together on one replica (a token bucket holding one second's worth, shared by the "
+        "session's connections); 0 = unlimited. Above it those connections are throttled as "
+        "by BROKER_WS_CLIENT_MESSAGES_PER_SECOND, and closed with 1008 after "
+        "BROKER_WS_CLIENT_THROTTLE_LIMIT seconds of unbroken throttling.",
+    )
+    ws_session_bytes_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Payload bytes per second all kernel WebSockets of one session may send "
+        "together on one replica (bucket: one second's worth, at least "
+        "BROKER_WS_CLIENT_MAX_MESSAGE_SIZE or BROKER_WS_MAX_MESSAGE_SIZE); 0 = unlimited. Same "
+        "throttling and 1008 close as BROKER_WS_SESSION_MESSAGES_PER_SECOND.",
+    )
+    ws_relay_compiled: bool = Field(
+        True,
+        description="Run the kernel WebSocket relay's per-frame code compiled (Cython), when "
+        "the installed package has it. false, or a package built without a C compiler, runs "
+        "the same code as Python: the same behaviour, more CPU per frame. /versions and the "
+        "broker_info metric say which one runs.",
+    )
     ws_heartbeat: float = Field(
         30.0,
         ge=0,

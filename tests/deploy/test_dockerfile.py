@@ -82,10 +82,12 @@ def test_dockerfile_shape() -> None:
     assert "pip wheel --no-deps" in build
     assert "venv --without-pip /opt/broker" in build
     assert "pip --python /opt/broker/bin/python install" in build and "[speed]" in build
+    assert "-c requirements.lock" in build  # the tested versions
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!setup.py", "!README.md",
                                                  "!src/"]
-    assert "gcc" in build  # the relay's C fast path is built into the wheel
+    assert "!requirements.lock" in ignore
+    assert "gcc" in build  # the relay's module is compiled into the wheel
 
 
 def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
@@ -101,10 +103,10 @@ def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.timeout(600)
 def test_image_install_serves_health(tmp_path: Path) -> None:
-    # COPY pyproject.toml setup.py README.md ./ ; COPY src ./src
+    # COPY pyproject.toml setup.py README.md requirements.lock ./ ; COPY src ./src
     context = tmp_path / "src-copy"
     context.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "requirements.lock"):
         shutil.copy2(ROOT / name, context / name)
     shutil.copytree(ROOT / "src", context / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
@@ -121,7 +123,8 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([*pip, "--python", str(python), "install", f"{wheel}[speed]"], check=True,
+    subprocess.run([*pip, "--python", str(python), "install", "-c",
+                    str(context / "requirements.lock"), f"{wheel}[speed]"], check=True,
                    timeout=500)
 
     # Only runtime dependencies, no pip, and the package comes from the venv, not the tree.
@@ -129,12 +132,12 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
     probe = subprocess.run(
         [str(python), "-c", "import importlib.util as u, broker; print(broker.__file__); "
          "print([m for m in ('pytest', 'ruff', 'pip', 'jupyterhub') if u.find_spec(m)]); "
-         "from broker.proxy.tap import Tap; print(Tap.__module__)"],
+         "from broker.proxy import wire; print(wire.mode())"],
         capture_output=True, text=True, check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
-    location, test_only, tap = probe.stdout.splitlines()
+    location, test_only, relay = probe.stdout.splitlines()
     assert location.startswith(str(venv)), location
     assert test_only == "[]"
-    assert tap == "broker.proxy._tap"  # the wheel carries the compiled fast path
+    assert relay == "compiled"  # the wheel carries the compiled relay module
 
     # ENV PATH=/opt/broker/bin:$PATH ... ; USER ; ENTRYPOINT ["session-broker", "serve"]
     home = tmp_path / "home"

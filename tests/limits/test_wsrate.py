@@ -196,7 +196,9 @@ async def test_limits_off_means_no_limiter_on_the_hot_path(make_limited: MakeLim
     assert _limiter_for(request) is None
     limited = await make_limited(ws_client_bytes_per_second=1e6)
     request = type("R", (), {"app": limited.app})()
-    assert callable(_limiter_for(request))
+    from broker.policy.wsrate import WsLimiter
+
+    assert isinstance(_limiter_for(request), WsLimiter)
 
 
 def test_a_close_is_final_and_counted_once(clock: ManualClock) -> None:

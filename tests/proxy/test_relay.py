@@ -1,28 +1,20 @@
 """The relay's byte handling, driven directly through its protocol callbacks.
 
 Transports here are minimal recorders (the relay only calls write, close,
-pause/resume_reading, is_closing and get_extra_info); everything else — the
-relay, its frame scanner and the upstream leg — is the real code.
+write_eof, pause/resume_reading, is_closing, set_protocol and
+get_extra_info); everything else (the relay, its pumps and scanners, the
+upstream leg) is the real code, compiled and interpreted (``wire_module``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from types import ModuleType
 from typing import Any
 
-import pytest
-
-from broker.proxy.relay import (
-    FrameScanner,
-    Hooks,
-    Relay,
-    TooBig,
-    Upstream,
-    UpstreamLeg,
-    unmask,
-)
-from broker.proxy.tap import SHELL, channel_of
+from broker.proxy._wire_py import mask
+from broker.proxy.relay import ClientLeg, Hooks, Relay, Upstream, UpstreamLeg
 
 
 class Recorder(asyncio.Transport):
@@ -30,9 +22,11 @@ class Recorder(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.eof = False
         self.paused = False
 
     def write(self, data: Any) -> None:
+        assert not self.eof, "written after write_eof"
         self.written += data
 
     def close(self) -> None:
@@ -40,6 +34,12 @@ class Recorder(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -62,15 +62,50 @@ def server_frame(payload: bytes, opcode: int = 1) -> bytes:
     return bytes([0x80 | opcode, len(payload)]) + payload
 
 
-def client_frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
+def client_frame(payload: bytes, opcode: int = 1, *, fin: bool = True) -> bytes:
+    key = os.urandom(4)
     length = len(payload)
-    head = bytes([0x80 | opcode]) + (bytes([0x80 | length]) if length < 126
-                                     else bytes([0x80 | 126]) + length.to_bytes(2, "big"))
-    return head + mask + unmask(payload, mask, 0)
+    head = bytes([(0x80 if fin else 0) | opcode]) + (
+        bytes([0x80 | length]) if length < 126
+        else bytes([0x80 | 126]) + length.to_bytes(2, "big"))
+    return head + key + mask(payload, key)
 
 
-async def test_bytes_after_the_handshake_reach_the_client_before_the_relay_attached() -> None:
+def decode_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of each whole frame in ``data`` (the test's own parser)."""
+    frames = []
+    pos = 0
+    while pos + 2 <= len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        length, at = b1 & 0x7F, pos + 2
+        if length == 126:
+            length, at = int.from_bytes(data[at:at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(data[at:at + 8], "big"), at + 8
+        key = b""
+        if b1 & 0x80:
+            key, at = data[at:at + 4], at + 4
+        payload = data[at:at + length]
+        assert len(payload) == length, "a frame was cut"
+        frames.append((b0 & 0x0F, mask(payload, key) if key else payload))
+        pos = at + length
+    assert pos == len(data)
+    return frames
+
+
+def make_relay(module: ModuleType, *, max_message: int = 1 << 20, hooks: Hooks | None = None,
+               leftover: bytes = b"") -> tuple[Relay, Recorder, Recorder]:
+    leg = UpstreamLeg()
+    upstream = Recorder()
+    leg.connection_made(upstream)
+    client = Recorder()
+    relay = Relay(client, Upstream(upstream, leg, None, leftover), max_message=max_message,
+                  heartbeat=0, hooks=hooks or Hooks(), module=module)
+    return relay, client, upstream
+
+
+async def test_bytes_after_the_handshake_reach_the_client_before_the_relay_attached(
+        wire_module: ModuleType) -> None:
     leg = UpstreamLeg()
     upstream_transport = Recorder()
     leg.connection_made(upstream_transport)
@@ -78,76 +113,69 @@ async def test_bytes_after_the_handshake_reach_the_client_before_the_relay_attac
     leg.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + first)
     head, leftover = await leg.handshake()
     assert head.startswith(b"HTTP/1.1 101") and leftover == first
-    leg.data_received(second)  # arrives while aiohttp answers the client's upgrade
+    leg.data_received(second)  # arrives while the client's upgrade is answered
     client = Recorder()
+    client_leg = ClientLeg()
+    client_leg.connection_made(client)
+    early = client_frame(b'{"c": 3}')
+    client_leg.data_received(early)  # the client's first frame, before the relay attached
     relay = Relay(client, Upstream(upstream_transport, leg, None, leftover),
-                  max_message=1 << 20, heartbeat=0, hooks=Hooks())
+                  max_message=1 << 20, heartbeat=0, hooks=Hooks(), client_leg=client_leg,
+                  module=wire_module)
     assert bytes(client.written) == first + second
+    assert bytes(upstream_transport.written) == early
     relay.finish(1000, "done")
 
 
-async def test_an_oversized_client_message_is_cut_before_it_and_closed_with_1009() -> None:
-    leg = UpstreamLeg()
-    upstream_transport = Recorder()
-    leg.connection_made(upstream_transport)
-    client = Recorder()
-    relay = Relay(client, Upstream(upstream_transport, leg, None, b""), max_message=100,
-                  heartbeat=0, hooks=Hooks())
+async def test_an_oversized_client_message_is_cut_before_it_and_closed_with_1009(
+        wire_module: ModuleType) -> None:
+    relay, client, upstream = make_relay(wire_module, max_message=100)
     small, big = client_frame(b"x" * 50), client_frame(b"y" * 200)
-    relay.from_client(small + big)
-    assert bytes(upstream_transport.written).startswith(small)
-    assert b"y" not in bytes(upstream_transport.written)[:len(small)]
+    client.protocol.data_received(small + big)  # type: ignore[attr-defined]
+    # What the kernel got, decoded: the small message, then the relay's close; not a byte
+    # of the big one.
+    sent = decode_frames(bytes(upstream.written))
+    assert sent[0] == (1, b"x" * 50)
+    assert [opcode for opcode, _ in sent[1:]] == [8]
+    assert int.from_bytes(sent[1][1][:2], "big") == 1009
     code, _reason = relay.done.result()
-    assert code == 1009 and upstream_transport.closed
-    assert client.written[:2] == b"\x88" + bytes([len(client.written) - 2])  # a close frame
-
-
-def test_scanner_follows_frames_split_anywhere() -> None:
-    frames = [client_frame(b'{"channel": "shell", "msg_type": "execute_request"}'),
-              client_frame(b"z" * 300, opcode=2), client_frame(b"", opcode=9)]
-    stream = b"".join(frames)
-    for cut in range(1, len(stream)):
-        scanner = FrameScanner(masked=True, max_message=1 << 20)
-        events = [*scanner.scan(stream[:cut]), *scanner.scan(stream[cut:])]
-        assert [e.opcode for e in events] == [1, 2]
-        assert scanner.at_boundary
-        ev = events[0]
-        # Peeks see only the first chunk.
-        assert channel_of(ev.opcode, ev.head, ev.tail) == SHELL or cut < 30
-    scanner = FrameScanner(masked=True, max_message=100)
-    with pytest.raises(TooBig):
-        scanner.scan(frames[1])
+    assert code == 1009 and upstream.closed
+    # The client gets its close frame, then a FIN, and is read (and dropped) for a while
+    # instead of being reset.
+    answer = decode_frames(bytes(client.written))
+    assert answer[0][0] == 8 and int.from_bytes(answer[0][1][:2], "big") == 1009
+    assert client.eof and not client.closed
+    client.protocol.data_received(b"z" * 1000)  # type: ignore[attr-defined]
+    assert decode_frames(bytes(upstream.written)) == sent
 
 
 class Charging(Hooks):
-    """Records what the relay would charge to the rate limiter."""
+    """Records what the relay charges to the rate limiter."""
 
     def __init__(self) -> None:
-        self.charged: list[tuple[int, int]] = []
+        self.charged: list[tuple[int, float]] = []
+        self.limiter = self
 
-    def client_message(self, ev: Any) -> float:
-        self.charged.append((ev.opcode, ev.length))
+    def take(self, size: int, messages: float = 1.0) -> float:
+        self.charged.append((size, messages))
         return 0.0
 
 
-async def test_fragmented_messages_are_charged_in_full() -> None:
+async def test_fragmented_messages_are_charged_in_full(wire_module: ModuleType) -> None:
     """A message split into continuation frames cannot slip past a byte limit."""
-    leg = UpstreamLeg()
-    upstream_transport = Recorder()
-    leg.connection_made(upstream_transport)
     hooks = Charging()
-    relay = Relay(Recorder(), Upstream(upstream_transport, leg, None, b""),
-                  max_message=1 << 20, heartbeat=0, hooks=hooks)
-    mask = os.urandom(4)
+    relay, client, _upstream = make_relay(wire_module, hooks=hooks)
+    key = os.urandom(4)
 
     def frame(first: int, payload: bytes) -> bytes:
-        return bytes([first, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + \
-            unmask(payload, mask, 0)
+        return bytes([first, 0x80 | 126]) + len(payload).to_bytes(2, "big") + key + \
+            mask(payload, key)
 
     parts = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
-    relay.from_client(frame(0x01, parts[0]) + frame(0x00, parts[1]) + frame(0x80, parts[2]))
-    assert sum(length for _op, length in hooks.charged) == 3000
-    assert [op for op, _length in hooks.charged] == [1, 0, 0]
+    client.protocol.data_received(  # type: ignore[attr-defined]
+        frame(0x01, parts[0]) + frame(0x00, parts[1]) + frame(0x80, parts[2]))
+    assert hooks.charged == [(1000, 1.0), (1000, 0.0), (1000, 0.0)]
+    assert not relay.done.done()
     relay.finish(1000, "done")
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import __version__, keys
+from broker.proxy import wire
 
 routes = web.RouteTableDef()
 _CHECK_TIMEOUT = 3.0
@@ -46,6 +47,8 @@ async def versions(request: web.Request) -> web.Response:
         "backend": request.app[keys.SETTINGS].backend,
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        # Whether the kernel WebSocket relay runs compiled (Cython) or as Python.
+        "relay": wire.mode(request.app[keys.SETTINGS].ws_relay_compiled),
     })
 
 

@@ -238,9 +238,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if edge is not None:
             edge.handled()
         request_id_var.reset(context)
-        # WebSocket handlers return when the socket closes; the bridge times
-        # its handshake itself.
-        if not isinstance(response, web.WebSocketResponse):
+        # WebSocket handlers return when the socket closes, or once the relay took it
+        # over (101); the bridge times its handshake itself.
+        upgraded = response is not None and response.status == 101
+        if not isinstance(response, web.WebSocketResponse) and not upgraded:
             status = response.status if response is not None else 500
             name = request.match_info.route.name or "other"
             request.app[keys.METRICS].observe_http(

@@ -26,6 +26,13 @@ without a break (every message had to wait) for longer than
 bursts and then pauses is slowed briefly and never closed; the first
 message that finds tokens ends the throttled stretch.
 
+Per session: all kernel WebSockets of one session on one replica may share a
+second :class:`WsLimiter` (the same class), the session's aggregate budget:
+a connection's limiter charges its own buckets, then that one, and the
+answer is the longer wait (or :data:`CLOSE`). :class:`SessionWsBudgets` also
+caps how many kernel WebSockets a session holds open at once. Both are per
+replica: a session's connections on another replica are counted there.
+
 Time comes from an injectable ``clock`` (``time.monotonic`` by default), so
 the buckets are tested exactly with a manual clock. ``on_throttle`` and
 ``on_close`` (metrics) run on the slow path only.
@@ -37,13 +44,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from broker.settings import Settings
 
 #: What ``take`` answers for sustained abuse: close with 1008.
 CLOSE = -1.0
+
+
+class Limiter(Protocol):
+    """What the relay charges each client data frame to (:class:`WsLimiter` is the one)."""
+
+    def take(self, size: int, messages: float = 1.0) -> float:
+        """0.0, seconds to pause reading, or :data:`CLOSE`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -74,9 +89,24 @@ class WsLimits:
         clock: Callable[[], float] = time.monotonic,
         on_throttle: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
+        parent: WsLimiter | None = None,
     ) -> WsLimiter:
-        """A fresh limiter (full buckets) for one connection."""
-        return WsLimiter(self, clock=clock, on_throttle=on_throttle, on_close=on_close)
+        """A fresh limiter (full buckets) for one connection (``parent``: its session's)."""
+        return WsLimiter(self, clock=clock, on_throttle=on_throttle, on_close=on_close,
+                         parent=parent)
+
+    @classmethod
+    def for_sessions(cls, settings: Settings) -> WsLimits | None:
+        """A session's aggregate budget (buckets of one second's worth; the byte bucket
+        holds at least one message of the largest size a client may send), or None."""
+        mps = settings.ws_session_messages_per_second
+        bps = settings.ws_session_bytes_per_second
+        if not mps and not bps:
+            return None
+        largest = settings.ws_client_max_message_size or settings.ws_max_message_size
+        return cls(messages_per_second=mps, message_burst=max(1, math.ceil(mps)),
+                   bytes_per_second=bps, byte_burst=max(largest, math.ceil(bps)),
+                   throttle_limit=settings.ws_client_throttle_limit)
 
 
 class WsLimiter:
@@ -94,6 +124,7 @@ class WsLimiter:
         "_msgs",
         "_on_close",
         "_on_throttle",
+        "_parent",
         "_since",
     )
 
@@ -104,7 +135,10 @@ class WsLimiter:
         clock: Callable[[], float] = time.monotonic,
         on_throttle: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
+        parent: WsLimiter | None = None,
     ) -> None:
+        #: The session's shared budget, charged after this connection's own buckets.
+        self._parent = parent
         # A bucket that is off is an infinite one with no refill: inf - n stays
         # inf, so the hot path needs no branch per bucket.
         self._mrate = float(limits.messages_per_second)
@@ -123,7 +157,19 @@ class WsLimiter:
 
     def take(self, size: int, messages: float = 1.0) -> float:
         """Charge ``messages`` (one, or none for more of a fragmented message) and
-        ``size`` bytes: 0.0, seconds to pause reading, or CLOSE."""
+        ``size`` bytes here and to the session's budget: 0.0, seconds to pause reading,
+        or CLOSE."""
+        delay = self._charge(size, messages)
+        parent = self._parent
+        if parent is None:
+            return delay
+        shared = parent.take(size, messages)
+        if delay < 0.0 or shared < 0.0:
+            return CLOSE
+        return delay if delay > shared else shared
+
+    def _charge(self, size: int, messages: float) -> float:
+        """Charge this limiter's own buckets."""
         now = self._clock()
         elapsed = now - self._last
         self._last = now
@@ -141,25 +187,6 @@ class WsLimiter:
             self._since = None
             return 0.0
         return self._throttle(now, msgs, size_left)
-
-    def buckets(self) -> tuple[float, float, float, float, float, float, float] | None:
-        """The state the relay engine charges in C while it owns the connection: rates,
-        bursts, what is left, the last charge; None unless the clock is
-        ``time.monotonic`` (the engine's clock)."""
-        if self._clock is not time.monotonic:
-            return None
-        return (self._mrate, self._mburst, self._brate, self._bburst, self._msgs,
-                self._bytes, self._last)
-
-    def restore(self, msgs: float, size_left: float, last: float, charged: bool) -> None:
-        """Take back the buckets the engine charged (only ever within them: a charge that
-        would throttle comes here, to :meth:`take`); a charge that went through ends a
-        throttled spell, as one in :meth:`take` does."""
-        self._msgs = msgs
-        self._bytes = size_left
-        self._last = last
-        if charged:
-            self._since = None
 
     def _throttle(self, now: float, msgs: float, size_left: float) -> float:
         """The slow path: how long the debt takes to repay, or the close."""
@@ -185,3 +212,55 @@ class WsLimiter:
     def throttled(self) -> bool:
         """Whether the connection is inside a stretch of throttling right now."""
         return self._since is not None
+
+
+class SessionWsBudgets:
+    """Per-session bounds of kernel WebSockets on this replica (see the module docstring).
+
+    :meth:`open` admits one more connection of a session, or answers None at
+    the cap; the admitted connection gets the session's shared limiter (None
+    when no aggregate budget is configured) and must call :meth:`close` once
+    when it ends. A session's entry goes when its last connection closes.
+    """
+
+    __slots__ = ("_limits", "_max", "_on_close", "_on_throttle", "_open", "_shared")
+
+    def __init__(self, max_connections: int, limits: WsLimits | None = None, *,
+                 on_throttle: Callable[[], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._max = max_connections
+        self._limits = limits
+        self._on_throttle = on_throttle
+        self._on_close = on_close
+        self._open: dict[str, int] = {}
+        self._shared: dict[str, WsLimiter] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, on_throttle: Callable[[], None] | None = None,
+                      on_close: Callable[[], None] | None = None) -> SessionWsBudgets:
+        return cls(settings.ws_session_max_connections, WsLimits.for_sessions(settings),
+                   on_throttle=on_throttle, on_close=on_close)
+
+    def open(self, session_id: str) -> tuple[bool, WsLimiter | None]:
+        """(admitted, the session's shared limiter)."""
+        count = self._open.get(session_id, 0)
+        if self._max and count >= self._max:
+            return False, None
+        self._open[session_id] = count + 1
+        shared = self._shared.get(session_id)
+        if shared is None and self._limits is not None:
+            shared = self._shared[session_id] = self._limits.new(
+                on_throttle=self._on_throttle, on_close=self._on_close)
+        return True, shared
+
+    def close(self, session_id: str) -> None:
+        count = self._open.get(session_id, 0) - 1
+        if count > 0:
+            self._open[session_id] = count
+        else:
+            self._open.pop(session_id, None)
+            self._shared.pop(session_id, None)
+
+    def connections(self, session_id: str) -> int:
+        """Kernel WebSockets of ``session_id`` open on this replica."""
+        return self._open.get(session_id, 0)

@@ -5,9 +5,14 @@ rate admission); then the upstream WebSocket is opened *first*, so the
 client's handshake is answered with the subprotocol the upstream chose
 (``v1.kernel.websocket.jupyter.org`` binary frames, or none for JSON text)
 and an upstream refusal (unknown kernel) is still an ordinary JSON HTTP
-error. aiohttp answers the client's upgrade; then the connection is handed
-to a :class:`~broker.proxy.relay.Relay`, which forwards bytes between the
-two sockets from their protocol callbacks (see that module for why this is
+error. The broker answers the client's upgrade through aiohttp (a plain 101
+response) and then takes the connection over with public APIs only: a
+duplicate of the socket's descriptor becomes the broker's own transport
+(``loop.connect_accepted_socket``), and aiohttp's transport, paused before
+the 101 went out, is closed, so aiohttp forgets the connection and the
+handler returns (see :func:`_take_over`). A
+:class:`~broker.proxy.relay.Relay` then forwards bytes between the two
+sockets from their protocol callbacks (see that module for why this is
 sound and what it still inspects).
 
 Per message, the hooks below do integer bookkeeping only: activity is
@@ -24,30 +29,37 @@ shutting-down broker with 1001.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 from aiohttp import web
 from yarl import URL
 
 from broker import keys
-from broker.errors import NotFound, UpstreamFailed
+from broker.errors import BadRequest, NotFound, RateLimited, UpstreamFailed
 from broker.metrics import CHANNELS, Direction, Metrics
 from broker.models import Session
-from broker.policy.wsrate import WsLimits
+from broker.policy.wsrate import Limiter, SessionWsBudgets, WsLimiter, WsLimits
+from broker.proxy import wire
+from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START
 from broker.proxy.paths import join
 from broker.proxy.relay import (
-    FrameEvent,
+    ClientLeg,
     HandshakeRefused,
     Hooks,
     Relay,
+    accept_key,
     connect_upstream,
 )
 from broker.proxy.rest import forward_query
-from broker.proxy.tap import ACTIVITY, EXEC_END, EXEC_START, MID_REPLY, Tap
 from broker.sessions import SessionManager
 
 log = logging.getLogger(__name__)
@@ -62,7 +74,7 @@ class KernelHooks(Hooks):
     """Activity, metrics, execution timing and reply tracking for one kernel connection
     (slotted: idle connections are many).
 
-    The per-frame part (tallies, reply tracking) is the :class:`~broker.proxy.tap.Tap`'s,
+    The per-frame part (tallies, reply tracking) is the :class:`~broker.proxy._wire_py.Tap`'s,
     compiled when it is built, and its answers bring the rest here: an
     ``execute_request`` starts a timing that its ``execute_reply`` ends, and
     activity is written to the store at once after a quiet spell, then at most
@@ -72,18 +84,20 @@ class KernelHooks(Hooks):
     Reply tracking decides the relay's quick ACKs: the kernel is mid-reply
     while its last status was ``busy``, or a shell/control request of the
     client still awaits its ``*_reply`` or the ``idle`` status that closes
-    its handling. jupyter_server forwards the shell and iopub streams
-    independently, so the reply may reach the socket before ``busy`` or after
-    ``idle``: only when both have come is the burst over.
+    its handling (for an ``execute_request``, the idle status whose parent is
+    that request: the idle of another client's request ends nothing).
+    jupyter_server forwards the shell and iopub streams independently, so the
+    reply may reach the socket before ``busy`` or after ``idle``: only when
+    both have come is the burst over.
     """
 
     __slots__ = ("_flush_timer", "_note_activity", "executions", "limiter", "loop", "metrics",
                  "tap")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
-                 limiter: Callable[[int, float], float] | None = None) -> None:
+                 limiter: Limiter | None = None, module: ModuleType | None = None) -> None:
         self.metrics = metrics
-        self.tap = Tap()
+        self.tap: Any = (module if module is not None else wire.select()).Tap()
         self.loop = asyncio.get_running_loop()
         # Start times of executions awaiting their reply; made on first use.
         self.executions: collections.deque[float] | None = None
@@ -124,29 +138,11 @@ class KernelHooks(Hooks):
             metrics.ws_messages.labels(*labels).inc(messages)
             metrics.ws_bytes.labels(*labels).inc(size)
 
-    def client_message(self, ev: FrameEvent) -> float:
-        flags = self.tap.client_frame(ev.opcode, ev.length, ev.head, ev.tail)
-        if flags:
-            self.on_event(flags)
-        if self.limiter is None:
-            return 0.0
-        # Continuations (opcode 0) are charged their bytes, not another message.
-        return self.limiter(ev.length, 1.0 if ev.opcode else 0.0)
-
-    def kernel_message(self, ev: FrameEvent) -> bool:
-        flags = self.tap.kernel_frame(ev.opcode, ev.length, ev.head, ev.tail)
-        if flags & _EVENTS:
-            self.on_event(flags)
-        return bool(flags & MID_REPLY)
-
     def finished(self, code: int, reason: str) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
         self._flush_counts()
-
-
-_EVENTS = EXEC_START | EXEC_END | ACTIVITY
 
 
 async def bridge(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
@@ -156,6 +152,45 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
     metrics = manager.metrics
     loop = asyncio.get_running_loop()
     started = loop.time()
+    key = _check_upgrade(request)
+    budgets = request.app[keys.WS_BUDGETS]
+    admitted, shared = budgets.open(session.id)
+    if not admitted:
+        metrics.limit_refused("ws_rate")
+        raise RateLimited(
+            f"This session already has {settings.ws_session_max_connections} kernel "
+            "WebSockets open; close one first", reason="too_many_websockets", retry_after=5)
+    slot = _Slot(budgets, session.id)
+    try:
+        return await _bridge(request, session, remainder, key, shared, slot, started)
+    except BaseException:
+        slot.release()
+        raise
+
+
+class _Slot:
+    """A connection's place in its session's count; released once, whichever path ends it."""
+
+    __slots__ = ("budgets", "session_id")
+
+    def __init__(self, budgets: SessionWsBudgets | None, session_id: str) -> None:
+        self.budgets = budgets
+        self.session_id = session_id
+
+    def release(self) -> None:
+        budgets, self.budgets = self.budgets, None
+        if budgets is not None:
+            budgets.close(self.session_id)
+
+
+async def _bridge(request: web.Request, session: Session, remainder: str, key: str,
+                  shared: WsLimiter | None, slot: _Slot, started: float
+                  ) -> web.StreamResponse:
+    """:func:`bridge` once the connection is admitted (its slot is released on failure)."""
+    settings = request.app[keys.SETTINGS]
+    manager = request.app[keys.MANAGER]
+    metrics = manager.metrics
+    loop = asyncio.get_running_loop()
     offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
                for p in header.split(",") if p.strip()]
     http_url = join(session.upstream_url, remainder)
@@ -178,52 +213,105 @@ async def bridge(request: web.Request, session: Session, remainder: str) -> web.
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
 
-    # aiohttp answers the client's upgrade (101, the upstream's subprotocol, no
-    # extensions); after that the socket is ours.
-    ws = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (), compress=False,
-        autoping=False, max_msg_size=settings.ws_max_message_size)
     try:
-        await ws.prepare(request)
+        response, transport, leg = await _take_over(request, key, upstream.protocol)
     except BaseException:
         upstream.transport.abort()
         raise
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        upstream.transport.abort()
-        return ws
+    module = wire.select(settings.ws_relay_compiled)
     hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
-                        limiter=_limiter_for(request))
-    connection = _Connection(manager, session.id, loop.time())
+                        limiter=_limiter_for(request, shared), module=module)
+    connection = _Connection(manager, session.id, loop.time(), slot)
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
                   heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
-                  max_client_message=settings.ws_client_max_message_size)
-    transport.set_protocol(relay.client_leg)
-    _hand_over(request, ws)
-    with contextlib.suppress(OSError):
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                  max_client_message=settings.ws_client_max_message_size, client_leg=leg,
+                  module=module)
     connection.attach(relay)
     metrics.observe_http("jupyter_ws", 200, loop.time() - started)
-    return ws
+    return response
+
+
+def _check_upgrade(request: web.Request) -> str:
+    """The client's ``Sec-WebSocket-Key`` once its upgrade request is one RFC 6455 allows."""
+    headers = request.headers
+    key = headers.get("Sec-WebSocket-Key", "")
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if (request.method != "GET" or "upgrade" not in headers.get("Connection", "").lower()
+            or headers.get("Sec-WebSocket-Version") != "13" or not valid_key):
+        raise BadRequest("Not a valid WebSocket upgrade (RFC 6455 version 13)",
+                         reason="bad_websocket_upgrade",
+                         headers={"Sec-WebSocket-Version": "13"})
+    return key
+
+
+async def _take_over(request: web.Request, key: str, protocol: str | None
+                     ) -> tuple[web.StreamResponse, asyncio.Transport, ClientLeg]:
+    """Answer the client's upgrade (101, the upstream's subprotocol, no extensions) and make
+    the connection the broker's own, with public APIs only.
+
+    aiohttp's transport stops reading before the 101 goes out, so no frame of
+    the client reaches aiohttp (a client sends none before the 101). The
+    socket's descriptor is duplicated into a transport of the broker's own;
+    aiohttp's transport is then closed, which closes only its descriptor: the
+    TCP connection lives on in the duplicate. aiohttp sees an ordinary end of
+    connection and the handler returns (a suspended handler per connection
+    would keep several KiB alive for the connection's whole life).
+    """
+    old = request.transport
+    if old is None or old.is_closing():
+        raise ConnectionResetError("the client left during the upgrade")
+    sock = old.get_extra_info("socket")
+    if sock is None or old.get_extra_info("sslcontext") is not None:
+        raise UpstreamFailed("This listener cannot relay WebSockets (TLS is terminated "
+                             "in front of the broker)", reason="websocket_unsupported")
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Accept": accept_key(key)}
+    if protocol:
+        headers["Sec-WebSocket-Protocol"] = protocol
+    response = web.StreamResponse(status=101, headers=headers)
+    old.pause_reading()
+    await response.prepare(request)
+    await response.write_eof()  # sends the head (aiohttp holds a body-less one until here)
+    for _ in range(100):  # what the kernel did not take at once: normally nothing
+        if not old.get_write_buffer_size() or old.is_closing():
+            break
+        await asyncio.sleep(0.01)
+    if old.is_closing():
+        raise ConnectionResetError("the client left during the upgrade")
+    own = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        with contextlib.suppress(OSError):
+            own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport, leg = await asyncio.get_running_loop().connect_accepted_socket(
+            ClientLeg, sock=own)
+    except BaseException:
+        own.close()
+        raise
+    old.close()
+    return response, transport, leg
 
 
 class _Connection:
     """One relayed kernel WebSocket's bookkeeping, after the handler has returned.
 
     The handler returns as soon as the relay owns the sockets (see
-    :func:`_hand_over`): a suspended handler kept aiohttp's request, task and
+    :func:`_take_over`): a suspended handler kept aiohttp's request, task and
     middleware frames alive for the connection's whole life, several KiB per
     idle connection. What must happen at the end (the session's closer
-    unregistered, the open-connections gauge, a log line) happens here, from
+    unregistered, the session's connection slot, the open-connections gauge, a
+    log line) happens here, from
     the relay's ``on_done``.
     """
 
-    __slots__ = ("_unregister", "manager", "relay", "session_id", "started")
+    __slots__ = ("_unregister", "manager", "relay", "session_id", "slot", "started")
 
-    def __init__(self, manager: SessionManager, session_id: str, started: float) -> None:
+    def __init__(self, manager: SessionManager, session_id: str, started: float,
+                 slot: _Slot) -> None:
         self.manager = manager
+        self.slot = slot
         self.session_id = session_id
         self.started = started
         self.relay: Relay | None = None
@@ -242,6 +330,7 @@ class _Connection:
             self.relay.finish(code, reason)
 
     def ended(self) -> None:
+        self.slot.release()
         relay, self.relay = self.relay, None
         if self._unregister is not None:
             self._unregister()
@@ -253,45 +342,16 @@ class _Connection:
                      self.session_id, code, reason, relay.loop.time() - self.started)
 
 
-def _limiter_for(request: web.Request) -> Callable[[int, float], float] | None:
+def _limiter_for(request: web.Request, shared: WsLimiter | None = None) -> Limiter | None:
     """The per-connection client message limiter, when limits are configured.
 
-    A fresh :class:`~broker.policy.wsrate.WsLimiter` per connection; its
-    ``take`` is the hook (see that module for the contract). Metrics are
-    touched on its slow path only.
+    A fresh :class:`~broker.policy.wsrate.WsLimiter` per connection (see that
+    module for the contract), charging ``shared`` (the session's aggregate
+    budget) too. Metrics are touched on its slow path only.
     """
     limits = WsLimits.from_settings(request.app[keys.SETTINGS])
     if limits is None:
-        return None
+        return shared  # the session's budget alone, or nothing on the hot path
     metrics = request.app[keys.MANAGER].metrics
     return limits.new(on_throttle=metrics.ws_throttled.inc,
-                      on_close=lambda: metrics.limit_refused("ws_rate")).take
-
-
-def _hand_over(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Make aiohttp let go of a connection the relay now owns, so the handler can return.
-
-    aiohttp's request handler would close the socket when the handler returns
-    (a 101 response is not kept alive); with its transport taken away it
-    cannot, and it forgets the connection (the server's connection table drops
-    it when the request task ends). The response is marked closed, so aiohttp
-    does not try to send a close frame of its own; its frame reader is dropped.
-    From here on the relay closes the socket, and the session manager's closers
-    (session end, shutdown drain) reach it there.
-    """
-    ws._reader = None
-    ws._parser = None
-    _mark_closed(ws, 1000)
-    protocol = request.protocol
-    protocol._payload_parser = None
-    server = getattr(protocol, "_manager", None)
-    if server is not None:
-        server.connection_lost(protocol, None)
-    protocol.transport = None
-    protocol.force_close()
-
-
-def _mark_closed(ws: web.WebSocketResponse, code: int) -> None:
-    """Tell aiohttp's response the close handshake already happened (on the relay)."""
-    ws._closed = True
-    ws._close_code = code
+                      on_close=lambda: metrics.limit_refused("ws_rate"), parent=shared)

@@ -1,54 +1,38 @@
-"""The compiled Tap does exactly what the Python reference does.
+"""The compiled relay module does exactly what the interpreted one does.
 
-``broker.proxy._tap.Tap`` (C) relays whole frames itself and keeps the
-tallies and reply tracking of a kernel connection; ``PyTap`` and the relay's
-Python scanner are the reference. These tests feed both the same byte
-streams (kernel messages in both wire formats, large frames, fragmented
-messages, control frames, cut and glued at random, oversized messages, rate
-limiter answers) and compare everything observable: the bytes each side
-receives, the tallies, the reply-tracking state, the events and limiter
-calls, quick ACKs and how the relay ends. They also check that the C path
-really handles whole frames without the Python scanner.
-
-The compiled Tap must be built for these tests (``pip install -e .`` does it
-where a C compiler is); with ``BROKER_NO_EXTENSIONS=1`` they are skipped,
-as the Python implementation is then the only one.
+``broker.proxy._wire_c`` is ``_wire_py.py`` compiled by Cython. These tests
+feed both the same byte streams (kernel messages in both wire formats,
+large frames, fragmented messages, control frames, cut and glued at random,
+oversized messages, frames a server must refuse, random garbage, rate
+limiter answers) through a real :class:`~broker.proxy.relay.Relay` each and
+compare everything observable: the bytes each side receives, the tallies,
+the reply-tracking state, the events and limiter calls, quick ACKs and how
+the relay ends. They also check the frame scanner itself on both.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
 import broker.proxy.relay as relay_module
 from broker.metrics import Metrics
-from broker.proxy.relay import Relay, Upstream, UpstreamLeg, unmask
-from broker.proxy.tap import (
-    ACTIVITY,
-    EXEC_END,
-    EXEC_START,
-    MID_REPLY,
-    CTap,
-    PyTap,
-    channel_of,
-    state_of,
-)
+from broker.proxy import wire
+from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START, MID_REPLY, SHELL, mask
+from broker.proxy.relay import Relay, Upstream, UpstreamLeg
 from broker.proxy.wsbridge import KernelHooks
 from tests.kernelproto import encode_v1, make_message
 from tests.proxy.test_relay import Recorder
 
-if CTap is None:
-    if os.environ.get("BROKER_NO_EXTENSIONS"):
-        pytest.skip("BROKER_NO_EXTENSIONS is set: the Python Tap is the only one",
-                    allow_module_level=True)
-    raise RuntimeError("broker.proxy._tap is not built: `pip install -e .` with a C compiler "
-                       "builds it (set BROKER_NO_EXTENSIONS=1 to test without it)")
+COMPILED = wire.COMPILED
+PYTHON = wire.PYTHON
+if COMPILED is None:
+    pytest.skip("the compiled module is not built (tests/proxy/conftest.py says when that "
+                "is an error)", allow_module_level=True)
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -71,8 +55,8 @@ def frame(payload: bytes, *, opcode: int, masked: bool, fin: bool = True,
         head = bytes([(0x80 if fin else 0) | opcode, bit | 127]) + length.to_bytes(8, "big")
     if not masked:
         return head + payload
-    mask = (rng or seeded(None)).randbytes(4)
-    return head + mask + unmask(payload, mask, 0)
+    key = (rng or seeded(None)).randbytes(4)
+    return head + key + mask(payload, key)
 
 
 MSG_TYPES = ["execute_request", "kernel_info_request", "comm_msg", "status", "stream",
@@ -152,10 +136,10 @@ class Recording(KernelHooks):
 
     __slots__ = ("activity", "events")
 
-    def __init__(self, limiter: Callable[[int, float], float] | None) -> None:
+    def __init__(self, limiter: Any, module: ModuleType) -> None:
         self.activity = 0
         self.events: list[int] = []
-        super().__init__(Metrics("local"), self._noted, limiter=limiter)
+        super().__init__(Metrics("local"), self._noted, limiter=limiter, module=module)
 
     def _noted(self) -> None:
         self.activity += 1
@@ -163,24 +147,6 @@ class Recording(KernelHooks):
     def on_event(self, flags: int) -> None:
         self.events.append(flags)
         super().on_event(flags)
-
-
-class Counting(Relay):
-    """A relay that counts the chunks its Python methods had to handle."""
-
-    __slots__ = ("slow_calls",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.slow_calls = 0
-        super().__init__(*args, **kwargs)
-
-    def from_client(self, data: bytes) -> None:
-        self.slow_calls += 1
-        super().from_client(data)
-
-    def from_upstream(self, data: bytes) -> None:
-        self.slow_calls += 1
-        super().from_upstream(data)
 
 
 class Side:
@@ -192,28 +158,29 @@ class Side:
         self.acks = 0
         self._delays = list(delays or [])
 
-        def limiter(size: int, messages: float) -> float:
-            self.limited.append((size, messages))
-            return self._delays.pop(0) if self._delays else 0.0
+        side = self
+
+        class Limiter:
+            def take(self, size: int, messages: float = 1.0) -> float:
+                side.limited.append((size, messages))
+                return side._delays.pop(0) if side._delays else 0.0
 
         def quickack() -> None:
             self.acks += 1
 
         quickack.sock = type("S", (), {"detach": lambda self: None})()  # type: ignore[attr-defined]
         monkeypatch.setattr(relay_module, "quickack_for", lambda transport: quickack)
+        module = COMPILED if compiled else PYTHON
         # The relay's own frames (closes) get the same mask on both sides.
-        monkeypatch.setattr(relay_module, "os", SimpleNamespace(urandom=bytes))
-        self.hooks = Recording(limiter if delays is not None else None)
-        if not compiled:
-            self.hooks.tap = PyTap()
-        assert isinstance(self.hooks.tap, CTap) == compiled
+        monkeypatch.setattr(module, "os", SimpleNamespace(urandom=bytes))
+        self.hooks = Recording(Limiter() if delays is not None else None, module)
+        assert type(self.hooks.tap).__module__ == module.__name__
         self.client = Recorder()
         self.upstream = Recorder()
         leg = UpstreamLeg()
         leg.connection_made(self.upstream)
-        self.relay = Counting(self.client, Upstream(self.upstream, leg, None, b""),
-                              max_message=max_message, heartbeat=0, hooks=self.hooks)
-        self.client.set_protocol(self.relay.client_leg)
+        self.relay = Relay(self.client, Upstream(self.upstream, leg, None, b""),
+                           max_message=max_message, heartbeat=0, hooks=self.hooks, module=module)
 
     def feed(self, to_kernel: bool, chunk: bytes) -> None:
         if to_kernel:
@@ -226,14 +193,14 @@ class Side:
         return {
             "to_client": bytes(self.client.written),
             "to_upstream": bytes(self.upstream.written),
-            "state": (tap.busy, tap.owed, tap.owed_idle, tap.mid_reply, tap.ticking, tap.dirty,
-                      tap.ended, tap.client_active, tap.upstream_active),
+            "state": (tap.busy, tap.owed, tap.owed_idle, list(tap.awaiting), tap.mid_reply,
+                      tap.ticking, tap.dirty, tap.ended, tap.client_active, tap.upstream_active),
             "events": list(self.hooks.events),
             "activity": self.hooks.activity,
             "limited": list(self.limited),
             "acks": self.acks,
             "paused": self.client.paused,
-            "closed": (self.client.closed, self.upstream.closed),
+            "closed": (self.client.closed, self.client.eof, self.upstream.closed),
             "done": self.relay.done.result() if self.relay.done.done() else None,
         }
 
@@ -270,34 +237,42 @@ async def test_the_compiled_relay_does_what_the_python_one_does(
         fast.feed(to_kernel, chunk)
         reference.feed(to_kernel, chunk)
         assert fast.observed() == reference.observed()
+    assert not fast.relay.done.done()  # every frame of these streams is a valid one
     fast_counts, reference_counts = fast.hooks.tap.take_counts(), reference.hooks.tap.take_counts()
     assert fast_counts == reference_counts
     assert sum(messages for _d, _c, messages, _b in fast_counts) > 200
     for side in (fast, reference):
         side.relay.finish(1000, "done")
     assert fast.observed() == reference.observed()
-    # The C path took the whole frames (about half the chunks of these streams).
-    assert fast.relay.slow_calls < reference.relay.slow_calls * 0.75
 
 
-async def test_whole_frames_never_reach_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast, _reference = pair(monkeypatch)
-    request = json.dumps(make_message("execute_request", {"code": "1"})).encode()
-    statuses = [encode_v1(make_message("status", {"execution_state": state}, channel="iopub"))
-                for state in ("busy", "idle")]
-    reply = encode_v1(make_message("execute_reply", {"status": "ok"}))
-    sent = frame(request, opcode=1, masked=True)
-    answers = [frame(payload, opcode=2, masked=False) for payload in [*statuses, reply]]
-    fast.feed(True, sent)
-    for answer in answers:
-        fast.feed(False, answer)
-    assert fast.relay.slow_calls == 0
-    assert fast.upstream.written == sent and fast.client.written == b"".join(answers)
-    assert fast.hooks.events == [EXEC_START | ACTIVITY, EXEC_END]  # then the timer runs
-    assert fast.acks == 2  # after busy and idle (the reply was still owed); none after it
-    assert fast.hooks.tap.take_counts() == [(0, 0, 1, len(request)), (1, 0, 1, len(reply)),
-                                            (1, 1, 2, sum(map(len, statuses)))]
-    fast.relay.finish(1000, "done")
+async def test_one_execution_through_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    for side in pair(monkeypatch):
+        request = make_message("execute_request", {"code": "1"})
+        payload = json.dumps(request).encode()
+        statuses = [encode_v1(_child(request, "status", {"execution_state": state}))
+                    for state in ("busy", "idle")]
+        reply = encode_v1(_child(request, "execute_reply", {"status": "ok"}, "shell"))
+        sent = frame(payload, opcode=1, masked=True)
+        answers = [frame(p, opcode=2, masked=False) for p in [statuses[0], reply, statuses[1]]]
+        side.feed(True, sent)
+        for answer in answers:
+            side.feed(False, answer)
+        assert side.upstream.written == sent and side.client.written == b"".join(answers)
+        assert side.hooks.events == [EXEC_START | ACTIVITY, EXEC_END]  # then the timer runs
+        # Quick ACKs after busy and after the reply (the idle was still owed); none after it.
+        assert side.acks == 2
+        assert side.hooks.tap.take_counts() == [
+            (0, 0, 1, len(payload)), (1, 0, 1, len(reply)),
+            (1, 1, 2, sum(map(len, statuses)))]
+        side.relay.finish(1000, "done")
+
+
+def _child(parent: dict[str, Any], msg_type: str, content: dict[str, Any],
+           channel: str = "iopub") -> dict[str, Any]:
+    msg = make_message(msg_type, content, channel=channel)
+    msg["parent_header"] = parent["header"]
+    return msg
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -312,6 +287,29 @@ async def test_oversized_messages_end_both_relays_alike(
         if fast.relay.done.done():
             break
     assert fast.relay.done.done() and fast.relay.done.result()[0] == 1009
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_garbage_from_a_client_ends_both_relays_alike(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Valid frames, then frames with random header bits and random bytes: both modules
+    refuse at the same byte, with the same code."""
+    rng = seeded(200 + seed)
+    fast, reference = pair(monkeypatch, max_message=5000)
+    good = stream_of(rng, masked=True, count=5, largest=3000)
+    bad = []
+    for _ in range(20):
+        payload = rng.randbytes(rng.choice([0, 1, 2, 5, 126, 300]))
+        bad.append(bytes([rng.randrange(256), rng.randrange(256)]) + payload
+                   if rng.random() < 0.5 else
+                   frame(payload, opcode=rng.choice([0, 1, 2, 3, 8, 9, 11]),
+                         masked=rng.random() < 0.9, fin=rng.random() < 0.8, rng=rng))
+    for chunk in chunks_of(rng, good + bad):
+        fast.feed(True, chunk)
+        reference.feed(True, chunk)
+        assert fast.observed() == reference.observed()
+    assert fast.relay.done.done()
+    assert fast.relay.done.result()[0] in (1002, 1007, 1009)
 
 
 async def test_limiter_answers_pause_or_close_alike(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,7 +335,8 @@ def peeks(rng: random.Random) -> tuple[int, int, bytes, bytes]:
     tokens = [b'"channel"', b'"execution_state"', b'"', b": ", b'"shell"', b'"iopub"',
               b'"control"', b'"stdin"', b'"busy"', b'"idle"', b'"dead"', b'"starting"',
               b'_request"', b'_reply"', b'"execute_request"', b'"execute_reply"', b"x", b"{",
-              b" ", b"   ", b"        "]
+              b'"msg_id"', b'"m1"', b'"m2"', b" ", b"   ", b"        "]
+
     def text() -> bytes:
         return b"".join(rng.choice(tokens) for _ in range(rng.randrange(0, 40)))[:rng.choice(
             [64, 512, 10000])]
@@ -354,14 +353,14 @@ def peeks(rng: random.Random) -> tuple[int, int, bytes, bytes]:
 
 def test_the_compiled_peeks_and_bookkeeping_match_on_adversarial_bytes() -> None:
     rng = seeded(7)
-    c_tap, py_tap = CTap(), PyTap()
+    c_tap, py_tap = COMPILED.Tap(), PYTHON.Tap()
     for i in range(20000):
         opcode, length, head, tail = peeks(rng)
         method = "client_frame" if i % 2 else "kernel_frame"
         assert getattr(c_tap, method)(opcode, length, head, tail) == \
             getattr(py_tap, method)(opcode, length, head, tail), (method, opcode, head, tail)
-        assert (c_tap.busy, c_tap.owed, c_tap.owed_idle, c_tap.dirty) == \
-            (py_tap.busy, py_tap.owed, py_tap.owed_idle, py_tap.dirty)
+        assert (c_tap.busy, c_tap.owed, c_tap.owed_idle, c_tap.dirty, c_tap.awaiting) == \
+            (py_tap.busy, py_tap.owed, py_tap.owed_idle, py_tap.dirty, py_tap.awaiting)
         if i % 97 == 0:
             c_tap.ticking = py_tap.ticking = not c_tap.ticking
     assert c_tap.take_counts() == py_tap.take_counts()
@@ -369,24 +368,50 @@ def test_the_compiled_peeks_and_bookkeeping_match_on_adversarial_bytes() -> None
 
 
 def test_the_compiled_peeks_match_on_adversarial_bytes() -> None:
-    from broker.proxy import _tap  # type: ignore[attr-defined]
-
     rng = seeded(11)
     for _ in range(30000):
         opcode, _length, head, tail = peeks(rng)
-        assert _tap.channel_of(opcode, head, tail) == channel_of(opcode, head, tail)
-        assert _tap.state_of(head, tail) == state_of(head, tail), (head, tail)
+        assert COMPILED.channel_of(opcode, head, tail) == PYTHON.channel_of(opcode, head, tail)
+        assert COMPILED.state_of(head, tail) == PYTHON.state_of(head, tail), (head, tail)
+        assert COMPILED.msg_id_of(head) == PYTHON.msg_id_of(head)
 
 
-def test_channel_and_state_peeks() -> None:
-    """The reference peeks themselves, on the wire formats jupyter_server writes."""
+def test_masking_matches_and_undoes_itself() -> None:
+    rng = seeded(3)
+    for _ in range(2000):
+        data, key, offset = rng.randbytes(rng.randrange(0, 300)), rng.randbytes(4), \
+            rng.randrange(0, 8)
+        expected = bytes(b ^ key[(offset + i) % 4] for i, b in enumerate(data))
+        assert COMPILED.mask(data, key, offset) == PYTHON.mask(data, key, offset) == expected
+
+
+def test_channel_and_state_peeks(wire_module: ModuleType) -> None:
+    """The peeks themselves, on the wire formats jupyter_server writes."""
     msg = make_message("status", {"execution_state": "busy"}, channel="iopub")
     v1 = encode_v1(msg)
     text = json.dumps(msg).encode()
-    assert channel_of(2, v1[:512], v1[-64:]) == 1
-    assert channel_of(1, text[:512], text[-64:] if len(text) > 512 else b"") == 1
-    assert state_of(v1[:512], b"") == b"busy"
-    assert state_of(b'{"execution_state": 3}', b"") is None
-    for tap in (CTap(), PyTap()):
-        assert tap.kernel_frame(2, len(v1), v1[:512], b"") == ACTIVITY | MID_REPLY
-        assert tap.busy
+    assert wire_module.channel_of(2, v1[:512], v1[-64:]) == 1
+    assert wire_module.channel_of(1, text[:512], text[-64:] if len(text) > 512 else b"") == 1
+    assert wire_module.state_of(v1[:512], b"") == b"busy"
+    assert wire_module.state_of(b'{"execution_state": 3}', b"") is None
+    tap = wire_module.Tap()
+    assert tap.kernel_frame(2, len(v1), v1[:512], b"") == ACTIVITY | MID_REPLY
+    assert tap.busy
+
+
+def test_scanner_follows_frames_split_anywhere(wire_module: ModuleType) -> None:
+    frames = [frame(b'{"channel": "shell", "msg_type": "execute_request"}', opcode=1,
+                    masked=True),
+              frame(b"z" * 300, opcode=2, masked=True), frame(b"", opcode=9, masked=True)]
+    stream = b"".join(frames)
+    for cut in range(1, len(stream)):
+        scanner = wire_module.FrameScanner(server=True, max_message=1 << 20)
+        events = [(e.opcode, e.head) for e in scanner.scan(stream[:cut])]
+        events += [(e.opcode, e.head) for e in scanner.scan(stream[cut:])]
+        assert [opcode for opcode, _head in events] == [1, 2]
+        assert scanner.at_boundary and not scanner.error
+        # Peeks see what the frame's first chunk holds.
+        assert wire_module.channel_of(1, events[0][1], b"") == SHELL or cut < 40
+    scanner = wire_module.FrameScanner(server=True, max_message=100)
+    scanner.scan(frames[0] + frames[1])
+    assert scanner.error == 1009 and scanner.error_at == len(frames[0]) and scanner.clean_cut

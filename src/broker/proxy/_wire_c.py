@@ -1,0 +1,1 @@
+_wire_py.py

@@ -1,0 +1,39 @@
+"""A real kernel through a real broker, with the relay compiled and as Python.
+
+The unit tests in this folder run both builds of the relay module on
+recorded streams; this runs each in the broker itself (setting
+``ws_relay_compiled``), in both kernel wire formats, and checks that
+``/versions`` and the ``broker_info`` metric name the one that runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.proxy import wire
+from tests.conftest import MakeBroker
+from tests.kernelproto import V1, execute
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+async def test_a_cell_runs_through_either_build(make_broker: MakeBroker, compiled: bool) -> None:
+    broker = await make_broker(ws_relay_compiled=compiled)
+    expected = "compiled" if compiled and wire.COMPILED is not None else "python"
+    async with broker.http.get(f"{broker.url}/versions") as resp:
+        assert (await resp.json())["relay"] == expected
+    registry = broker.manager.metrics.registry
+    assert registry.get_sample_value("broker_info", {
+        "relay": expected, "backend": "local",
+        "version": (await (await broker.http.get(f"{broker.url}/versions")).json())["broker"],
+    }) == 1
+    session = await broker.ready_session()
+    kernel_id = await broker.start_kernel(session)
+    url = f"{session['ws_url']}api/kernels/{kernel_id}/channels"
+    for protocols in ((V1,), ()):
+        async with broker.http.ws_connect(url, params={"token": session["token"]},
+                                          protocols=protocols) as ws:
+            result = await execute(ws, "print('é' * 3); 6 * 7")
+            assert result.stdout == "ééé\n"
+            assert result.reply["status"] == "ok"
+            assert any(m["content"].get("data", {}).get("text/plain") == "42"
+                       for m in result.messages)
