@@ -81,6 +81,9 @@ STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_
 _SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 _EXEC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+#: HTTP requests: REST calls are fast, but POST ?wait=true, /build and the events stream
+#: last as long as a spawn, so the buckets go on past the spawn timeout's default (120 s).
+_HTTP_BUCKETS = (*_FAST_BUCKETS, 30, 60, 120, 300, 600)
 
 
 def label_or_other(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
@@ -131,7 +134,7 @@ class Metrics:
         self.http_duration = Histogram(
             "broker_http_request_duration_seconds",
             "HTTP request handling time by route and status class (WebSockets: until upgrade).",
-            ["route", "status_class"], buckets=_FAST_BUCKETS, registry=r)
+            ["route", "status_class"], buckets=_HTTP_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "broker_upstream_errors_total", "Failures talking to upstream servers.",
             ["backend", "kind"], registry=r)
