@@ -170,6 +170,8 @@ class SessionManager:
             with store_unavailable():  # the Redis admission engine shares the store's Redis
                 admission = await self.limiter.admit(session_id, request.owner, request.spec)
         except BrokerError as refusal:
+            if refusal.reason == "store_unavailable":
+                raise  # not a limit's refusal: no refusal metric
             reason = label_or_other(refusal.reason, REFUSAL_REASONS, "rate_limited")
             self.metrics.creations.labels("refused", reason).inc()
             self.metrics.limit_refused(refusal.reason)
