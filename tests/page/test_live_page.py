@@ -131,3 +131,21 @@ async def test_the_page_can_be_turned_off_or_replaced(make_broker: MakeBroker,
         assert resp.status == 200 and await resp.text() == "console.log(1)"
     async with replaced.http.get(f"{replaced.url}/page/limits.json") as resp:
         assert (await resp.json())["max_sessions_per_visitor"] == 0
+
+
+async def test_a_sessions_jupyter_ui_is_a_page_saying_it_is_not_offered(
+        make_broker: MakeBroker) -> None:
+    """MyST's "Launch Jupyter Server Window" opens base_url + lab (was: a JSON 404)."""
+    broker = await make_broker()
+    browser_accept = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    for path in ("lab", "lab/tree/notebook.ipynb", "tree", "tree/sub/dir"):
+        async with broker.http.get(f"{broker.url}/s/0123456789abcdef/{path}?token=x",
+                                   headers=browser_accept) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "text/html"
+            page = await resp.text()
+            assert "<h1>Jupyter UI not offered here</h1>" in page
+            assert "does not offer the Jupyter user interface" in page
+    async with broker.http.get(f"{broker.url}/s/0123456789abcdef/lab") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["reason"] == "ui_not_offered"
