@@ -97,7 +97,17 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
          f"(rate(broker_store_operation_duration_seconds_bucket{sel()}[5m])))", "{{op}}"),
         (f"sum(rate(broker_store_errors_total{sel()}[5m]))", "errors/s")], 8),
     ("Event loop lag", "s", [
-        (f"max by (pod) (broker_event_loop_lag_seconds{sel()})", "{{pod}}")], 8),
+        ("histogram_quantile(0.99, sum by (le, pod) "
+         f"(rate(broker_event_loop_delay_seconds_bucket{sel()}[5m])))", "p99 {{pod}}"),
+        (f"max by (pod) (max_over_time(broker_event_loop_lag_seconds{sel()}[5m]))",
+         "max sampled {{pod}}")], 8),
+    ("CPU per pod", "short", [
+        (f"rate(broker_process_cpu_seconds_total{sel()}[5m])", "{{pod}} cores")], 8),
+    ("Memory per pod", "bytes", [
+        (f"broker_process_resident_memory_bytes{sel()}", "{{pod}} resident")], 8),
+    ("Open files per pod", "short", [
+        (f"broker_process_open_fds{sel()}", "{{pod}} open"),
+        (f"broker_process_max_fds{sel()}", "{{pod}} limit")], 8),
 ]
 
 

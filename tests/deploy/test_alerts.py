@@ -37,6 +37,18 @@ def series(metric: str, labels: str, values: str) -> dict[str, str]:
     return {"series": f"{metric}{{{labels}}}", "values": values}
 
 
+LAG_BUCKETS = ("0.001", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5",
+               "10", "+Inf")
+
+
+def loop_delay(labels: str, late_from: int) -> list[dict[str, str]]:
+    """``broker_event_loop_delay_seconds`` with 60 ticks a minute, every one in the bucket
+    ``LAG_BUCKETS[late_from]`` (0: on time)."""
+    return [series("broker_event_loop_delay_seconds_bucket", f'{labels}, le="{le}"',
+                   "0+60x40" if i >= late_from else "0+0x40")
+            for i, le in enumerate(LAG_BUCKETS)]
+
+
 # alert: (series when it should fire, labels it fires with, how its
 #         annotation templates render, series when it should stay quiet,
 #         time at which it has fired; the same series earlier than its `for`
@@ -85,11 +97,12 @@ SCENARIOS: dict[str, Scenario] = {
          series("broker_store_errors_total", OTHER + ', op="get"', "0+5x40")],
         "30m"),
     "SessionBrokerEventLoopLag": (
-        [series("broker_event_loop_lag_seconds", OURS, "2x40")],
+        # One tick a second, every one 2.5-5 s late.
+        loop_delay(OURS, late_from=10),
         {"severity": "warning", "pod": "t-session-broker-1"},
-        {"{{ $labels.pod }}": "t-session-broker-1", "{{ $value | humanizeDuration }}": "2s"},
-        [series("broker_event_loop_lag_seconds", OURS, "0.01x40"),
-         series("broker_event_loop_lag_seconds", OTHER, "3x40")],
+        {"{{ $labels.pod }}": "t-session-broker-1", "{{ $value | humanizeDuration }}": "4.975s"},
+        # Ticks on time (under 1 ms); another release's loop is stuck.
+        [*loop_delay(OURS, late_from=0), *loop_delay(OTHER, late_from=10)],
         "30m"),
     "SessionBrokerDown": (
         [series("up", OURS, "0x40")],
