@@ -616,7 +616,8 @@ class SessionManager:
         self._touched[session_id] = now
         task = asyncio.create_task(self.store.touch(session_id, now))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        # Best effort: a write lost to a store outage only makes the session look idler.
+        task.add_done_callback(_forget_in(self._background))
 
     def register_closer(self, session_id: str, closer: Closer) -> Callable[[], None]:
         """Remember how to close one client connection; returns the unregister call."""
