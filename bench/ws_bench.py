@@ -276,6 +276,9 @@ async def run(config: Config, world: World) -> Outcome:
                       BROKER_SECRET_KEY=secret, BROKER_BACKEND="local",
                       BROKER_LOCAL_ROOT_DIR=str(world.tmp / "sessions"),
                       BROKER_MAX_SESSIONS_PER_OWNER="0",
+                      # Every connection of a scenario is one session's (64, or the idle
+                      # scenario's thousands): no per-session WebSocket cap.
+                      BROKER_WS_SESSION_MAX_CONNECTIONS="0",
                       # The echo session is injected, not spawned by this broker's
                       # local backend: its reconciliation sweep would (rightly) end it.
                       BROKER_REAP_INTERVAL="3600", **dict(config.broker_env))))
