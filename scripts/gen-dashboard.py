@@ -3,7 +3,9 @@
 
 Panels are written as data here so every query names a metric from
 broker.metrics; tests/ops/test_dashboard.py checks each query's metric
-exists and the file is current (``--check``).
+exists and the file is current (``--check``). Namespace, job and pod
+variables (from ``broker_info``) scope every query, and REST latency is
+plotted apart from the long-lived routes.
 """
 
 from __future__ import annotations
@@ -20,54 +22,110 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "helm" / "session-broker" / "files" / "dashboard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
+#: Every query is narrowed to the chosen namespaces, jobs and pods, so two releases
+#: scraped by one Prometheus are never summed together.
+SCOPE = 'namespace=~"$namespace", job=~"$job", pod=~"$pod"'
+
+
+def sel(extra: str = "") -> str:
+    """A label selector: the dashboard's scope plus ``extra`` matchers."""
+    return "{" + SCOPE + (", " + extra if extra else "") + "}"
+
+
+#: Routes whose requests last as long as a spawn or a stream: /build (BinderHub's event
+#: stream), session creation (``wait=true`` waits for the spawn; the route label cannot tell
+#: it from a plain POST), the session events stream and /execute (waits for the kernel).
+#: Their latency is plotted apart so it does not drown REST latency.
+LONG_ROUTES = "build|sessions_create|session_events|execute"
+REST = sel(f'route!~"{LONG_ROUTES}"')
+LONG = sel(f'route=~"{LONG_ROUTES}"')
+
 # (title, unit, [(expr, legend)], width)
 PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Launches by outcome", "reqps", [
-        ("sum by (outcome) (rate(broker_session_creations_total[5m]))", "{{outcome}}")], 12),
+        (f"sum by (outcome) (rate(broker_session_creations_total{sel()}[5m]))",
+         "{{outcome}}")], 12),
     ("Refusals and failures by reason", "reqps", [
-        ('sum by (outcome, reason) (rate(broker_session_creations_total'
-         '{outcome=~"refused|failed"}[5m]))', "{{outcome}}: {{reason}}")], 12),
+        ("sum by (outcome, reason) (rate(broker_session_creations_total"
+         + sel('outcome=~"refused|failed"') + '[5m]))', "{{outcome}}: {{reason}}")], 12),
     ("Spawn latency", "s", [
         ("histogram_quantile(0.5, sum by (le) (rate(broker_spawn_duration_seconds_bucket"
-         '{outcome="success"}[10m])))', "p50"),
+         + sel('outcome="success"') + '[10m])))', "p50"),
         ("histogram_quantile(0.95, sum by (le) (rate(broker_spawn_duration_seconds_bucket"
-         '{outcome="success"}[10m])))', "p95")], 8),
+         + sel('outcome="success"') + '[10m])))', "p95")], 8),
     ("Live sessions (cluster-wide)", "short", [
-        ('max by (status) (broker_sessions{status=~"pending|ready"})', "{{status}}")], 8),
+        ("max by (status) (broker_sessions" + sel('status=~"pending|ready"') + ")",
+         "{{status}}")],
+     8),
     ("Spawns in progress", "short", [
-        ("sum(broker_spawns_in_progress)", "spawning")], 8),
+        (f"sum(broker_spawns_in_progress{sel()})", "spawning")], 8),
     ("Open kernel WebSockets", "short", [
-        ("sum(broker_websocket_connections)", "all replicas"),
-        ("broker_websocket_connections", "{{pod}}")], 8),
+        (f"sum(broker_websocket_connections{sel()})", "all selected pods"),
+        (f"broker_websocket_connections{sel()}", "{{pod}}")], 8),
     ("Kernel executions", "reqps", [
-        ("sum(rate(broker_kernel_executions_total[5m]))", "executions/s")], 8),
+        (f"sum(rate(broker_kernel_executions_total{sel()}[5m]))", "executions/s")], 8),
     ("Execution time", "s", [
         ("histogram_quantile(0.5, sum by (le) "
-         "(rate(broker_kernel_execution_duration_seconds_bucket[10m])))", "p50"),
+         f"(rate(broker_kernel_execution_duration_seconds_bucket{sel()}[10m])))", "p50"),
         ("histogram_quantile(0.95, sum by (le) "
-         "(rate(broker_kernel_execution_duration_seconds_bucket[10m])))", "p95")], 8),
+         f"(rate(broker_kernel_execution_duration_seconds_bucket{sel()}[10m])))", "p95")], 8),
     ("WebSocket traffic", "Bps", [
-        ("sum by (direction) (rate(broker_websocket_bytes_total[5m]))", "{{direction}}")], 12),
+        (f"sum by (direction) (rate(broker_websocket_bytes_total{sel()}[5m]))",
+         "{{direction}}")], 12),
     ("Limit refusals by reason", "reqps", [
-        ("sum by (reason) (rate(broker_limit_refusals_total[5m]))", "{{reason}}"),
-        ("sum(rate(broker_websocket_throttled_total[5m]))", "WebSocket throttled")], 12),
+        (f"sum by (reason) (rate(broker_limit_refusals_total{sel()}[5m]))", "{{reason}}"),
+        (f"sum(rate(broker_websocket_throttled_total{sel()}[5m]))", "WebSocket throttled")], 12),
     ("Upstream errors", "reqps", [
-        ("sum by (backend, kind) (rate(broker_upstream_errors_total[5m]))",
+        (f"sum by (backend, kind) (rate(broker_upstream_errors_total{sel()}[5m]))",
          "{{backend}}: {{kind}}")], 12),
-    ("HTTP latency p95 by route", "s", [
+    ("REST latency p95 by route", "s", [
         ("histogram_quantile(0.95, sum by (le, route) "
-         "(rate(broker_http_request_duration_seconds_bucket[5m])))", "{{route}}")], 12),
+         "(rate(broker_http_request_duration_seconds_bucket" + REST +
+         "[5m])))", "{{route}}")], 12),
+    ("Long-lived requests p95 (/build, create with wait=true, events, execute)", "s", [
+        ("histogram_quantile(0.95, sum by (le, route) "
+         "(rate(broker_http_request_duration_seconds_bucket" + LONG +
+         "[5m])))", "{{route}}")], 12),
     ("HTTP errors", "reqps", [
-        ('sum by (route, status_class) (rate(broker_http_request_duration_seconds_count'
-         '{status_class=~"4xx|5xx"}[5m]))', "{{route}} {{status_class}}")], 12),
+        ("sum by (route, status_class) (rate(broker_http_request_duration_seconds_count"
+         + sel('status_class=~"4xx|5xx"') + '[5m]))', "{{route}} {{status_class}}")], 12),
     ("Sessions ended by reason", "short", [
-        ("sum by (reason) (increase(broker_sessions_ended_total[1h]))", "{{reason}}")], 8),
+        (f"sum by (reason) (increase(broker_sessions_ended_total{sel()}[1h]))", "{{reason}}")],
+     8),
     ("Store latency p99", "s", [
         ("histogram_quantile(0.99, sum by (le, op) "
-         "(rate(broker_store_operation_duration_seconds_bucket[5m])))", "{{op}}"),
-        ("sum(rate(broker_store_errors_total[5m]))", "errors/s")], 8),
+         f"(rate(broker_store_operation_duration_seconds_bucket{sel()}[5m])))", "{{op}}"),
+        (f"sum(rate(broker_store_errors_total{sel()}[5m]))", "errors/s")], 8),
     ("Event loop lag", "s", [
-        ("max by (pod) (broker_event_loop_lag_seconds)", "{{pod}}")], 8),
+        ("histogram_quantile(0.99, sum by (le, pod) "
+         f"(rate(broker_event_loop_delay_seconds_bucket{sel()}[5m])))", "p99 {{pod}}"),
+        (f"max by (pod) (max_over_time(broker_event_loop_lag_seconds{sel()}[5m]))",
+         "max sampled {{pod}}")], 8),
+    ("CPU per pod", "short", [
+        (f"rate(broker_process_cpu_seconds_total{sel()}[5m])", "{{pod}} cores")], 8),
+    ("Memory per pod", "bytes", [
+        (f"broker_process_resident_memory_bytes{sel()}", "{{pod}} resident")], 8),
+    ("Open files per pod", "short", [
+        (f"broker_process_open_fds{sel()}", "{{pod}} open"),
+        (f"broker_process_max_fds{sel()}", "{{pod}} limit")], 8),
+]
+
+
+def variable(name: str, label: str, scope: str) -> dict[str, Any]:
+    """A multi-value query variable over broker_info's ``name`` label, narrowed by ``scope``."""
+    return {"name": name, "label": label, "type": "query", "datasource": DS,
+            "query": {"query": f"label_values(broker_info{scope}, {name})", "refId": name},
+            "definition": f"label_values(broker_info{scope}, {name})",
+            "refresh": 2, "multi": True, "includeAll": True, "allValue": ".*",
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "sort": 1}
+
+
+TEMPLATING = [
+    {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"},
+    variable("namespace", "Namespace", ""),
+    variable("job", "Job", '{namespace=~"$namespace"}'),
+    variable("pod", "Pod", '{namespace=~"$namespace", job=~"$job"}'),
 ]
 
 
@@ -94,8 +152,7 @@ def render() -> str:
         "tags": ["jupyter", "session-broker"], "timezone": "browser", "schemaVersion": 39,
         "version": 1, "editable": True, "time": {"from": "now-6h", "to": "now"},
         "refresh": "30s", "annotations": {"list": []},
-        "templating": {"list": [{"name": "datasource", "type": "datasource",
-                                 "query": "prometheus", "label": "Data source"}]},
+        "templating": {"list": TEMPLATING},
         "panels": panels,
     }
     return json.dumps(dashboard, indent=2) + "\n"

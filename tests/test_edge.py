@@ -157,6 +157,10 @@ async def test_connections_beyond_the_cap_are_refused_with_503(tmp_path: Path) -
                     break
                 await asyncio.sleep(0.1)
             assert status == 200
+            raw = await exchange(broker.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+            assert b'broker_limit_refusals_total{reason="too_many_connections"}' in raw
+            assert b'broker_limit_refusals_total{reason="too_many_connections"} 0.0' not in raw
         finally:
             for _, writer in idle:
                 writer.close()
@@ -235,3 +239,16 @@ async def test_bad_execute_bodies_are_400(broker: BrokerHarness) -> None:
                        ("lone surrogate in code", b'{"code": "print(\'\\ud83d\')"}')]:
         async with broker.http.post(url, data=body, headers=auth) as resp:
             assert resp.status == 400, (name, resp.status, await resp.text())
+
+
+async def test_undecodable_header_tokens_are_refused_not_500(make_broker: MakeBroker) -> None:
+    broker = await make_broker(admin_token="admin-secret")
+    status, session = await broker.create(wait=False)
+    assert status == 201, session
+    port = int(broker.url.rsplit(":", 1)[1])
+    for path in (f"/api/v1/sessions/{session['id']}".encode(), b"/api/v1/admin/sessions"):
+        for token in (b"\xff\xfe", b"\xed\xa0\x80", b"caf\xc3\xa9"):
+            raw = await exchange(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                 b"Authorization: token " + token + b"\r\n"
+                                 b"Connection: close\r\n\r\n")
+            assert parse(raw)[0] == 403, (path, token, raw[:200])

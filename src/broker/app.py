@@ -19,6 +19,7 @@ from broker import keys
 from broker.api import admin, execute, files, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
+from broker.api.page import add_page, ui_routes
 from broker.backends.base import Backend
 from broker.backends.binderhub import BinderHubBackend
 from broker.backends.jupyterhub import JupyterHubBackend
@@ -200,5 +201,7 @@ def create_app(
     app.add_routes(files.routes)
     app.add_routes(openapi.routes)
     app.add_routes(admin.routes)
+    app.add_routes(ui_routes)  # before the proxy's /s/{sid}/{tail}, which would take them
     app.add_routes(proxy_routes.routes)
+    add_page(app, settings)
     return app

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import resource
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import http_exceptions, web
@@ -204,12 +205,12 @@ class EdgeHandler(web.RequestHandler):
                     and now - max(self._last_rx, self._handler_since) > edge.body_timeout):
                 log.info("dropped a connection whose request body stalled for %g s",
                          edge.body_timeout)
-                edge.timeouts["body"] += 1
+                edge.counted("body_timeout")
                 conn.close()
         elif self._since is not None and now - self._since > edge.header_timeout:
             log.debug("closed a connection whose request headers took over %g s",
                       edge.header_timeout)
-            edge.timeouts["header"] += 1
+            edge.counted("header_timeout")
             if not self._served:  # later on a kept-alive connection, a response may be
                 conn.write(_HEADER_TIMEOUT)  # still going out: then a plain close
             conn.close()
@@ -245,8 +246,11 @@ class EdgeHandler(web.RequestHandler):
 class Edge:
     """The listening socket, the connection cap and the timeout sweep of one replica."""
 
-    def __init__(self, runner: web.AppRunner, settings: Settings,
+    def __init__(self, runner: web.AppRunner, settings: Settings, *,
+                 on_refusal: Callable[[str], None] | None = None,
                  **handler_args: Any) -> None:
+        """``on_refusal(reason)`` counts each refusal and timeout (the limit metrics);
+        ``handler_args`` go to every :class:`EdgeHandler` (aiohttp's handler options)."""
         server = runner.server
         if server is None:
             raise RuntimeError("call runner.setup() before creating the edge")
@@ -258,13 +262,17 @@ class Edge:
         self.handler_args = {"keepalive_timeout": settings.keepalive_timeout, **handler_args}
         self.open: set[EdgeHandler] = set()
         self.refusing = 0
-        self.refused = 0
-        self.timeouts = {"header": 0, "body": 0}
+        self._on_refusal = on_refusal
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         if settings.max_connections > self.max_connections:
             log.warning("BROKER_MAX_CONNECTIONS=%d lowered to %d: the open-file limit is %d",
                         settings.max_connections, self.max_connections, fd_limit())
+
+    def counted(self, reason: str) -> None:
+        """Report one refusal or timeout (``too_many_connections``, ``header_timeout``, ...)."""
+        if self._on_refusal is not None:
+            self._on_refusal(reason)
 
     def __call__(self) -> EdgeHandler:
         """The protocol factory given to ``loop.create_server``."""
@@ -272,7 +280,7 @@ class Edge:
 
     def refuse(self, transport: asyncio.Transport) -> None:
         """Answer a connection beyond the cap with 503, or close it if even that is too much."""
-        self.refused += 1
+        self.counted("too_many_connections")
         if self.refusing >= MAX_REFUSING:
             transport.abort()
             self.refusing += 1  # connection_lost takes it back

@@ -43,7 +43,14 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 from broker import __version__
 from broker.proxy import wire
@@ -65,7 +72,9 @@ REFUSAL_REASONS = ("capacity", "owner_sessions", "rate_limited", "origin", "bad_
                    "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
 #: Reasons of ``broker_limit_refusals_total``: every limit of :mod:`broker.policy`.
 LIMIT_REASONS = ("creation_rate", "owner_sessions", "spec_capacity", "capacity",
-                 "spawn_concurrency", "kernels_per_session", "ws_rate", "denied")
+                 "spawn_concurrency", "kernels_per_session", "ws_rate", "denied",
+                 # The HTTP edge (broker.edge): connection cap and read timeouts.
+                 "too_many_connections", "header_timeout", "body_timeout")
 FAILURE_REASONS = ("upstream_failed", "spawn_timeout", "upstream_unreachable", "capacity",
                    "rate_limited", "internal")
 ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
@@ -79,6 +88,10 @@ STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_
 _SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 _EXEC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+#: HTTP requests: REST calls are fast, but POST ?wait=true, /build and the events stream
+#: last as long as a spawn, so the buckets go on past the spawn timeout's default (120 s).
+_HTTP_BUCKETS = (*_FAST_BUCKETS, 30, 60, 120, 300, 600)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 def label_or_other(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
@@ -129,7 +142,7 @@ class Metrics:
         self.http_duration = Histogram(
             "broker_http_request_duration_seconds",
             "HTTP request handling time by route and status class (WebSockets: until upgrade).",
-            ["route", "status_class"], buckets=_FAST_BUCKETS, registry=r)
+            ["route", "status_class"], buckets=_HTTP_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "broker_upstream_errors_total", "Failures talking to upstream servers.",
             ["backend", "kind"], registry=r)
@@ -142,6 +155,14 @@ class Metrics:
         self.loop_lag = Gauge(
             "broker_event_loop_lag_seconds",
             "How late a 1 s timer fired on the event loop, last measurement.", registry=r)
+        self.loop_delay = Histogram(
+            "broker_event_loop_delay_seconds",
+            "How late a 1 s timer fired on the event loop, every measurement (a scrape "
+            "interval's spikes stay visible, unlike the last-value gauge).",
+            buckets=_LAG_BUCKETS, registry=r)
+        # CPU, memory and file descriptors of this process, as broker_process_* (the
+        # registry is the app's own, so prometheus_client's default collector is not on it).
+        ProcessCollector(namespace="broker", registry=r)
         self.sessions_ended = Counter(
             "broker_sessions_ended_total", "Sessions ended, by reason.", ["reason"], registry=r)
         self.limit_refusals = Counter(

@@ -63,8 +63,13 @@ def new_token() -> str:
 
 
 def hash_token(token: str) -> str:
-    """What the store keeps instead of the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """What the store keeps instead of the token itself.
+
+    A presented token may hold anything a client put in a header or query
+    (undecodable bytes arrive as lone surrogates): it hashes all the same,
+    and matches nothing, instead of failing to encode.
+    """
+    return hashlib.sha256(token.encode(errors="surrogatepass")).hexdigest()
 
 
 @dataclasses.dataclass

@@ -23,15 +23,9 @@ Invariants:
 * A store outage never kills a spawn silently: its outcome is saved with
   bounded retries once the store answers again; a spawn whose replica died
   is ended by the reaper (``spawn_lost``).
-* A ready session is stopped as ``upstream_gone`` only after
-  ``BROKER_REAP_PROBE_FAILURES`` consecutive failed probes spanning at least
-  ``BROKER_REAP_PROBE_WINDOW`` seconds. Probes that could not be made for
-  reasons of our own ("cannot check": out of file descriptors, our timers
-  late) never count, and a sweep where most probes could not be made gives
-  no verdict at all. The failure counts live in the memory of the replica
-  that reaps: a probe sequence only means something from one prober, and
-  if the reaper lock moves to another replica the count starts again, which
-  can only delay a verdict, never hasten one.
+* A ready session is stopped as ``upstream_gone`` only after several failed
+  probes over a minimum time, never for a probe this replica could not make
+  (:mod:`broker.reaper`).
 * A new session exists only after :class:`~broker.policy.limits.AdmissionControl`
   reserved every cluster-wide limit for it in one atomic step; a refusal
   leaves nothing behind, and every way a session ends (stop, failed spawn,
@@ -49,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from broker.backends.base import Backend, Liveness, probe
+from broker.backends.base import Backend
 from broker.errors import (
     BrokerError,
     Forbidden,
@@ -72,6 +66,7 @@ from broker.models import (
     system_clock,
 )
 from broker.policy.limits import Admission, AdmissionControl
+from broker.reaper import ORPHAN_GRACE, Reaper
 from broker.settings import Settings
 from broker.store.base import FINAL_PHASES, SessionStore
 from broker.store.redis import store_unavailable
@@ -82,14 +77,9 @@ ACTIVITY_EVERY = 5.0
 
 #: Closes one open client connection of a session: (close code, reason).
 Closer = Callable[[int, str], Awaitable[None]]
-#: Upstream liveness checks the reaper runs at once.
-_RECONCILE_CONCURRENCY = 16
 #: Seconds a ready session is served from this replica's memory (see ready_session).
 READY_CACHE_SECONDS = 2.0
 _READY_CACHE_SIZE = 10_000
-#: Seconds a pending session may outlive its spawn timeout before the reaper
-#: decides the replica that was spawning it is gone.
-_ORPHAN_GRACE = 30.0
 #: Longest pause between attempts to record a spawn's outcome while the store is away.
 _RECORD_BACKOFF_MAX = 5.0
 
@@ -155,8 +145,7 @@ class SessionManager:
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
         #: Sessions whose backend cleanup failed or timed out: retried every reap interval.
         self._cleanups: dict[str, Session] = {}
-        #: session id -> (consecutive failed probes, clock time of the first of them).
-        self._probe_failures: dict[str, tuple[int, float]] = {}
+        self.reaper = Reaper(self)
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
@@ -181,6 +170,8 @@ class SessionManager:
             with store_unavailable():  # the Redis admission engine shares the store's Redis
                 admission = await self.limiter.admit(session_id, request.owner, request.spec)
         except BrokerError as refusal:
+            if refusal.reason == "store_unavailable":
+                raise  # not a limit's refusal: no refusal metric
             reason = label_or_other(refusal.reason, REFUSAL_REASONS, "rate_limited")
             self.metrics.creations.labels("refused", reason).inc()
             self.metrics.limit_refused(refusal.reason)
@@ -445,8 +436,8 @@ class SessionManager:
         # Recorded and announced first: the cleanup may wait on the very upstream that
         # failed (a frozen hub), and clients must not wait with it.
         try:  # for as long as the reaper would wait before calling the spawn lost
-            await self._persist(lambda: self.store.save(session), _ORPHAN_GRACE)
-            await self._persist(lambda: self.store.publish(session.id, event), _ORPHAN_GRACE)
+            await self._persist(lambda: self.store.save(session), ORPHAN_GRACE)
+            await self._persist(lambda: self.store.publish(session.id, event), ORPHAN_GRACE)
         except BrokerError as exc:
             log.error("could not record the failure of session %s (%s); the reaper ends it "
                       "as spawn_lost", session.id, exc.message)
@@ -704,115 +695,17 @@ class SessionManager:
                                               "reason": "upstream_exited"})
         await self._close_connections(session_id, "upstream_exited")
 
+    def spawning(self, session_id: str) -> bool:
+        """Whether this replica is running the session's spawn right now."""
+        return session_id in self._spawns
+
     async def reap_once(self) -> int:
-        """Stop sessions past max age, idle ones, spawns whose replica vanished,
-        and ready sessions whose upstream stopped answering (reconciliation:
-        a hub or BinderHub may cull or lose a server without telling anyone);
-        then let the backend sweep servers no live session owns."""
-        now = self.clock()
-        sessions = await self.store.list_live()
-        reasons = list(await asyncio.gather(*(self._reap_reason(s, now) for s in sessions)))
-        to_probe = [i for i, (s, r) in enumerate(zip(sessions, reasons, strict=True))
-                    if not r and s.status is Status.READY]
-        checks = asyncio.Semaphore(_RECONCILE_CONCURRENCY)
-
-        async def check(session: Session) -> Liveness:
-            async with checks:
-                return await probe(self.backend, session)
-
-        results = await asyncio.gather(*(check(sessions[i]) for i in to_probe))
-        for i, verdict in zip(to_probe, self._verdicts(
-                [sessions[i] for i in to_probe], list(results), now), strict=True):
-            reasons[i] = verdict
-        live_ids = {s.id for s in sessions}
-        for session_id in set(self._probe_failures) - live_ids:
-            del self._probe_failures[session_id]
-        stopped = 0
-        for session, reason in zip(sessions, reasons, strict=True):
-            if reason:
-                await self.stop(session, reason)
-                stopped += 1
-        sweep = getattr(self.backend, "sweep", None)
-        if sweep is not None:  # upstream leftovers no session owns (e.g. hub was down)
-            try:
-                await sweep(self.store.list_live)
-            except (BrokerError, OSError) as exc:
-                log.warning("backend sweep skipped: %s", getattr(exc, "message", exc))
-        return stopped
-
-    def _verdicts(self, sessions: list[Session], results: list[Liveness],
-                  now: float) -> list[str]:
-        """"upstream_gone" for the sessions whose probes failed often and long enough.
-
-        A sweep where most probes could not be made says more about this
-        replica (starved of descriptors, its loop late) than about the
-        upstreams: it gives no verdict and leaves every count as it was.
-        """
-        unknown = sum(r is Liveness.UNKNOWN for r in results)
-        if results and unknown * 2 > len(results):
-            log.warning("liveness sweep skipped: %d of %d probes could not be made here",
-                        unknown, len(results))
-            return [""] * len(results)
-        needed = self.settings.reap_probe_failures
-        window = self.settings.reap_probe_window
-        verdicts = []
-        for session, result in zip(sessions, results, strict=True):
-            verdict = ""
-            if result is Liveness.ALIVE:
-                self._probe_failures.pop(session.id, None)
-            elif result is Liveness.DEAD:
-                count, first = self._probe_failures.get(session.id, (0, now))
-                count += 1
-                self._probe_failures[session.id] = (count, first)
-                if count >= needed and now - first >= window:
-                    verdict = "upstream_gone"
-                else:
-                    log.info("session %s: upstream probe failed (%d of %d)", session.id,
-                             count, needed)
-            verdicts.append(verdict)
-        return verdicts
-
-    async def _reap_reason(self, session: Session, now: float) -> str:
-        if session.expired(now):
-            return "max_age"
-        if session.status is Status.PENDING:
-            lost = now - session.created_at > self.settings.spawn_timeout + _ORPHAN_GRACE
-            return "spawn_lost" if lost and session.id not in self._spawns else ""
-        idle = self.settings.session_idle_timeout
-        if idle and session.status is Status.READY and now - session.last_activity > idle:
-            if self.busy_check is not None and await self.busy_check(session):
-                await self.store.touch(session.id, now)  # working, just unwatched
-                return ""
-            return "idle"
-        return ""
+        """One reaper sweep (see :class:`~broker.reaper.Reaper`); how many sessions it stopped."""
+        return await self.reaper.reap_once()
 
     async def run_reaper(self) -> None:
-        """Background loop: reap every ``reap_interval`` seconds until cancelled.
-
-        With several replicas, a store lock lets only one sweep at a time (the
-        lock outlives a sweep that hangs, and expires if its replica dies).
-        The first sweep runs at start-up, so servers a killed replica left
-        behind are stopped (or adopted) before the first interval. Cleanups that
-        failed on this replica are retried on every interval, lock or not.
-        """
-        interval = self.settings.reap_interval
-        first = True
-        while True:
-            if not first:
-                await asyncio.sleep(interval)
-            first = False
-            try:
-                await self.retry_cleanups()
-                if not await self.store.try_lock("reaper", ttl=max(interval * 2, 60)):
-                    continue
-                try:
-                    await self.reap_once()
-                finally:
-                    await self.store.release_lock("reaper")
-            except BrokerError as exc:  # the store is away: the next sweep tries again
-                log.warning("session reaper sweep skipped: %s", exc.message)
-            except Exception:
-                log.exception("session reaper sweep failed")
+        """The reaper's background loop (see :meth:`broker.reaper.Reaper.run`)."""
+        await self.reaper.run()
 
     async def close(self) -> None:
         """Cancel spawns in flight (their servers are stopped) at shutdown."""

@@ -8,11 +8,14 @@ setting is described exactly once, here.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -178,9 +181,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated browser origins allowed to call the broker (CORS and "
         "WebSocket Origin check), e.g. https://book.example.org. '*' allows any origin (safe "
-        "enough: tokens travel in headers, never cookies). Empty: only BROKER_PUBLIC_URL's own "
-        "origin. Requests without an Origin header (curl, agents, servers) are not affected; "
-        "the request's Host header never counts (DNS rebinding).",
+        "enough: tokens travel in headers, never cookies). The broker's own origin is always "
+        "allowed: BROKER_PUBLIC_URL's when set; otherwise the request's own scheme and host "
+        "when that host is an IP address or localhost, or was passed on by a trusted proxy "
+        "(a domain name sent directly never counts: DNS rebinding). Any other Origin is "
+        "refused with 403 'origin' naming this setting. Requests without an Origin header "
+        "(curl, agents, servers) are not affected.",
     )
     max_sessions: int = Field(
         0,
@@ -476,6 +482,12 @@ class Settings(BaseSettings):
         "the limit it is abandoned for now and retried on every reaper interval until it "
         "succeeds; the session's outcome was recorded before it started.",
     )
+    page: str = Field(
+        "on",
+        description="The live page at / (a code cell with a Run button, spawn progress and "
+        "the visitor's limits, using only the public API): 'on', 'off' (/ answers 404 JSON), "
+        "or a directory holding an index.html (and its files) to serve instead.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the broker's own loggers."
     )
@@ -580,6 +592,19 @@ class Settings(BaseSettings):
         parse_api_keys(value.get_secret_value())
         return value
 
+    @field_validator("page")
+    @classmethod
+    def _page(cls, value: str) -> str:
+        word = value.strip().lower()
+        if word in ("on", "true", "1", "yes"):
+            return "on"
+        if word in ("off", "false", "0", "no"):
+            return "off"
+        if not (Path(value) / "index.html").is_file():
+            raise ValueError(f"BROKER_PAGE must be on, off or a directory holding an "
+                             f"index.html; {value!r} is none of these")
+        return value
+
     @model_validator(mode="after")
     def _backend_needs(self) -> Settings:
         if self.backend == "jupyterhub" and not self.hub_url:
@@ -609,3 +634,40 @@ def settings_reference() -> list[tuple[str, str, str]]:
             shown = str(default)
         rows.append((f"BROKER_{name.upper()}", shown, field.description or ""))
     return rows
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per configuration error, naming the BROKER_* variable and what it accepts.
+
+    pydantic names the field (``backend``); the operator set ``BROKER_BACKEND``.
+    A secret's value is never repeated.
+    """
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "literal_error":
+            message = f"accepted values are {error.get('ctx', {}).get('expected', '')}"
+        elif error["type"] == "bool_parsing":
+            message = "accepted values are true or false"
+        if not error["loc"]:  # a model-level check: its message names its variables
+            lines.append(message)
+            continue
+        name = str(error["loc"][0])
+        field = Settings.model_fields.get(name)
+        value = "" if field is None or field.annotation is SecretStr else f"={error['input']}"
+        lines.append(f"BROKER_{name.upper()}{value}: {message}")
+    return lines
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for BROKER_* variables that are no setting (a typo is otherwise silent)."""
+    known = [f"BROKER_{name.upper()}" for name in Settings.model_fields]
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("BROKER_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see session-broker config"
+        warnings.append(f"{variable} is not a setting of session-broker and is ignored{hint}")
+    return warnings

@@ -42,7 +42,7 @@ async def test_a_frozen_server_keeps_its_session_and_kernel(
         return sum(f"session {session['id']}: upstream probe failed" in r.getMessage()
                    for r in caplog.records)
 
-    caplog.set_level(logging.INFO, logger="broker.sessions")
+    caplog.set_level(logging.INFO, logger="broker.reaper")
     os.kill(pid, signal.SIGSTOP)
     try:
         # Frozen until the reaper counted as many failures as would be enough if the

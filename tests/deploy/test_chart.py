@@ -44,7 +44,8 @@ from tests.deploy.conftest import (
 HERE = Path(__file__).parent
 INVALID = sorted((HERE / "invalid").glob("*.yaml"))
 SETS = ["default", *VALUE_SETS]
-CRD_SCHEMAS = {"ServiceMonitor": HERE / "servicemonitor.schema.json"}
+CRD_SCHEMAS = {"ServiceMonitor": HERE / "servicemonitor.schema.json",
+               "PrometheusRule": HERE / "prometheusrule.schema.json"}
 SECRET_ENV = {f"BROKER_{name.upper()}" for name, f in Settings.model_fields.items()
               if f.annotation is SecretStr}
 
@@ -140,11 +141,15 @@ EXPECTED_KINDS: dict[str, tuple[set[str], set[str]]] = {
                 {"Ingress", "HorizontalPodAutoscaler", "ServiceMonitor"}),
     "jupyterhub": ({"Deployment", "Service", "Ingress", "NetworkPolicy", "PodDisruptionBudget"},
                    {"HorizontalPodAutoscaler", "ServiceMonitor"}),
-    "binderhub": ({"Deployment", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"},
-                  {"Ingress"}),
+    "binderhub": ({"Deployment", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy",
+                   "PrometheusRule"},
+                  {"Ingress", "PersistentVolumeClaim"}),
     "local": ({"Deployment", "Service", "ConfigMap", "Secret"},
               {"Ingress", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
                "ServiceMonitor"}),
+    "z2jh": ({"Deployment", "Service", "Ingress", "NetworkPolicy", "ServiceMonitor",
+              "PrometheusRule", "PersistentVolumeClaim", "Secret"},
+             {"HorizontalPodAutoscaler"}),
 }
 
 
@@ -165,7 +170,7 @@ def test_chart_environment_is_accepted_by_the_broker(helm: Helm, name: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The ConfigMap + Secret a pod gets parse into a valid Settings matching the values."""
     manifests = helm.template(*values_of(name))
-    env = broker_env(manifests)
+    env = {**broker_env(manifests), **pod_env(manifests)}
     values = yaml.safe_load(VALUE_SETS[name].read_text()) if name in VALUE_SETS else {}
     existing = values.get("existingSecret")
     for key in [k for k in os.environ if k.startswith("BROKER_")]:
@@ -182,7 +187,9 @@ def test_chart_environment_is_accepted_by_the_broker(helm: Helm, name: str,
     if redis.get("url"):
         assert settings.redis_url == redis["url"]
     elif redis.get("enabled"):
-        assert settings.redis_url == "redis://t-session-broker-redis:6379/0"
+        password = secret_data(manifests, "t-session-broker-redis")["redis-password"]
+        assert len(password) >= 32
+        assert settings.redis_url == f"redis://:{password}@t-session-broker-redis:6379/0"
     else:
         assert settings.redis_url == ""
     # A secret key is always there (generated unless given), so Redis setups start.
@@ -212,6 +219,32 @@ def test_secrets_never_reach_the_configmap(helm: Helm, name: str) -> None:
     text = helm.template_text(*values_of(name))
     for value in clear:
         assert value not in text
+
+
+def secret_data(manifests: list[Manifest], name: str) -> dict[str, str]:
+    """The decoded data of the rendered Secret called ``name``."""
+    [secret] = [m for m in manifests if m["kind"] == "Secret" and m["metadata"]["name"] == name]
+    return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+
+
+def pod_env(manifests: list[Manifest]) -> dict[str, str]:
+    """The broker container's own ``env`` as the kubelet resolves it.
+
+    A ``secretKeyRef`` to a Secret the chart renders reads it; one to a Secret
+    the chart does not own (z2jh's "hub") stands in as ``<name>/<key>``.
+    ``$(VAR)`` references to earlier variables are expanded, as Kubernetes does.
+    """
+    container = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    rendered = {m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"}
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = (secret_data(manifests, ref["name"])[ref["key"]]
+                                if ref["name"] in rendered else f"{ref['name']}/{ref['key']}")
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+    return env
 
 
 def test_configmap_holds_every_config_value(helm: Helm) -> None:
@@ -343,9 +376,11 @@ NOTES_EXPECTED: dict[str, list[str]] = {
                 "admin API (/api/v1/admin/...) is off"],
     "jupyterhub": ["Backend: jupyterhub (http://hub:8081)", "Store:   Redis", "Replicas: 3",
                    "https://broker.example.org/"],
-    "binderhub": ["Backend: binderhub", "Redis (in-chart, in-memory)", "Replicas: 2-10 (HPA)",
-                  "must reach BinderHub"],
+    "binderhub": ["Backend: binderhub", "Redis (in-chart valkey/valkey, not persistent",
+                  "Replicas: 2-10 (HPA)", "must reach BinderHub"],
     "local": ["Backend: local", "Replicas: 1", "config.public_url is empty"],
+    "z2jh": ["Backend: jupyterhub (http://hub:8081)", "Redis (in-chart valkey/valkey, persistent)",
+             "Hub token: key hub.services.session-broker.apiToken of Secret hub"],
 }
 
 

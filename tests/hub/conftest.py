@@ -15,12 +15,15 @@
     live server left; otherwise the test errors, and the leftovers are
     removed so the next test starts clean.
 
-Helpers: :func:`post_session` (status, headers and body of a creation) and
-:func:`read_events` (a session's progress events, as the broker streams them).
+Helpers: :func:`post_session` (status, headers and body of a creation),
+:func:`read_events` (a session's progress events, as the broker streams them)
+and :func:`gone_from_hub` (a failed spawn is answered before its cleanup on the
+hub finishes: the broker records the failure first).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -111,3 +114,13 @@ async def read_events(broker: BrokerHarness, session: dict[str, Any],
             if until is not None and until(events[-1]):
                 break
     return events
+
+
+async def gone_from_hub(hub: RunningHub, user: str, limit: float = 30.0) -> bool:
+    """Whether the hub user disappears within ``limit`` s (polled: the hub has no event)."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while asyncio.get_running_loop().time() < deadline:
+        if await hub.user(user) is None:
+            return True
+        await asyncio.sleep(0.1)
+    return await hub.user(user) is None

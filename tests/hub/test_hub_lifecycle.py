@@ -14,7 +14,7 @@ import pytest
 
 from broker.models import Status
 from tests.conftest import MakeBroker, ManualClock, free_port, pid_alive
-from tests.hub.conftest import PREFIX, HubBroker, post_session, read_events
+from tests.hub.conftest import PREFIX, HubBroker, gone_from_hub, post_session, read_events
 from tests.hubfixture import HubConfig, RunningHub, start_hub
 
 
@@ -32,7 +32,7 @@ async def test_failed_spawn_is_502_and_leaves_no_user(
     assert status == 502, body
     assert body["reason"] == "upstream_failed"
     assert hub_says in body["message"]  # the hub's own message, relayed
-    assert await hub.user(f"{PREFIX}{body['id']}") is None
+    assert await gone_from_hub(hub, f"{PREFIX}{body['id']}")
 
 
 async def test_spawn_timeout_is_504_and_the_server_is_stopped(
@@ -43,7 +43,7 @@ async def test_spawn_timeout_is_504_and_the_server_is_stopped(
     status, _, body = await post_session(broker, profile="never")
     assert status == 504, body
     assert body["reason"] == "spawn_timeout"
-    assert await hub.user(f"{PREFIX}{body['id']}") is None
+    assert await gone_from_hub(hub, f"{PREFIX}{body['id']}")
     started = set(hub.spawned_pids()) - before
     assert len(started) == 1  # the hub did start a process for it ...
     assert not any(pid_alive(pid) for pid in started)  # ... and it is gone

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.conftest import BrokerHarness, MakeBroker
-from tests.hub.conftest import PREFIX, post_session, read_events
+from tests.hub.conftest import PREFIX, gone_from_hub, post_session, read_events
 from tests.hubfixture import RunningHub
 
 
@@ -39,7 +39,7 @@ async def test_concurrent_spawn_limit_is_429_with_the_hubs_retry_after(
     # JupyterHub suggests a delay from spawn_throttle_retry_range (default 30-60 s).
     assert 30 <= int(headers["Retry-After"]) <= 60
     assert headers["Retry-After"] in refused["message"]
-    assert await limited_hub.user(f"{PREFIX}{refused['id']}") is None
+    assert await gone_from_hub(limited_hub, f"{PREFIX}{refused['id']}")
 
     await _delete(broker, first)
     assert await limited_hub.user(f"{PREFIX}{first['id']}") is None
@@ -55,7 +55,7 @@ async def test_active_server_limit_is_503_capacity_with_retry_after(
     assert status == 503, refused
     assert refused["reason"] == "capacity"
     assert int(headers["Retry-After"]) == 60
-    assert await limited_hub.user(f"{PREFIX}{refused['id']}") is None
+    assert await gone_from_hub(limited_hub, f"{PREFIX}{refused['id']}")
     # The refusal did not disturb the running session.
     async with broker.http.get(f"{first['base_url']}api/status",
                                headers={"Authorization": f"token {first['token']}"}) as resp:

@@ -60,12 +60,94 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- printf "%s:%s" .Values.image.name (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
-{{/* BROKER_REDIS_URL as the chart knows it: in-chart Redis, redis.url, or empty. */}}
+{{/*
+BROKER_REDIS_URL the chart keeps in its Secret: redis.url, or empty. The
+in-chart store's URL is built in the pod instead (broker.env), from the
+password in its own Secret, so the password is stored once.
+*/}}
 {{- define "broker.redisUrl" -}}
-{{- if .Values.redis.enabled }}
-{{- printf "redis://%s:6379/0" (include "broker.redisName" .) }}
-{{- else }}
+{{- if not .Values.redis.enabled }}
 {{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+The in-chart store's password: the value given, else the one stored in its
+Secret (upgrades keep it; a new one would lock the broker out of its data),
+else a new random one.
+*/}}
+{{- define "broker.redisPassword" -}}
+{{- if .Values.redis.auth.password }}
+{{- .Values.redis.auth.password }}
+{{- else }}
+{{- $stored := lookup "v1" "Secret" .Release.Namespace (include "broker.redisName" .) }}
+{{- if and $stored $stored.data (hasKey $stored.data "redis-password") }}
+{{- index $stored.data "redis-password" | b64dec }}
+{{- else }}
+{{- randAlphaNum 40 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A hub token read from a Secret key (BinderHub-style secretKeyRef): used when
+the backend needs it, the secrets.* value is empty and a Secret name is set.
+Pass a dict with "ref" (the secretKeyRef values) and "given" (secrets.*).
+Prints the secretKeyRef name when it applies, nothing otherwise.
+*/}}
+{{- define "broker.tokenRef" -}}
+{{- if and (not .given) .ref.name .ref.key .needed }}
+{{- .ref.name }}
+{{- end }}
+{{- end }}
+
+{{/* The broker container's `env`: tokens from Secret keys, the in-chart store's URL, extraEnv. */}}
+{{- define "broker.env" -}}
+{{- $hub := include "broker.tokenRef" (dict "ref" .Values.hubApiToken.secretKeyRef "given" .Values.secrets.hub_api_token "needed" (eq .Values.config.backend "jupyterhub")) }}
+{{- $binder := include "broker.tokenRef" (dict "ref" .Values.binderHubApiToken.secretKeyRef "given" .Values.secrets.binder_hub_api_token "needed" (eq .Values.config.backend "binderhub")) }}
+{{- if $hub }}
+- name: BROKER_HUB_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $hub }}
+      key: {{ .Values.hubApiToken.secretKeyRef.key }}
+{{- end }}
+{{- if $binder }}
+- name: BROKER_BINDER_HUB_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $binder }}
+      key: {{ .Values.binderHubApiToken.secretKeyRef.key }}
+{{- end }}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "broker.redisName" . }}
+      key: redis-password
+# Kubernetes expands $(REDIS_PASSWORD) from the variable above.
+- name: BROKER_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "broker.redisName" .) | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicyPeers of the ingress controller preset (networkPolicy.ingress.controller). */}}
+{{- define "broker.controllerPeers" -}}
+{{- $in := .Values.networkPolicy.ingress }}
+{{- $ns := dict }}
+{{- if $in.controllerNamespace }}
+{{- $ns = dict "matchLabels" (dict "kubernetes.io/metadata.name" $in.controllerNamespace) }}
+{{- end }}
+{{- if has $in.controller (list "ingress-nginx" "traefik") }}
+- namespaceSelector: {{ toJson $ns }}
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ $in.controller }}
+{{- else if eq $in.controller "any-namespace" }}
+- namespaceSelector: {}
 {{- end }}
 {{- end }}
 
@@ -127,8 +209,8 @@ Included by the Deployment, so `helm lint`, `helm template` and
 {{- if and (eq $backend "jupyterhub") (not $c.hub_url) }}
 {{- fail "config.backend=jupyterhub needs config.hub_url (e.g. http://hub:8081 in the z2jh namespace)" }}
 {{- end }}
-{{- if and (eq $backend "jupyterhub") (not .Values.secrets.hub_api_token) (not .Values.existingSecret) }}
-{{- fail "config.backend=jupyterhub needs a JupyterHub service token: secrets.hub_api_token, or BROKER_HUB_API_TOKEN in existingSecret" }}
+{{- if and (eq $backend "jupyterhub") (not .Values.secrets.hub_api_token) (not .Values.existingSecret) (not .Values.hubApiToken.secretKeyRef.name) }}
+{{- fail "config.backend=jupyterhub needs a JupyterHub service token: hubApiToken.secretKeyRef (z2jh's Secret hub), secrets.hub_api_token, or BROKER_HUB_API_TOKEN in existingSecret" }}
 {{- end }}
 {{- if and (eq $backend "binderhub") (not $c.binder_url) }}
 {{- fail "config.backend=binderhub needs config.binder_url (e.g. http://binder:80 in the BinderHub namespace)" }}
@@ -138,6 +220,9 @@ Included by the Deployment, so `helm lint`, `helm template` and
 {{- end }}
 {{- if and (hasKey $c "shutdown_drain") (ge (float64 $c.shutdown_drain) (float64 .Values.terminationGracePeriodSeconds)) }}
 {{- fail (printf "config.shutdown_drain (%v s) must stay below terminationGracePeriodSeconds (%v s), or the kubelet kills pods before open WebSockets are closed cleanly" $c.shutdown_drain .Values.terminationGracePeriodSeconds) }}
+{{- end }}
+{{- if and .Values.prometheusRule.enabled (not .Values.serviceMonitor.enabled) }}
+{{- fail "prometheusRule.enabled needs serviceMonitor.enabled: the alert rules select the series of the ServiceMonitor's job" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}

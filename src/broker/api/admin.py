@@ -29,7 +29,8 @@ def _require_admin(request: web.Request) -> None:
     token = request_token(request)
     if not token:
         raise Unauthorized("The admin token is required")
-    if not hmac.compare_digest(token.encode(), expected.encode()):
+    # surrogatepass: undecodable bytes in the header are a wrong token, not a 500.
+    if not hmac.compare_digest(token.encode(errors="surrogatepass"), expected.encode()):
         raise Forbidden("Wrong admin token", reason="wrong_token")
 
 

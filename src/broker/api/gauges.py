@@ -3,7 +3,8 @@
 ``broker_sessions`` is read from the store (so it is cluster-wide and
 survives restarts) every :data:`SESSIONS_EVERY` seconds rather than at
 scrape time, so a scrape never waits on Redis. ``broker_event_loop_lag_seconds``
-is how late a timer fires: the broker's own measure of a blocked loop.
+is how late a timer fires: the broker's own measure of a blocked loop (every
+measurement also goes into ``broker_event_loop_delay_seconds``, a histogram).
 """
 
 from __future__ import annotations
@@ -49,4 +50,6 @@ async def track_loop_lag(metrics: Metrics) -> None:
     while True:
         start = loop.time()
         await asyncio.sleep(LAG_EVERY)
-        metrics.loop_lag.set(max(0.0, loop.time() - start - LAG_EVERY))
+        lag = max(0.0, loop.time() - start - LAG_EVERY)
+        metrics.loop_lag.set(lag)
+        metrics.loop_delay.observe(lag)

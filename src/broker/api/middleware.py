@@ -11,13 +11,17 @@
 * CORS headers are added in ``on_response_prepare``, so they are on every
   response a browser may read — errors, event streams and WebSocket
   handshakes included. A request whose ``Origin`` is not allowed is refused
-  outright (403), not just left unreadable: a simple POST from a foreign page
-  would otherwise still create sessions in the visitor's name.
+  outright (403, naming BROKER_ALLOWED_ORIGINS), not just left unreadable: a
+  simple POST from a foreign page would otherwise still create sessions in
+  the visitor's name. On ``/build`` the refusal is BinderHub's readable form
+  (see :func:`build_refusal`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 
 from aiohttp import web
@@ -28,6 +32,7 @@ from broker import keys
 from broker.edge import EdgeHandler
 from broker.errors import BrokerError, Forbidden, PayloadTooLarge
 from broker.logs import new_request_id, request_id_var
+from broker.policy.identity import forwarded_proto_host
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,14 @@ def error_response(error: BrokerError) -> web.Response:
 
 
 def origin_allowed(request: web.Request, origin: str) -> bool:
-    """Origins in BROKER_ALLOWED_ORIGINS ('*' = any), and BROKER_PUBLIC_URL's own.
+    """Origins in BROKER_ALLOWED_ORIGINS ('*' = any), and the broker's own.
 
-    Never derived from the request's Host header: under DNS rebinding an
-    attacker's page sends a matching Origin *and* Host, so "same origin as the
-    Host" would let any page drive a broker on localhost.
+    The broker's own origin is BROKER_PUBLIC_URL's when set. Unset, it is the
+    request's own scheme and host (the live page at ``/`` calls the API from
+    there), but only where DNS rebinding cannot forge it: a host that is an
+    IP address or ``localhost`` (an attacker's page can only bring its own
+    domain name), or a host a trusted proxy vouches for (X-Forwarded-Host /
+    the Host it passed on: an ingress routes by host name).
     """
     settings = request.app[keys.SETTINGS]
     wanted = origin.rstrip("/").lower()
@@ -59,7 +67,58 @@ def origin_allowed(request: web.Request, origin: str) -> bool:
         return True
     if settings.public_url:
         return wanted == str(URL(settings.public_url).origin()).lower()
-    return False
+    scheme, host = forwarded_proto_host(request, request.app[keys.TRUSTED])
+    if wanted != f"{scheme}://{host}".lower():
+        return False
+    return _unforgeable_host(URL(wanted).host or "") or _from_trusted_proxy(request)
+
+
+def _unforgeable_host(host: str) -> bool:
+    """An IP literal or localhost: names no attacker can point at the broker (rebinding)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _from_trusted_proxy(request: web.Request) -> bool:
+    trusted = request.app[keys.TRUSTED]
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    return any(peer in net for net in trusted)
+
+
+def origin_refusal(origin: str) -> Forbidden:
+    """The refusal of a foreign origin, naming the setting that would allow it."""
+    return Forbidden(
+        f"Origin {origin} is not allowed: add it to BROKER_ALLOWED_ORIGINS (comma-separated, "
+        f"e.g. BROKER_ALLOWED_ORIGINS={origin.rstrip('/').lower()}) to let its pages use this "
+        "broker", reason="origin")
+
+
+def build_refusal(request: web.Request, error: BrokerError) -> web.Response:
+    """A /build refusal as BinderHub's form: HTTP 200, one ``failed`` event.
+
+    An EventSource cannot read an HTTP error status or body, only events, and
+    only with CORS headers: so they are set here even for an origin that is
+    refused, which is allowed to read this one message and nothing else.
+    """
+    event = {"phase": "failed", "message": error.message + "\n", "status_code": error.status,
+             "reason": error.reason}
+    response = web.Response(body=f"data: {json.dumps(event)}\n\n".encode(),
+                            headers={"Content-Type": "text/event-stream",
+                                     "Cache-Control": "no-cache"})
+    origin = request.headers.get("Origin")
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    return response
 
 
 def _http_error(exc: web.HTTPException) -> BrokerError:
@@ -92,7 +151,10 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
     allowed = bool(origin) and origin_allowed(request, origin or "")
     request[_ALLOWED] = allowed
     if origin and not allowed:
-        return error_response(Forbidden(f"Origin {origin} is not allowed", reason="origin"))
+        refusal = origin_refusal(origin)
+        if request.match_info.route.name == "build" and request.method == "GET":
+            return build_refusal(request, refusal)
+        return error_response(refusal)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(status=204)
     length = request.content_length
@@ -132,7 +194,8 @@ def add_security_headers(request: web.Request, response: web.StreamResponse) -> 
     Proxied responses include files a session's own code can write (kernelspec
     resources such as SVG logos); with ``nosniff`` and a sandboxing CSP a
     script inside one cannot run with the broker's origin (where thebe keeps
-    saved tokens). The broker serves no HTML of its own, so this costs nothing.
+    saved tokens). The one HTML page the broker serves itself (the live page,
+    :mod:`broker.api.page`) sets its own, stricter-than-nothing policy first.
     """
     headers = response.headers
     headers.setdefault("X-Content-Type-Options", "nosniff")

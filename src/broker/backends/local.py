@@ -448,7 +448,9 @@ class LocalBackend:
         who may stop what.
         """
         found = [m for m in await asyncio.to_thread(_scan_marked) if m.scope == self._scope]
-        dirs = await asyncio.to_thread(self._session_dirs)
+        # Directories without a process are judged only against a shared store: with
+        # the memory store one may belong to another broker's spawn just starting.
+        dirs = await asyncio.to_thread(self._session_dirs) if self._shared else []
         if not found and not dirs:
             return 0
         live = {s.id for s in await live_sessions()}

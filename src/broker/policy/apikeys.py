@@ -60,7 +60,8 @@ class ApiKey:
 
 
 def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogatepass: a presented key with undecodable header bytes matches nothing.
+    return hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()
 
 
 def _entry(name: str, raw: Any) -> ApiKey:

@@ -1,0 +1,107 @@
+"""The live page at ``/``: a code cell anyone can run, served by the broker itself.
+
+A newcomer opening the broker in a browser sees what it is for: a short
+explanation, a code cell with a Run button, the session's spawn progress
+and the visitor's limits. The page is plain HTML, CSS and a small vanilla
+script in :file:`static/` (no CDN, works offline) and uses only the public
+API: ``POST /api/v1/sessions``, the events stream, and the execute API with
+``Accept: text/event-stream``. It keeps ``{id, token}`` in localStorage, so
+a reload comes back to the same session (as thebe does).
+
+``BROKER_PAGE`` turns it off (``/`` is then the usual JSON 404) or names a
+directory to serve instead (its ``index.html`` at ``/``, every file under
+``/page/``). The limits the page shows come from ``/page/limits.json``,
+which this module answers from the settings, so a replacement page can use
+it too.
+
+The page's own Content-Security-Policy allows scripts, styles and requests
+from the broker's origin only, and images from ``data:`` URLs (rich
+outputs): kernel output shown as HTML can never run script in this origin,
+where the visitor's token is kept.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from aiohttp import web
+
+from broker import keys
+from broker.errors import NotFound
+from broker.settings import Settings
+
+#: The page that ships with the broker.
+STATIC = Path(__file__).parent / "static"
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+_PAGE_DIR = web.AppKey("page_dir", Path)
+
+
+def page_dir(settings: Settings) -> Path | None:
+    """The directory served as the page, or None when BROKER_PAGE is off."""
+    if settings.page == "off":
+        return None
+    return STATIC if settings.page == "on" else Path(settings.page)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    """``/``: the page's index.html, with the page's own CSP (not the API's sandbox)."""
+    return web.FileResponse(request.app[_PAGE_DIR] / "index.html",
+                            headers={"Content-Security-Policy": PAGE_CSP,
+                                     "Cache-Control": "no-cache"})
+
+
+async def limits(request: web.Request) -> web.Response:
+    """What a visitor may do: the limits the page states, straight from the settings."""
+    settings = request.app[keys.SETTINGS]
+    return web.json_response({
+        "max_sessions_per_visitor": settings.max_sessions_per_owner,
+        "max_creations_per_visitor": settings.max_creations_per_owner,
+        "creation_window": settings.creation_window,
+        "session_max_age": settings.session_max_age,
+        "session_idle_timeout": settings.session_idle_timeout,
+        "execute_timeout_default": settings.execute_timeout_default,
+        "execute_timeout_max": settings.execute_timeout_max,
+        "max_upload_size": settings.max_upload_size,
+    }, headers={"Cache-Control": "no-cache"})
+
+
+#: A session's own Jupyter UI (JupyterLab, the classic tree), which MyST's
+#: "Launch Jupyter Server Window" opens under the session's base_url.
+UI_PATHS = ("/s/{sid}/lab", "/s/{sid}/lab/{rest:.*}", "/s/{sid}/tree", "/s/{sid}/tree/{rest:.*}")
+UI_MESSAGE = ("This broker runs code for web pages through the Jupyter API; it does not offer "
+              "the Jupyter user interface (JupyterLab, the notebook tree) of a session.")
+
+
+async def ui_not_offered(request: web.Request) -> web.StreamResponse:
+    """A session's UI: a short page saying it is not offered here (not a bare JSON 404).
+
+    A browser tab opened by a book's "launch" button gets a sentence it can
+    show; an API client that does not ask for HTML gets the usual JSON error.
+    Nothing about the session (whether it exists) is revealed either way.
+    """
+    if "text/html" not in request.headers.get("Accept", ""):
+        raise NotFound(UI_MESSAGE, reason="ui_not_offered")
+    body = (f"<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">"
+            f"<title>Jupyter UI not offered</title><h1>Jupyter UI not offered here</h1>"
+            f"<p>{html.escape(UI_MESSAGE)}</p><p>Go back to the page you came from: its "
+            f"code cells run on this session.</p></html>")
+    return web.Response(status=404, text=body, content_type="text/html")
+
+
+ui_routes = [web.get(path, ui_not_offered, name=f"ui_not_offered_{number}")
+             for number, path in enumerate(UI_PATHS)]
+
+
+def add_page(app: web.Application, settings: Settings) -> None:
+    """Register the page's routes, unless BROKER_PAGE is off."""
+    directory = page_dir(settings)
+    if directory is None:
+        return
+    app[_PAGE_DIR] = directory
+    app.router.add_get("/", index, name="page")
+    # Before the static route: it would otherwise answer this path from the directory.
+    app.router.add_get("/page/limits.json", limits, name="page_limits")
+    app.router.add_static("/page/", directory, name="page_files")
