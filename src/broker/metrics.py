@@ -9,7 +9,7 @@ process, as in tests, do not collide), served at ``/metrics``. Rules:
   per IP, repo, session, path or kernel;
 * the hot path (kernel WebSocket messages) does not touch these objects per
   message: connections count into plain integers and flush them here in
-  batches (see :class:`broker.proxy.tap.Tap`).
+  batches (see :class:`broker.proxy._wire_py.Tap`).
 
 Labels:
 

@@ -1,8 +1,7 @@
 """Many kernel WebSockets through one broker at once: each gets its own bytes, and only them.
 
-The relay engine (``broker.proxy._tap``) serves every connection of a broker
-from one thread and one table of sockets, handing connections to and from the
-event loop as they change state. Here thirty connections of three sessions
+The relay serves every connection of a broker from the one event loop, each
+with its own frame scanners and tallies. Here thirty connections of three sessions
 send tagged messages of mixed sizes (some spanning many socket reads, some
 with rate limits on their session's broker) through a real broker to the
 echo upstream of this package's harness, all at once, while some of them go

@@ -37,3 +37,21 @@ async def test_a_cell_runs_through_either_build(make_broker: MakeBroker, compile
             assert result.reply["status"] == "ok"
             assert any(m["content"].get("data", {}).get("text/plain") == "42"
                        for m in result.messages)
+
+
+async def test_a_malformed_upgrade_is_a_json_400(make_broker: MakeBroker) -> None:
+    """The broker answers the client's upgrade itself, so it checks it as RFC 6455 asks
+    (version 13, a 16-byte base64 key) before anything reaches the upstream."""
+    broker = await make_broker()
+    session = await broker.ready_session()
+    url = f"{session['base_url']}api/kernels/any/channels"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    for headers in ({"Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+                    {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "not a key"},
+                    {"Sec-WebSocket-Version": "13"}):
+        async with broker.http.get(url, params={"token": session["token"]},
+                                   headers={**upgrade, **headers}) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+            assert resp.headers["Sec-WebSocket-Version"] == "13"
+        assert body["error"] == body["reason"] == "bad_websocket_upgrade"
