@@ -63,7 +63,7 @@ class Reaper:
                 return await probe(self._manager.backend, session)
 
         results = await asyncio.gather(*(check(sessions[i]) for i in to_probe))
-        for i, verdict in zip(to_probe, self._verdicts(
+        for i, verdict in zip(to_probe, self.verdicts(
                 [sessions[i] for i in to_probe], list(results), now), strict=True):
             reasons[i] = verdict
         live_ids = {s.id for s in sessions}
@@ -82,7 +82,7 @@ class Reaper:
                 log.warning("backend sweep skipped: %s", getattr(exc, "message", exc))
         return stopped
 
-    def _verdicts(self, sessions: list[Session], results: list[Liveness],
+    def verdicts(self, sessions: list[Session], results: list[Liveness],
                   now: float) -> list[str]:
         """"upstream_gone" for the sessions whose probes failed often and long enough.
 
