@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# promtool (and the prometheus binary) for the alert-rule tests
-# (tests/deploy/test_alerts.py): `promtool check rules` and `promtool test
-# rules` run the chart's PrometheusRule against synthetic series.
+# promtool and the prometheus binary for the monitoring tests:
+# tests/deploy/test_alerts.py (`promtool check rules` / `promtool test rules`
+# on the chart's PrometheusRule with synthetic series) and
+# tests/deploy/test_prometheus_live.py (a real Prometheus scraping a broker).
 #
-# Idempotent and only when missing: does nothing when promtool is on PATH or
+# Idempotent and only when missing: does nothing when both are on PATH or
 # already in .tools/prometheus/. Otherwise it takes Debian's `prometheus`
 # package with `apt-get download` (no root, no service started) and unpacks
 # just its two binaries into .tools/prometheus/, never globally.
@@ -11,11 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DEST=.tools/prometheus
-if command -v promtool >/dev/null 2>&1 || [ -x "$DEST/promtool" ]; then
+if { command -v promtool && command -v prometheus; } >/dev/null 2>&1; then
+  exit 0
+fi
+if [ -x "$DEST/promtool" ] && [ -x "$DEST/prometheus" ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup: promtool is missing and apt-get is not available; install Prometheus's promtool" \
+  echo "setup: promtool/prometheus are missing and apt-get is not available; install Prometheus's promtool" \
        "(Debian/Ubuntu package: prometheus) or put it in $DEST/" >&2
   exit 1
 fi

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 from aiohttp import web
@@ -135,21 +133,6 @@ class TryFailed(Exception):
     """A step of ``session-broker try`` was refused; the message is the broker's."""
 
 
-async def _sse(response: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """(event name, data) of a server-sent event stream; comments (keepalives) skipped."""
-    name, data = "message", ""
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if data:
-                yield name, json.loads(data)
-            name, data = "message", ""
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data += line[5:].strip()
-
-
 async def _refusal(response: Any) -> TryFailed:
     try:
         body = await response.json(content_type=None)
@@ -214,6 +197,8 @@ async def try_broker(broker_url: str, code: str, out: TextIO = sys.stdout,
     """
     import aiohttp
 
+    from broker.backends.sse import json_events
+
     base = broker_url.rstrip("/")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None,
                                                                    sock_connect=10)) as http:
@@ -237,7 +222,7 @@ async def try_broker(broker_url: str, code: str, out: TextIO = sys.stdout,
                 async with http.get(f"{url}/events", headers=auth) as resp:
                     if resp.status != 200:
                         raise await _refusal(resp)
-                    async for _name, event in _sse(resp):
+                    async for event in json_events(resp.content):
                         progress.show(event)
                         if event.get("phase") in ("failed", "stopped", "error"):
                             raise TryFailed(str(event.get("message") or event.get("phase")))
@@ -249,7 +234,8 @@ async def try_broker(broker_url: str, code: str, out: TextIO = sys.stdout,
                                  headers=auth | {"Accept": "text/event-stream"}) as resp:
                 if resp.status != 200:
                     raise await _refusal(resp)
-                async for name, data in _sse(resp):
+                async for data in json_events(resp.content):
+                    name = str(data.get("type"))  # the execute stream names its events here too
                     if name == "failed":
                         raise TryFailed(str(data.get("message")))
                     if name == "done":

@@ -341,6 +341,10 @@ class SessionManager:
             self.metrics.spawn_duration.labels(backend, outcome).observe(elapsed)
             if outcome != "success":  # a ready spawn settled before it said so (_apply)
                 await self._settle(session, ready=False)
+            if outcome in ("failure", "timeout"):
+                # Last: the failure is recorded and announced (_fail), and measured,
+                # before the cleanup may wait on the upstream that failed.
+                await self._cleanup_backend(session)
 
     async def _spawn_steps(self, session: Session) -> None:
         """Run the backend's spawn; failures are recorded and re-raised for timing."""
@@ -441,8 +445,7 @@ class SessionManager:
         except BrokerError as exc:
             log.error("could not record the failure of session %s (%s); the reaper ends it "
                       "as spawn_lost", session.id, exc.message)
-        await self._release(session)
-        await self._cleanup_backend(session)
+        await self._release(session)  # the backend cleanup follows (_spawn)
 
     async def _cleanup_backend(self, session: Session) -> bool:
         """Stop the session's server, bounded; on failure remember it for the reaper to retry.
@@ -613,7 +616,8 @@ class SessionManager:
         self._touched[session_id] = now
         task = asyncio.create_task(self.store.touch(session_id, now))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        # Best effort: a write lost to a store outage only makes the session look idler.
+        task.add_done_callback(_forget_in(self._background))
 
     def register_closer(self, session_id: str, closer: Closer) -> Callable[[], None]:
         """Remember how to close one client connection; returns the unregister call."""

@@ -11,6 +11,7 @@ as thebe-core uses it: ``GET api/kernels?token=`` to check a saved session,
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -304,18 +305,23 @@ async def test_broker_refusals_are_failed_events_with_their_status(
     assert full.final is not None and full.final["status_code"] == 503
 
 
-async def test_a_foreign_origin_or_a_head_request_gets_no_stream(
+async def test_a_foreign_origin_or_a_head_request_gets_no_launch(
     make_broker: MakeBroker,
 ) -> None:
     broker = await make_broker(allowed_origins=[BOOK])
     async with broker.http.head(f"{broker.url}/build/{SPEC}",
                                 headers={"Accept": "text/event-stream"}) as resp:
         assert resp.status == 405
+    # A foreign page's EventSource can read why (one failed event), and nothing starts.
     async with broker.http.get(f"{broker.url}/build/{SPEC}",
                                headers={"Accept": "text/event-stream",
                                         "Origin": "https://evil.example"}) as resp:
-        assert resp.status == 403
-        assert "Access-Control-Allow-Origin" not in resp.headers
+        assert resp.status == 200
+        events = [json.loads(line[6:]) for line in (await resp.text()).splitlines()
+                  if line.startswith("data: ")]
+        assert [(e["phase"], e["status_code"], e["reason"]) for e in events] == [
+            ("failed", 403, "origin")]
+        assert "BROKER_ALLOWED_ORIGINS" in events[0]["message"]
     assert await broker.store.count_live() == 0
 
 

@@ -288,7 +288,7 @@ def test_pods_meet_the_restricted_pod_security_standard(helm: Helm, name: str) -
         assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
         assert pod["automountServiceAccountToken"] is False, where
-        for container in pod["containers"]:
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
             ctx = container["securityContext"]
             assert ctx["allowPrivilegeEscalation"] is False, where
             assert ctx["capabilities"]["drop"] == ["ALL"], where

@@ -276,3 +276,14 @@ def test_rendered_store_arguments_run_on_a_real_redis(
     client = redis.Redis.from_url(url.replace("t-session-broker-redis:6379", f"127.0.0.1:{port}"))
     _wait_up(client, proc)
     assert client.get("broker:probe") == b"kept"
+
+
+def test_external_store_over_tls(helm: Helm) -> None:
+    """The production recommendation: your own Redis/Valkey, rediss:// for TLS, kept secret."""
+    url = "rediss://:s3cret@valkey.store.svc:6380/0"
+    manifests = helm.template(sets={"redis.url": url})
+    assert secret_data(manifests, "t-session-broker")["BROKER_REDIS_URL"] == url
+    assert "BROKER_REDIS_URL" not in pod_env(manifests)  # no in-chart store wiring
+    assert not [m for m in manifests if m["metadata"]["name"] == "t-session-broker-redis"]
+    proc = helm.lint(sets={"redis.url": "http://valkey.store.svc:6379"})
+    assert proc.returncode != 0 and "/redis/url" in proc.stdout + proc.stderr

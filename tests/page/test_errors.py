@@ -154,3 +154,17 @@ async def test_the_banner_names_the_page_and_the_try_command(tmp_path: Path) -> 
     assert rest == [f"Open the live page:  {proc.url}/\n",
                     f"Create a session:    {create}\n",
                     f"Or try it:           session-broker try --broker-url {proc.url}\n"]
+
+
+async def test_a_websocket_client_sending_the_brokers_own_origin_is_served(
+        broker: BrokerHarness) -> None:
+    """websocket-client and browsers send Origin; the broker's own must pass (was: 403)."""
+    session = await broker.ready_session()
+    kernel = await broker.start_kernel(session)
+    async with broker.http.ws_connect(f"{session['ws_url']}api/kernels/{kernel}/channels",
+                                      params={"token": session["token"]},
+                                      headers={"Origin": broker.url}) as ws:
+        assert not ws.closed
+    async with broker.http.delete(f"{broker.url}/api/v1/sessions/{session['id']}",
+                                  headers={"Authorization": f"token {session['token']}"}) as resp:
+        assert resp.status == 204

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from broker.api.page import UI_MESSAGE
 from tests.brokerproc import broker_process
 from tests.conftest import MakeBroker
 
@@ -148,4 +149,5 @@ async def test_a_sessions_jupyter_ui_is_a_page_saying_it_is_not_offered(
             assert "does not offer the Jupyter user interface" in page
     async with broker.http.get(f"{broker.url}/s/0123456789abcdef/lab") as resp:
         assert resp.status == 404
-        assert (await resp.json())["reason"] == "ui_not_offered"
+        assert await resp.json() == {"error": "not_proxied", "reason": "not_proxied",
+                                     "message": UI_MESSAGE}

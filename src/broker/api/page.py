@@ -83,7 +83,7 @@ async def ui_not_offered(request: web.Request) -> web.StreamResponse:
     Nothing about the session (whether it exists) is revealed either way.
     """
     if "text/html" not in request.headers.get("Accept", ""):
-        raise NotFound(UI_MESSAGE, reason="ui_not_offered")
+        raise NotFound(UI_MESSAGE, reason="not_proxied")
     body = (f"<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">"
             f"<title>Jupyter UI not offered</title><h1>Jupyter UI not offered here</h1>"
             f"<p>{html.escape(UI_MESSAGE)}</p><p>Go back to the page you came from: its "

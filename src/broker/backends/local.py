@@ -16,10 +16,10 @@ this broker started, because nothing else could stop them later.
 
 Every process of a session carries three environment variables, which is how
 any broker on this host finds it again (``/proc/<pid>/environ``), whoever
-started it: ``JSB_SESSION_MARK`` (session id and a nonce), ``JSB_BROKER_SCOPE``
+started it: ``JSB_SESSION_MARK`` (session id and a nonce), ``JSB_STORE_SCOPE``
 (which store the session lives in: a hash of BROKER_REDIS_URL and
 BROKER_REDIS_PREFIX, or of the root directory with the memory store) and
-``JSB_BROKER_ID`` (the starting broker's pid, process start time and an
+``JSB_STARTED_BY`` (the starting broker's pid, process start time and an
 instance nonce). :meth:`LocalBackend.sweep` (start-up and every reaper
 interval) reconciles them with the store:
 
@@ -71,9 +71,9 @@ _PRIVATE_ENV_PREFIXES = ("BROKER_", "JUPYTERHUB_", "REDIS_")
 #: Environment variable that marks every process of one session.
 _MARKER_ENV = "JSB_SESSION_MARK"
 #: ... which store its session lives in (see the module docstring).
-_SCOPE_ENV = "JSB_BROKER_SCOPE"
+_SCOPE_ENV = "JSB_STORE_SCOPE"
 #: ... which broker process started it: "pid:start time:instance nonce".
-_BROKER_ENV = "JSB_BROKER_ID"
+_BROKER_ENV = "JSB_STARTED_BY"
 #: What a session id looks like (models.new_session_id): guards directory removal.
 _SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Longest wait for a started server to answer api/status.
@@ -202,7 +202,7 @@ def _process_start(pid: int) -> str:
 
 
 def _broker_alive(broker: str) -> bool:
-    """Whether the broker process named by a JSB_BROKER_ID value still runs."""
+    """Whether the broker process named by a JSB_STARTED_BY value still runs."""
     pid, _, rest = broker.partition(":")
     start = rest.partition(":")[0]
     return pid.isdigit() and bool(start) and _process_start(int(pid)) == start

@@ -6,7 +6,7 @@
 
 const STORE_KEY = "session-broker-page";
 const $ = (id) => document.getElementById(id);
-let session = null; // {id, token}
+let session = null; // {id, token, ready}
 let busy = false;
 
 function saved() {
@@ -82,7 +82,7 @@ async function restore() {
   if (!resp.ok) { remember(null); return; }
   const body = await resp.json();
   if (body.status !== "pending" && body.status !== "ready") { remember(null); return; }
-  remember(s);
+  remember({ ...s, ready: body.status === "ready" });
   showSession(body);
   $("run-status").textContent = `Reconnected to your session ${s.id}.`;
 }
@@ -92,10 +92,9 @@ async function createSession() {
   const resp = await fetch("api/v1/sessions", { method: "POST" });
   if (!resp.ok) throw await refusal(resp);
   const body = await resp.json();
-  remember({ id: body.id, token: body.token });
+  remember({ id: body.id, token: body.token, ready: body.status === "ready" });
   showSession(body);
-  if (body.status === "ready") return;
-  await followSpawn();
+  if (!session.ready) await followSpawn();
 }
 
 // The spawn's progress events, until ready (or the broker's failure message).
@@ -107,6 +106,7 @@ async function followSpawn() {
   for await (const { data } of events(resp)) {
     percent = typeof data.progress === "number" ? data.progress : Math.min(95, percent + 15);
     if (data.phase === "ready") {
+      session.ready = true;
       showProgress(100, "Your session is ready.");
       const info = await fetch(`api/v1/sessions/${session.id}`, { headers: auth() });
       if (info.ok) showSession(await info.json());
@@ -226,6 +226,7 @@ async function run() {
   $("run-status").textContent = "";
   try {
     if (!session) await createSession();
+    else if (!session.ready) await followSpawn(); // restored while still spawning
     $("progress").hidden = true;
     $("run-status").textContent = "Running...";
     try {
