@@ -281,7 +281,13 @@ async def _take_over(request: web.Request, key: str, protocol: str | None
         await asyncio.sleep(0.01)
     if old.is_closing():
         raise ConnectionResetError("the client left during the upgrade")
-    own = socket.socket(fileno=os.dup(sock.fileno()))
+    # From here on the client has its 101: a failure can only end the connection.
+    try:
+        own = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError as exc:  # out of descriptors (EMFILE)
+        old.close()
+        log.warning("kernel WebSocket dropped after its upgrade: %s", exc)
+        raise ConnectionResetError("no descriptor to take the connection over") from exc
     try:
         with contextlib.suppress(OSError):
             own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -289,6 +295,7 @@ async def _take_over(request: web.Request, key: str, protocol: str | None
             ClientLeg, sock=own)
     except BaseException:
         own.close()
+        old.close()
         raise
     old.close()
     return response, transport, leg
