@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -132,3 +133,59 @@ async def test_a_killed_replica_leaves_its_sessions_to_the_other(
         "kernel with its state; a delete through it stopped the dead replica's server",
         lost="nothing; a server whose record was removed was stopped by the next reap sweep",
     )
+
+
+async def test_waiting_on_a_spawn_whose_replica_died_ends_in_504_naming_it(
+    redis_url: str, tmp_path: Path, fault_table: Any
+) -> None:
+    """A replica dies mid-spawn; its client reuses the pending session through the
+    other replica with ?wait=true. Nobody will finish that spawn before the reaper
+    calls it lost, so the wait ends in 504 wait_timeout naming the session, never in
+    a 200 that says "pending"; a delete then stops whatever the dead spawn started."""
+    spawn_timeout = 3
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    env = {"BROKER_REDIS_URL": redis_url, "BROKER_REDIS_PREFIX": prefix,
+           "BROKER_SECRET_KEY": SECRET, "BROKER_REAP_INTERVAL": str(REAP_INTERVAL),
+           "BROKER_SPAWN_TIMEOUT": str(spawn_timeout), "BROKER_MAX_SESSIONS_PER_OWNER": "0"}
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        a = await stack.enter_async_context(broker_process(
+            tmp_path, env | {"BROKER_LOCAL_ROOT_DIR": str(tmp_path / "a")}))
+        b = await stack.enter_async_context(broker_process(
+            tmp_path, env | {"BROKER_LOCAL_ROOT_DIR": str(tmp_path / "b")}))
+        async with http.post(f"{a.url}/api/v1/sessions") as resp:
+            pending = await resp.json()
+        a.proc.send_signal(signal.SIGKILL)  # a server takes seconds to start: mid-spawn
+        await a.proc.wait()
+        assert pending["status"] == "pending", pending
+
+        async with http.post(f"{b.url}/api/v1/sessions", params={"wait": "true"},
+                             headers=_auth(pending)) as resp:
+            status, body = resp.status, await resp.json()
+        assert status == 504, body
+        assert body["error"] == body["reason"] == "wait_timeout" and body["id"] == pending["id"]
+        assert "token" not in body  # a reuse: the client has its token already
+
+        async with http.delete(f"{b.url}/api/v1/sessions/{pending['id']}",
+                               headers=_auth(pending)) as resp:
+            assert resp.status == 204
+        leftovers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                     if _marked_for(pid, pending["id"])]
+        for pid in leftovers:
+            assert await wait_for_exit(pid)
+    fault_table.record(
+        fault="Replica killed (SIGKILL) during a spawn, the client waits through another",
+        injected="SIGKILL to the replica running a spawn; the client reused the pending "
+        "session through the other replica with POST ?wait=true",
+        clients_saw="504 wait_timeout naming the session (never 200 pending); a delete "
+        "through the other replica stopped what the dead spawn had started",
+        lost="the session that was spawning",
+    )
+
+
+def _marked_for(pid: int, session_id: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"JSB_SESSION_MARK={session_id}-".encode() in fh.read()
+    except OSError:
+        return False
