@@ -15,7 +15,7 @@ test: setup-test
 
 ## fault-table: run the fault suite (marker chaos) and rewrite its table in docs/operations.md
 fault-table: setup-test
-	BROKER_WRITE_FAULT_TABLE=1 $(BIN)/pytest -m chaos $(PYTEST_ARGS)
+	WRITE_FAULT_TABLE=1 $(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
 ## lint: ruff and mypy
 lint: setup-test
