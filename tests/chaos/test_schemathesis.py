@@ -26,7 +26,7 @@ from tests.brokerproc import broker_process
 SEED = 20261207
 MAX_EXAMPLES = 6  # per operation and phase: under 200 cases in all
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
-          "response_headers_conformance,response_schema_conformance")
+          "response_headers_conformance,response_schema_conformance,positive_data_acceptance")
 
 
 async def test_the_served_openapi_document_holds(tmp_path: Path, fault_table: Any) -> None:
