@@ -252,3 +252,45 @@ async def test_undecodable_header_tokens_are_refused_not_500(make_broker: MakeBr
                                  b"Authorization: token " + token + b"\r\n"
                                  b"Connection: close\r\n\r\n")
             assert parse(raw)[0] == 403, (path, token, raw[:200])
+
+
+async def test_relayed_kernel_websockets_give_their_slot_back(tmp_path: Path) -> None:
+    """The relay takes a kernel WebSocket over at its upgrade (its own descriptor): the
+    HTTP connection's slot is free again, so WebSockets never eat the cap for requests
+    (they have their own per-session bound, see docs/limits.md)."""
+    import aiohttp
+
+    async with broker_process(tmp_path, {"BROKER_MAX_CONNECTIONS": "3"}) as broker:
+        connector = aiohttp.TCPConnector(force_close=True)  # no idle keep-alive slots
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.post(f"{broker.url}/api/v1/sessions?wait=true") as resp:
+                session = await resp.json()
+                assert resp.status == 201, session
+            auth = {"Authorization": f"token {session['token']}"}
+            async with http.post(f"{session['base_url']}api/kernels", headers=auth,
+                                 json={"name": "python3"}) as resp:
+                kernel = (await resp.json())["id"]
+            channels = f"{session['ws_url']}api/kernels/{kernel}/channels"
+
+            async def connect() -> aiohttp.ClientWebSocketResponse:
+                deadline = asyncio.get_running_loop().time() + READ_BOUND
+                while True:  # an upgrade's slot comes back when aiohttp lets go of it
+                    try:
+                        return await http.ws_connect(channels, headers=auth)
+                    except aiohttp.WSServerHandshakeError as exc:
+                        assert exc.status == 503, exc
+                        assert asyncio.get_running_loop().time() < deadline, "slot not freed"
+                        await asyncio.sleep(0.2)
+
+            sockets = [await connect() for _ in range(4)]  # more than the cap, all open
+            try:
+                deadline = asyncio.get_running_loop().time() + READ_BOUND
+                while True:
+                    async with http.get(f"{broker.url}/health") as resp:
+                        if resp.status == 200:
+                            break
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.2)
+            finally:
+                for ws in sockets:
+                    await ws.close()

@@ -193,7 +193,7 @@ class EdgeHandler(web.RequestHandler):
         conn, edge = self._conn, self._edge
         if conn is None:
             return
-        if conn.get_protocol() is not self:  # taken over (the kernel WebSocket relay)
+        if conn.get_protocol() is not self:  # taken over by set_protocol: ours until closed
             if conn.is_closing():
                 edge.open.discard(self)
             return

@@ -400,7 +400,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         0,
         ge=0,
-        description="Client connections (HTTP and WebSocket) one replica keeps open at once. "
+        description="Client HTTP connections one replica keeps open at once (a kernel "
+        "WebSocket counts until its upgrade; then the relay owns it, bounded per session by "
+        "BROKER_WS_SESSION_MAX_CONNECTIONS). "
         "Beyond it a new connection is answered 503 'too_many_connections' with Retry-After "
         "and closed. 0 = derived from the open-file limit (half of what is left after a "
         "reserve of 100, since a proxied connection also holds an upstream one); a larger "
