@@ -294,3 +294,15 @@ async def test_relayed_kernel_websockets_give_their_slot_back(tmp_path: Path) ->
             finally:
                 for ws in sockets:
                     await ws.close()
+
+
+def test_the_connection_cap_stays_below_the_file_limit() -> None:
+    import resource
+
+    from broker.edge import FD_RESERVE, effective_max_connections
+
+    assert effective_max_connections(0, 256) == (256 - FD_RESERVE) // 2
+    assert effective_max_connections(10_000, 256) == (256 - FD_RESERVE) // 2  # lowered
+    assert effective_max_connections(20, 256) == 20  # a smaller setting holds
+    assert effective_max_connections(0, resource.RLIM_INFINITY) > 100_000
+    assert effective_max_connections(0, 64) == 1  # never 0: something must be served
