@@ -137,10 +137,12 @@ def _http_error(exc: web.HTTPException) -> BrokerError:
 CLIENT_GONE = 499
 
 
-def _body_limit(request: web.Request) -> int:
-    """The largest body the matched route reads (the files API has its own setting)."""
+def _body_limit(request: web.Request) -> int | None:
+    """The largest body the matched route reads; None for uploads to the files API,
+    which refuses a declared oversized file at once itself (413 file_too_large, against
+    BROKER_MAX_UPLOAD_SIZE)."""
     if request.method == "PUT" and request.match_info.route.name == "files":
-        return int(request.app[keys.SETTINGS].max_upload_size)
+        return None
     return request.client_max_size
 
 
@@ -157,13 +159,13 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
         return error_response(refusal)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(status=204)
-    length = request.content_length
-    if length is not None and length > _body_limit(request):
+    length, limit = request.content_length, _body_limit(request)
+    if length is not None and limit is not None and length > limit:
         # At once: waiting for (and discarding) a declared 10 GB body would hold
         # the connection for as long as the client cares to dribble it.
         response = error_response(PayloadTooLarge(
             f"The request body ({length} bytes) is larger than this endpoint accepts "
-            f"({_body_limit(request)} bytes)"))
+            f"({limit} bytes)"))
         response.force_close()  # the unread body makes the connection unusable
         return response
     try:
