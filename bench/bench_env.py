@@ -98,4 +98,5 @@ def environment(broker_env: Mapping[str, str]) -> str:
             f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
             f"jupyter_server {version('jupyter_server')}, ipykernel {version('ipykernel')}, "
             f"configurable-http-proxy {chp_version()}, @jupyterlab/services "
-            f"{client_version()}; broker {broker_revision()}, relay {relay_path(broker_env)}")
+            f"{client_version()}; broker {broker_revision()}, relay modules loaded: "
+            f"{relay_path(broker_env)}")

@@ -534,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             world.stop()
     relay = {k: v for k, v in outcome.versions.items() if "relay" in k.lower()}
-    print(f"# broker GET /versions: {json.dumps(relay) if relay else 'no relay field'}; broker "
+    print("# relay in use, as the broker's GET /versions says: "
+          f"{json.dumps(relay) if relay else 'no relay field'}; broker "
           f"settings from --broker-env: {dict(config.broker_env) or 'none'}")
     print(f"# real-kernel frames: {config.kernel_protocol}, client ACKs: {config.client_ack}; "
           f"whole run {time.monotonic() - started:.1f} s; load average at the end "

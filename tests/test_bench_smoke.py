@@ -85,10 +85,11 @@ def test_header_says_how_loaded_the_machine_was_and_which_relay_ran(bench_output
     header = bench_output.splitlines()[0]
     assert header.startswith("# proxy benchmark: "), header
     assert re.search(r"machine (quiet|loaded) \(load average [\d.]+ [\d.]+ [\d.]+ ", header), header
-    assert re.search(r"relay (compiled \(broker\.[\w.]+(, broker\.[\w.]+)*\)|pure Python)",
+    assert re.search(r"relay modules loaded: (compiled \(broker\.[\w.]+(, broker\.[\w.]+)*\)"
+                     r"|pure Python)",
                      header), header
     assert re.search(r"@jupyterlab/services \d+\.\d+\.\d+", header), header
-    assert any(line.startswith("# broker GET /versions: ")
+    assert any(line.startswith("# relay in use, as the broker's GET /versions says: ")
                for line in bench_output.splitlines()), bench_output
 
 
