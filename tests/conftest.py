@@ -215,3 +215,15 @@ async def wait_for_exit(pid: int, limit: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return not pid_alive(pid)
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], limit: float = 30.0) -> Any:
+    """Poll ``probe()`` until it returns something truthy (an external process is recovering
+    or working and offers no event to await); fail the test after ``limit`` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while asyncio.get_running_loop().time() < deadline:
+        result = await probe()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    pytest.fail(f"not within {limit} s")

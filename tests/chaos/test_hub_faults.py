@@ -22,23 +22,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MakeBroker, pid_alive
+from tests.conftest import MakeBroker, eventually, pid_alive
 from tests.hubfixture import HubSetupError, RunningHub, start_hub
 
 PREFIX = "broker-"
 SPAWN_TIMEOUT = 6.0
-LIMIT = 30.0
-
-
-async def _poll(probe: Any, limit: float = LIMIT) -> Any:
-    """Poll ``probe()`` (an external process is working) until it returns a truthy value."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while asyncio.get_running_loop().time() < deadline:
-        result = await probe()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    pytest.fail(f"not within {limit} s")
 
 
 async def test_a_frozen_hub_gets_a_bounded_answer_and_leaks_nothing(
@@ -59,7 +47,7 @@ async def test_a_frozen_hub_gets_a_bounded_answer_and_leaks_nothing(
         async def spawning() -> bool:  # the broker's hub user exists: the spawn is under way
             return bool(await hub.user_names(PREFIX)) or request.done()
 
-        await _poll(spawning)
+        await eventually(spawning)
         assert not request.done(), request.result()
         os.kill(hub.proc.pid, signal.SIGSTOP)
         frozen = True
@@ -80,7 +68,7 @@ async def test_a_frozen_hub_gets_a_bounded_answer_and_leaks_nothing(
             running = [pid for pid in hub.spawned_pids() if pid_alive(pid)]
             return not users and not running
 
-        await _poll(cleaned)
+        await eventually(cleaned)
         fault_table.record(
             fault="JupyterHub frozen (SIGSTOP) during a spawn, then resumed",
             injected="SIGSTOP to the hub process while it was spawning a session's server "

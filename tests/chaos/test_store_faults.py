@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BrokerHarness, MakeBroker, wait_for_exit
+from tests.conftest import BrokerHarness, MakeBroker, eventually, wait_for_exit
 from tests.redisproc import RedisProcess
 
 ORIGIN = "https://book.example.org"
@@ -47,17 +47,6 @@ async def _traffic(broker: BrokerHarness, session: dict[str, Any],
         await task
 
 
-async def _until(probe: Any, limit: float = LIMIT) -> Any:
-    """Poll ``probe()`` (an external process is recovering) until it returns a truthy value."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while asyncio.get_running_loop().time() < deadline:
-        result = await probe()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    pytest.fail(f"not within {limit} s")
-
-
 async def _get(broker: BrokerHarness, session: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     async with broker.http.get(f"{broker.url}/api/v1/sessions/{session['id']}",
                                headers={"Authorization": f"token {session['token']}"}) as resp:
@@ -86,7 +75,7 @@ async def test_redis_killed_and_restarted_under_traffic(
                     answer = (resp.status, dict(resp.headers), await resp.json())
                 return answer if answer[0] == 503 else None
 
-            _, headers, body = await _until(refused)
+            _, headers, body = await eventually(refused)
             assert body["error"] == body["reason"] == "store_unavailable", body
             assert headers["Retry-After"] == "5"
             assert headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -100,14 +89,14 @@ async def test_redis_killed_and_restarted_under_traffic(
                     return resp.status == 503 and (await resp.json())["error"] == \
                         "store_unavailable"
 
-            await _until(proxied_refused)
+            await eventually(proxied_refused)
             redis.start()
 
             async def answered() -> int | None:
                 status, _ = await _get(broker, ready)
                 return status if status != 503 else None
 
-            after = await _until(answered)
+            after = await eventually(answered)
         assert all(status < 500 or (status, reason) == (503, "store_unavailable")
                    for status, reason in seen), seen
         assert (503, "store_unavailable") in seen
@@ -116,7 +105,7 @@ async def test_redis_killed_and_restarted_under_traffic(
             status, body = await _get(broker, in_flight)
             return None if status == 200 and body["status"] == "pending" else (status, body)
 
-        flight_status, flight = await _until(settled, 40)
+        flight_status, flight = await eventually(settled, 40)
         if persistent:
             assert after == 200
             assert flight_status == 200 and flight["status"] == "ready", flight
@@ -160,7 +149,7 @@ async def test_wait_true_through_a_store_outage_gets_the_spawns_outcome(
         broker = await make_broker(redis_url=redis.url, secret_key="chaos",
                                    spawn_timeout=spawn_timeout)
         request = asyncio.create_task(broker.create(wait=True))
-        await _until(broker.store.count_live)  # the session exists: its spawn is under way
+        await eventually(broker.store.count_live)  # the session exists: its spawn is under way
         redis.kill()
         status, body = await asyncio.wait_for(request, spawn_timeout + 5 + LIMIT)
         assert status == 504 and body["error"] == body["reason"] == "spawn_timeout", body
@@ -171,7 +160,7 @@ async def test_wait_true_through_a_store_outage_gets_the_spawns_outcome(
             session = await broker.store.get(body["id"], include_expired=True)
             return session if session is not None and session.status.terminal else None
 
-        session = await _until(recorded)
+        session = await eventually(recorded)
         assert (session.status.value, session.ended_reason) == ("failed", "spawn_timeout")
         fault_table.record(
             fault="Redis down while a spawn is awaited (wait=true)",
