@@ -47,8 +47,10 @@ async def test_session_spawns_with_progress_and_runs_code(
     # The hub's own progress messages, relayed from its event stream.
     assert "Server requested" in messages, messages
     assert any(e.get("progress") == 0 and e["phase"] == "launching" for e in events)
-
     user = f"{PREFIX}{session['id']}"
+    # Nothing a client reads names where the upstream server lives.
+    assert not [m for m in messages if "/user/" in m or user in m], messages
+
     model = await hub.user(user)
     assert model is not None and model["servers"][""]["ready"] is True
     pid = int(model["servers"][""]["state"]["pid"])

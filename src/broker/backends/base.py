@@ -15,14 +15,41 @@ import asyncio
 import enum
 import errno
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
 
+from broker.logs import scrub
 from broker.models import ProgressEvent, Session
 
 log = logging.getLogger(__name__)
+
+#: A longer upstream message is cut (build logs can carry huge lines).
+MAX_MESSAGE = 2000
+#: A hub user server's path, with its scheme and host when given (BinderHub relays
+#: the hub's "Server ready at /user/{name}/"): where the upstream server lives.
+_SERVER_PATH = re.compile(r"(?:\b[a-z][a-z0-9+.\-]*://[^\s/\"'<>]+)?/user/[^\s\"'<>]*",
+                          re.IGNORECASE)
+#: What replaces an upstream location in a message a client sees.
+HIDDEN = "[server]"
+
+
+def public_message(message: str, hosts: tuple[str, ...] = ()) -> str:
+    """An upstream message as a client may see it: no server path, upstream URL or token.
+
+    ``hosts`` are the BinderHub's and its hub's ``host[:port]``: any URL on them
+    is hidden too (build logs also name public URLs, such as the repository's,
+    which stay).
+    """
+    text = _SERVER_PATH.sub(HIDDEN, message)
+    for host in hosts:
+        text = re.sub(rf"\b[a-z][a-z0-9+.\-]*://{re.escape(host)}(?![\w.:@-])(?:[/?#][^\s\"'<>]*)?",
+                      HIDDEN, text, flags=re.IGNORECASE)
+    return scrub(text).strip()[:MAX_MESSAGE]
+
+
 
 #: errnos that mean "this process is out of something", not "the upstream is dead".
 _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,

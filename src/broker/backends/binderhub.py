@@ -47,10 +47,9 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import LostCallback, server_answers
+from broker.backends.base import MAX_MESSAGE, LostCallback, public_message, server_answers
 from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
-from broker.logs import scrub
 from broker.models import ProgressEvent, Session
 from broker.policy.specs import parse_spec
 
@@ -70,34 +69,10 @@ FAILED_PHASES = frozenset({"failed", "failure"})
 #: Fields of BinderHub's ready event that are not secret, repeated by the broker's /build.
 PUBLIC_READY_FIELDS = ("image", "repo_url", "binder_ref_url", "binder_persistent_request")
 PUBLIC_PREFIX = "public:"
-#: A longer upstream message is cut (build logs can carry huge lines).
-_MAX_MESSAGE = 2000
 _RETRY_IN = re.compile(r"try again in (\d+) seconds?", re.IGNORECASE)
 #: BinderHub's quota refusals: per repository, and for the whole BinderHub.
 _QUOTA = re.compile(r"too many users", re.IGNORECASE)
 _HUB_USER_PATH = re.compile(r"^(?P<base>.*?)/user/(?P<user>[^/]+)/(?:(?P<server>[^/]+)/)?$")
-#: A hub user server's path, with its scheme and host when given (BinderHub relays
-#: the hub's "Server ready at /user/{name}/"): where the upstream server lives.
-_SERVER_PATH = re.compile(r"(?:\b[a-z][a-z0-9+.\-]*://[^\s/\"'<>]+)?/user/[^\s\"'<>]*",
-                          re.IGNORECASE)
-#: What replaces an upstream location in a message a client sees.
-HIDDEN = "[server]"
-
-
-def public_message(message: str, hosts: tuple[str, ...] = ()) -> str:
-    """An upstream message as a client may see it: no server path, upstream URL or token.
-
-    ``hosts`` are the BinderHub's and its hub's ``host[:port]``: any URL on them
-    is hidden too (build logs also name public URLs, such as the repository's,
-    which stay).
-    """
-    text = _SERVER_PATH.sub(HIDDEN, message)
-    for host in hosts:
-        text = re.sub(rf"\b[a-z][a-z0-9+.\-]*://{re.escape(host)}(?![\w.:@-])(?:[/?#][^\s\"'<>]*)?",
-                      HIDDEN, text, flags=re.IGNORECASE)
-    return scrub(text).strip()[:_MAX_MESSAGE]
-
-
 def failure_error(event: dict[str, Any], hosts: tuple[str, ...] = ()) -> BrokerError:
     """The broker error for a BinderHub ``failed`` event, keeping its (public) message."""
     message = public_message(str(event.get("message") or ""), hosts)
@@ -220,7 +195,7 @@ class BinderHubBackend:
         if not url.endswith("/"):
             url += "/"
         state = {
-            PUBLIC_PREFIX + name: str(event[name])[:_MAX_MESSAGE]
+            PUBLIC_PREFIX + name: str(event[name])[:MAX_MESSAGE]
             for name in PUBLIC_READY_FIELDS
             if isinstance(event.get(name), str) and event[name]
         }

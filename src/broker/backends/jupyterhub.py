@@ -56,10 +56,9 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import Liveness, LostCallback, probe_server
+from broker.backends.base import Liveness, LostCallback, probe_server, public_message
 from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
-from broker.logs import scrub
 from broker.models import Clock, ProgressEvent, Session, system_clock
 
 log = logging.getLogger(__name__)
@@ -127,6 +126,9 @@ class JupyterHubBackend:
         self._http = http
         self._hub = HubAPI(http, hub_url, api_token, timeout=request_timeout)
         self._public = (public_url or hub_url).rstrip("/")
+        #: Hosts whose URLs never reach a client: the hub's message "Server ready at
+        #: /user/{name}/" names where the upstream server lives (see public_message).
+        self._hosts = tuple({URL(u).raw_authority for u in (hub_url, public_url) if u})
         self._prefix = user_prefix
         self._named = named_servers
         self._clock = clock
@@ -184,7 +186,8 @@ class JupyterHubBackend:
                         f"JupyterHub is not starting the server: {event.message}",
                         reason="upstream_failed")
                 if event.get("failed"):
-                    message = scrub(str(event.get("message") or "Spawn failed"))
+                    message = public_message(str(event.get("message") or "Spawn failed"),
+                                             self._hosts)
                     raise UpstreamFailed(f"JupyterHub could not start the server: {message}",
                                          reason="upstream_failed")
                 if event.get("ready"):
@@ -193,7 +196,7 @@ class JupyterHubBackend:
                 if event.get("message"):
                     progress = event.get("progress")
                     yield ProgressEvent(
-                        "launching", scrub(str(event["message"])),
+                        "launching", public_message(str(event["message"]), self._hosts),
                         progress=progress if isinstance(progress, int) else None)
         if ready_url is None:
             raise UpstreamFailed("JupyterHub's progress stream ended before the server was ready",
