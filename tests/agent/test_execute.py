@@ -192,6 +192,26 @@ async def test_a_call_after_a_restart_waits_for_the_new_kernel(agent: Agent) -> 
             assert after["result"] == {"text/plain": "False"}
 
 
+async def test_a_call_right_after_a_rest_restart_runs_on_the_new_kernel(agent: Agent) -> None:
+    # A restart asked for over the proxied REST API returns once the new kernel answers,
+    # but the server's notice may reach the execute API's socket later: a call sent at
+    # once must still wait for the new kernel rather than lose its outputs (time-out).
+    base = agent.session["base_url"]
+    await agent.execute("1")
+    async with agent.http.get(f"{base}api/sessions", headers=agent.headers) as resp:
+        (jupyter_session,) = await resp.json()
+    kernel_id = jupyter_session["kernel"]["id"]
+    for round_ in range(3):
+        assert (await agent.execute(f"mark = {round_}"))["status"] == "ok"
+        async with agent.http.post(f"{base}api/kernels/{kernel_id}/restart",
+                                   headers=agent.headers) as resp:
+            assert resp.status == 200, await resp.text()
+        after = await agent.execute("print('up')\n'mark' in globals()", timeout=20)
+        assert after["status"] == "ok", after  # no time-out: it waited for the new kernel
+        assert after["stdout"] == "up\n"
+        assert after["result"] == {"text/plain": "False"}
+
+
 async def test_kernel_names(agent: Agent) -> None:
     async with agent.http.post(agent.url("execute"), headers=agent.headers,
                                json={"code": "1", "kernel_name": "no-such-kernel"}) as resp:

@@ -28,7 +28,10 @@ Invariants:
   Jupyter Server announces the restart before the new process even runs and
   re-attaches its ZMQ sockets silently, and iopub messages published before its
   subscription reaches the new kernel are dropped -- outputs and the final
-  ``idle`` of a call sent too early would be lost.
+  ``idle`` of a call sent too early would be lost. A restart asked for through
+  the broker's proxy marks the connection unsettled before it is forwarded
+  (:meth:`AgentKernels.restarting`): the server's notice may arrive after the
+  REST call returned, and a call sent at once would beat it.
 * Output is capped per call (``execute_max_output``); beyond the cap it is
   dropped, not buffered, and the result says ``truncated``.
 * One upstream WebSocket per session's default kernel stays open on this
@@ -370,6 +373,15 @@ class KernelConnection:
             for msg_id in sent:
                 self._listeners.pop(msg_id, None)
 
+    def expect_restart(self) -> None:
+        """A restart was requested through the broker: the next call settles first.
+
+        Jupyter Server's notice of a restart asked for over REST may reach this
+        socket after the REST call returned, so a call sent right after it could
+        beat the notice and lose its outputs; the broker saw the request pass.
+        """
+        self.settled = self._iopub_seen = False
+
     def done(self, msg_id: str) -> None:
         """Stop routing messages of a finished call."""
         self._listeners.pop(msg_id, None)
@@ -490,6 +502,13 @@ class AgentKernels:
             raise UpstreamFailed("The session's kernel did not come back after a restart",
                                  reason="kernel_unreachable")
         return conn
+
+    def restarting(self, session_id: str, kernel_id: str) -> None:
+        """A client asked the session's server to restart ``kernel_id`` (through the proxy)."""
+        slot = self._slots.get(session_id)
+        conn = slot.connection if slot is not None else None
+        if conn is not None and conn.kernel_id == kernel_id:
+            conn.expect_restart()
 
     async def _interrupt(self, session: Session, kernel_id: str) -> None:
         url = join(session.upstream_url, f"api/kernels/{kernel_id}/interrupt")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -63,6 +64,8 @@ RESPONSE_HEADERS = (
 _BUFFER_LIMIT = 1 << 20
 #: thebe asks for ``python``; jupyter_client maps it to this kernel.
 _KERNEL_ALIASES = {"python": "python3"}
+#: A kernel restart asked for through the proxy (the execute API's kernel may be it).
+_RESTART = re.compile(r"api/kernels/([^/]+)/restart")
 
 
 def _kernel_body(raw: bytes, remainder: str, default_kernel: str) -> bytes:
@@ -110,6 +113,11 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
     forwarded while the gate holds the session's check (see
     :mod:`broker.policy.kernels`), so concurrent starts cannot overshoot.
     """
+    restart = _RESTART.fullmatch(remainder) if request.method == "POST" else None
+    kernels = request.app.get(keys.KERNELS)
+    if restart is not None and kernels is not None:
+        # Before forwarding: the execute API's next call must wait for the new kernel.
+        kernels.restarting(session.id, restart.group(1))
     gate = request.app.get(keys.KERNEL_GATE)
     if gate is not None and request.method == "POST" and remainder in KERNEL_STARTS:
         async with gate.starting(session, remainder, await request.read()):
