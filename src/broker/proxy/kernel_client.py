@@ -256,6 +256,8 @@ class KernelConnection:
         self.settled = True
         #: Whether an iopub message arrived since the last restart notice.
         self._iopub_seen = True
+        #: Set by :meth:`expect_restart`: only iopub replies to settle's own requests count.
+        self._own_iopub_needed = False
         #: The queue of a running :meth:`settle`, woken by that first iopub message.
         self._settling: asyncio.Queue[dict[str, Any] | None] | None = None
         # Acknowledge the kernel's frames at once while a call awaits its messages:
@@ -347,9 +349,14 @@ class KernelConnection:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         sent: list[str] = []
         answered = False
+        #: An iopub message in reply to one of our own kernel_info_requests: proof that
+        #: the server's subscription reaches the kernel now running (any other iopub
+        #: message may still be the old kernel's, e.g. its shutdown's status).
+        ours_on_iopub = False
         self._settling = queue
         try:
-            while not (answered and self._iopub_seen):
+            while not (answered and (ours_on_iopub
+                                     or (self._iopub_seen and not self._own_iopub_needed))):
                 now = loop.time()
                 if now >= deadline or self.closed:
                     return False
@@ -366,7 +373,11 @@ class KernelConnection:
                     answered = False  # it restarted again: the answer was the old one's
                 elif msg.get("header", {}).get("msg_type") == "kernel_info_reply":
                     answered = True
+                elif msg.get("channel") == "iopub" \
+                        and (msg.get("parent_header") or {}).get("msg_id") in sent:
+                    ours_on_iopub = True
             self.settled = True
+            self._own_iopub_needed = False
             return True
         finally:
             self._settling = None
@@ -374,13 +385,16 @@ class KernelConnection:
                 self._listeners.pop(msg_id, None)
 
     def expect_restart(self) -> None:
-        """A restart was requested through the broker: the next call settles first.
+        """A restart went through the broker: the next call settles first.
 
         Jupyter Server's notice of a restart asked for over REST may reach this
         socket after the REST call returned, so a call sent right after it could
         beat the notice and lose its outputs; the broker saw the request pass.
+        Only an iopub reply to the settle's own kernel_info_request counts then:
+        the old kernel's last iopub messages may still be arriving.
         """
         self.settled = self._iopub_seen = False
+        self._own_iopub_needed = True
 
     def done(self, msg_id: str) -> None:
         """Stop routing messages of a finished call."""

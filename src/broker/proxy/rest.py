@@ -116,7 +116,8 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
     restart = _RESTART.fullmatch(remainder) if request.method == "POST" else None
     kernels = request.app.get(keys.KERNELS)
     if restart is not None and kernels is not None:
-        # Before forwarding: the execute API's next call must wait for the new kernel.
+        # Before forwarding, so before the client hears "restarted": the execute API's
+        # next call on this kernel must wait for the new process (AgentKernels.restarting).
         kernels.restarting(session.id, restart.group(1))
     gate = request.app.get(keys.KERNEL_GATE)
     if gate is not None and request.method == "POST" and remainder in KERNEL_STARTS:
