@@ -227,3 +227,12 @@ async def eventually(probe: Callable[[], Awaitable[Any]], limit: float = 30.0) -
             return result
         await asyncio.sleep(0.1)
     pytest.fail(f"not within {limit} s")
+
+
+def marked_for(pid: int, session_id: str) -> bool:
+    """Whether process ``pid`` carries the local backend's marker of ``session_id``."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"JSB_SESSION_MARK={session_id}-".encode() in fh.read()
+    except OSError:
+        return False

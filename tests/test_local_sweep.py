@@ -22,7 +22,7 @@ import pytest
 from broker.backends.base import Liveness, probe_server
 from broker.models import Status
 from tests.brokerproc import broker_process
-from tests.conftest import BrokerHarness, MakeBroker, pid_alive, wait_for_exit
+from tests.conftest import BrokerHarness, MakeBroker, marked_for, pid_alive, wait_for_exit
 
 
 @contextlib.contextmanager
@@ -155,21 +155,13 @@ async def test_cleanup_that_hits_emfile_is_retried_and_leaves_nothing(
     assert await broker.manager.retry_cleanups() == 0
     assert not workdir.exists()
     leftovers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                 if _marked_for(pid, session["id"])]
+                 if marked_for(pid, session["id"])]
     assert leftovers == []
-
-
-def _marked_for(pid: int, session_id: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return f"JSB_SESSION_MARK={session_id}-".encode() in fh.read()
-    except OSError:
-        return False
 
 
 def _marked_pids(session_id: str) -> list[int]:
     return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-            if _marked_for(pid, session_id)]
+            if marked_for(pid, session_id)]
 
 
 async def test_start_up_sweep_stops_what_a_killed_memory_store_broker_left(

@@ -19,7 +19,7 @@ import aiohttp
 from broker.store.crypto import TokenCipher
 from broker.store.redis import RedisStore
 from tests.brokerproc import broker_process
-from tests.conftest import pid_alive, wait_for_exit
+from tests.conftest import marked_for, pid_alive, wait_for_exit
 from tests.kernelproto import execute
 
 SECRET = "chaos-replicas"
@@ -170,7 +170,7 @@ async def test_waiting_on_a_spawn_whose_replica_died_ends_in_504_naming_it(
                                headers=_auth(pending)) as resp:
             assert resp.status == 204
         leftovers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                     if _marked_for(pid, pending["id"])]
+                     if marked_for(pid, pending["id"])]
         for pid in leftovers:
             assert await wait_for_exit(pid)
     fault_table.record(
@@ -181,11 +181,3 @@ async def test_waiting_on_a_spawn_whose_replica_died_ends_in_504_naming_it(
         "through the other replica stopped what the dead spawn had started",
         lost="the session that was spawning",
     )
-
-
-def _marked_for(pid: int, session_id: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return f"JSB_SESSION_MARK={session_id}-".encode() in fh.read()
-    except OSError:
-        return False
