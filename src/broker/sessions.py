@@ -1,6 +1,6 @@
 """The session core: create or reuse, spawn, authenticate, stop, reap.
 
-Every client surface (native API, Jupyter proxy, later /build and execute)
+Every client surface (native API, Jupyter proxy, ``/build``, the agent API)
 goes through :class:`SessionManager`, so reuse, limits, expiry and cleanup
 behave the same whichever door a visitor came in by.
 

@@ -1,4 +1,4 @@
-"""Launch spec parsing (:mod:`broker.policy.specs`): every provider form of PROTOCOLS.md."""
+"""Launch spec parsing (:mod:`broker.policy.specs`): every provider form of docs/protocols.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``POST`` creates (201) or reuses (200) a session, ``GET`` describes it,
 ``DELETE`` stops it, ``GET .../events`` streams its spawn progress as
 server-sent events. Everything but creation needs the session's token. The
-body shapes are the contract in DESIGN.md; ``openapi.py`` documents them.
+body shapes are the contract documented in docs/api.md and by ``openapi.py``.
 """
 
 from __future__ import annotations
