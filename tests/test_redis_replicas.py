@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+
+import aiohttp
 
 from tests.conftest import MakeBroker
 from tests.kernelproto import V1, execute
@@ -38,3 +41,42 @@ async def test_a_session_created_on_one_replica_works_on_another(
         assert resp.status == 500
         body = await resp.json()
         assert body["error"] == "internal" and "Traceback" not in body["message"]
+
+
+async def test_a_session_deleted_on_one_replica_closes_its_websocket_on_another(
+    make_broker: MakeBroker, redis_url: str
+) -> None:
+    """Issue 18: the close reaches the replica holding the WebSocket (Redis pub/sub).
+
+    The test waits for the close within a bound of its own (5 s; without the
+    announcement the socket stays open for good) and prints the delay from the
+    DELETE being sent to the close arriving, the figure docs/operations.md
+    quotes; it does not assert the 1 s target itself, which a loaded machine
+    could miss for reasons that are not the broker's.
+    """
+    shared = {"redis_url": redis_url, "secret_key": "replica-test-secret",
+              "redis_prefix": f"r{uuid.uuid4().hex[:8]}:"}
+    first = await make_broker(**shared)
+    second = await make_broker(**shared)
+    session = await first.ready_session()
+    kernel = await first.start_kernel(session)
+    base = f"{second.url}/s/{session['id']}/"
+    async with second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
+                                      params={"token": session["token"]}, protocols=[V1]) as ws:
+        assert (await execute(ws, "print(1)")).stdout == "1\n"
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        delete = asyncio.create_task(first.http.delete(
+            f"{first.url}/api/v1/sessions/{session['id']}",
+            headers={"Authorization": f"token {session['token']}"}))
+        async with asyncio.timeout(5):
+            message = await ws.receive()
+            while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                       aiohttp.WSMsgType.CLOSING):
+                message = await ws.receive()
+        delay = loop.time() - sent
+        async with await delete as resp:
+            assert resp.status == 204
+    assert ws.close_code == 1000
+    assert message.extra == "session ended: deleted"
+    print(f"\nclose through the other replica {delay * 1000:.0f} ms after the DELETE was sent")

@@ -39,6 +39,7 @@ from broker.settings import Settings
 from broker.store.base import SessionStore
 from broker.store.crypto import TokenCipher
 from broker.store.instrumented import InstrumentedStore
+from broker.store.locks import ClusterLocks
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
 
@@ -47,7 +48,9 @@ def make_store(settings: Settings, clock: Clock) -> SessionStore:
     """Redis when configured, otherwise the single-replica memory store."""
     cipher = TokenCipher(settings.secret_key.get_secret_value())
     if settings.redis_url:
-        return RedisStore(settings.redis_url, cipher, prefix=settings.redis_prefix, clock=clock)
+        return RedisStore(settings.redis_url, cipher, prefix=settings.redis_prefix, clock=clock,
+                          wait_replicas=settings.redis_wait_replicas,
+                          wait_timeout=settings.redis_wait_timeout)
     return MemoryStore(cipher, clock=clock)
 
 
@@ -116,12 +119,15 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK],
                              metrics=app[keys.METRICS])
     backend.on_lost = manager.on_upstream_lost
+    if isinstance(backend, JupyterHubBackend):
+        backend.locks = ClusterLocks(app[keys.STORE])  # per-user creation, across replicas
     http = app[keys.HTTP]
     manager.busy_check = functools.partial(kernels_busy, http)
     app[keys.BACKEND] = backend
     app[keys.MANAGER] = manager
     tasks = [
         asyncio.create_task(manager.run_reaper(), name="session-reaper"),
+        asyncio.create_task(manager.follow_ends(), name="session-ends"),
         asyncio.create_task(gauges.track_sessions(manager), name="session-gauge"),
         asyncio.create_task(gauges.track_loop_lag(app[keys.METRICS]), name="loop-lag"),
     ]

@@ -83,7 +83,7 @@ ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERROR_KINDS = ("unreachable", "refused", "bad_response", "exited", "spawn")
 STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_live",
-             "list_owner", "count_live", "publish", "ping")
+             "list_owner", "count_live", "publish", "announce_end", "ping")
 
 _SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)

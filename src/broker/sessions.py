@@ -502,8 +502,10 @@ class SessionManager:
         this replica for :data:`READY_CACHE_SECONDS` (saving a store read and a
         decryption per request). Expiry and tokens are still checked on every
         use; a token the cached copy does not know is re-read from the store
-        (another replica may just have minted it). The cost: a session stopped
-        on *another* replica keeps being proxied here for at most that long.
+        (another replica may just have minted it). A session stopped on
+        *another* replica leaves this cache when its end is announced
+        (:meth:`follow_ends`); should the announcement be lost, it is still
+        proxied here for at most that long.
         """
         if not token:
             raise Unauthorized(
@@ -636,11 +638,60 @@ class SessionManager:
         return unregister
 
     async def _close_connections(self, session_id: str, reason: str) -> None:
+        """Close the session's connections here and have every other replica close its own."""
+        try:
+            await self.store.announce_end(session_id, reason)
+        except Unavailable:
+            # Replicas that miss it check their sessions when they resubscribe, and a
+            # stopped session's proxying ends within READY_CACHE_SECONDS anyway.
+            log.warning("could not announce the end of session %s to the other replicas",
+                        session_id)
+        await self._close_here(session_id, reason)
+
+    async def _close_here(self, session_id: str, reason: str) -> None:
+        self._ready_cache.pop(session_id, None)
         closers = list(self._closers.pop(session_id, ()))
         if not self._closers:
             self._no_connections.set()
         await asyncio.gather(*(c(1000, f"session ended: {reason}") for c in closers),
                              return_exceptions=True)
+
+    async def follow_ends(self) -> None:
+        """Close this replica's connections of sessions that ended on any replica (a task).
+
+        Each close runs on its own, so one slow client cannot delay the next
+        end. After each (re)subscription, the sessions this replica holds
+        connections for are looked up once: ends announced while it was not
+        listening (a Redis failover) are found that way.
+        """
+        while True:
+            try:
+                await self._follow_ends_once()
+            except Exception:  # never end silently: every replica relies on this task
+                log.exception("following session ends failed; starting again")
+            await asyncio.sleep(1)  # backoff after an unexpected error, not a synchronisation
+
+    async def _follow_ends_once(self) -> None:
+        async for ended in self.store.follow_ends():
+            if ended is None:
+                held = list(self._closers)
+                checks = [self._closed_while_away(session_id) for session_id in held]
+                ended_away = await asyncio.gather(*checks, return_exceptions=True)
+                gone = [(i, r) for i, r in zip(held, ended_away, strict=True) if isinstance(r, str)]
+            else:
+                gone = [ended]
+            for session_id, reason in gone:
+                if session_id in self._closers or session_id in self._ready_cache:
+                    task = asyncio.create_task(self._close_here(session_id, reason))
+                    self._background.add(task)
+                    task.add_done_callback(_forget_in(self._background))
+
+    async def _closed_while_away(self, session_id: str) -> str | None:
+        """The reason a session ended, if it did (None while it is live)."""
+        session = await self.store.get(session_id, include_expired=True)
+        if session is None:
+            return "deleted"
+        return session.ended_reason or session.status.value if session.status.terminal else None
 
     def open_connections(self) -> int:
         """Kernel WebSockets open on this replica."""

@@ -49,9 +49,34 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(
         "",
-        description="Redis URL for sessions (and, later, limits). Empty: an in-process memory "
-        "store, correct for a single replica only; sessions are lost on restart. Several "
-        "replicas must share one Redis and one BROKER_SECRET_KEY.",
+        description="Redis (or Valkey) URL for sessions and cluster-wide limits: "
+        "redis://[:password@]host:port/db; rediss://... for TLS (a private CA as "
+        "?ssl_ca_certs=/path/ca.pem); or a primary watched by Sentinel as "
+        "redis+sentinel://[:password@]host:port[,host:port...]/SERVICE_NAME[/db] "
+        "(rediss+sentinel:// for TLS; ?sentinel_password= if the sentinels have their own). "
+        "With Sentinel the broker follows a failover without a restart; requests during "
+        "it get 503 store_unavailable with Retry-After. Empty: an in-process memory store, "
+        "correct for a single replica only; sessions are lost on restart. Several replicas "
+        "must share one Redis and one BROKER_SECRET_KEY.",
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas of the Redis primary that must acknowledge each session write "
+        "(create, status change, delete, new token) before the broker answers (Redis WAIT), "
+        "so a session a client was told about survives a failover to one of them. 0: no "
+        "wait (a failover may lose the last writes, up to the replication lag). Writes "
+        "still stand when fewer replicas answer within BROKER_REDIS_WAIT_TIMEOUT (a warning "
+        "is logged); set it no higher than the replicas you run.",
+    )
+    redis_wait_timeout: float = Field(
+        1.0,
+        gt=0,
+        le=5,
+        description="Longest wait, in seconds, for BROKER_REDIS_WAIT_REPLICAS acknowledgements "
+        "of one session write; past it the write stands unreplicated and the request goes "
+        "on (a warning is logged once, until replicas acknowledge again). Each session "
+        "write can take this much longer while a replica is down.",
     )
     redis_prefix: str = Field(
         "broker:", description="Prefix of every Redis key, so one Redis can serve several brokers."
@@ -607,6 +632,14 @@ class Settings(BaseSettings):
                              f"index.html; {value!r} is none of these")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str) -> str:
+        from broker.store.connect import check_redis_url
+
+        check_redis_url(value)
+        return value
+
     @model_validator(mode="after")
     def _backend_needs(self) -> Settings:
         if self.backend == "jupyterhub" and not self.hub_url:
@@ -638,6 +671,10 @@ def settings_reference() -> list[tuple[str, str, str]]:
     return rows
 
 
+#: Plain-text settings whose value may carry a password (never echoed in an error).
+_MAY_HOLD_SECRETS = frozenset({"redis_url"})
+
+
 def describe_errors(exc: ValidationError) -> list[str]:
     """One line per configuration error, naming the BROKER_* variable and what it accepts.
 
@@ -656,7 +693,8 @@ def describe_errors(exc: ValidationError) -> list[str]:
             continue
         name = str(error["loc"][0])
         field = Settings.model_fields.get(name)
-        value = "" if field is None or field.annotation is SecretStr else f"={error['input']}"
+        hidden = field is None or field.annotation is SecretStr or name in _MAY_HOLD_SECRETS
+        value = "" if hidden else f"={error['input']}"
         lines.append(f"BROKER_{name.upper()}{value}: {message}")
     return lines
 

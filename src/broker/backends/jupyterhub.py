@@ -45,7 +45,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import logging
@@ -60,6 +59,7 @@ from broker.backends.base import Liveness, LostCallback, probe_server, public_me
 from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import Clock, ProgressEvent, Session, system_clock
+from broker.store.locks import ClusterLocks
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +83,6 @@ def user_options(session: Session) -> dict[str, str]:
     if session.spec:
         options["spec"] = session.spec
     return options
-
-
-class _KeyedLocks:
-    """One asyncio lock per key, forgotten when nobody holds or awaits it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: collections.Counter[str] = collections.Counter()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
 
 
 class JupyterHubBackend:
@@ -133,7 +113,10 @@ class JupyterHubBackend:
         self._named = named_servers
         self._clock = clock
         self.on_lost = on_lost
-        self._locks = _KeyedLocks()
+        self._request_timeout = request_timeout
+        #: Serialise server creation per hub user across replicas (named servers put
+        #: one owner's sessions on one user); the app sets them over its store.
+        self.locks = ClusterLocks(None)
 
     # -- naming ---------------------------------------------------------------
     def names(self, session: Session) -> tuple[str, str]:
@@ -167,13 +150,26 @@ class JupyterHubBackend:
                 f"{path_part(server)}/" if server else "")
         return url if url.endswith("/") else url + "/"
 
+    def _user_lock(self, user: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Serialise changes to one hub user (its creation, servers, deletion) across replicas.
+
+        Held for a few hub calls only (never a spawn's progress): the lock
+        expires after four request timeouts, so a replica that died holding it
+        blocks the user's next session for at most that long.
+        """
+        return self.locks.hold(
+            f"hub-user:{user}", ttl=self._request_timeout * 4 + 10,
+            wait=self._request_timeout * 2,
+            busy=lambda: UpstreamFailed("JupyterHub is still busy with this user's other "
+                                        "servers; try again", reason="upstream_failed"))
+
     # -- spawning -----------------------------------------------------------------
     async def spawn(self, session: Session) -> AsyncIterator[ProgressEvent]:
         user, server = self.names(session)
         state = {"hub_user": user, "hub_server": server}
         yield ProgressEvent("launching", "Asking JupyterHub for a server", progress=0,
                             backend_state=state)
-        async with self._locks.hold(user):
+        async with self._user_lock(user):
             await self._ensure_user(user)
             await self._start_server(session, user, server)
         log.info("session %s: JupyterHub is starting %s/%s", session.id, user, server)
@@ -269,7 +265,7 @@ class JupyterHubBackend:
 
     async def stop(self, session: Session) -> None:
         user, server = self._state_names(session)
-        async with self._locks.hold(user):
+        async with self._user_lock(user):
             await self._stop_server(user, server)
             if server:
                 await self._revoke(user, session.backend_state.get("hub_token_id", ""))
@@ -364,7 +360,7 @@ class JupyterHubBackend:
         for user, servers in found.items():
             if user in owned and (not self._named or not set(servers) - owned[user]):
                 continue
-            async with self._locks.hold(user):
+            async with self._user_lock(user):
                 if self._named:
                     for server in set(servers) - owned.get(user, set()) - {""}:
                         await self._stop_server(user, server)

@@ -15,14 +15,13 @@ What counts as a kernel start (the Jupyter Server semantics):
 
 Checks of one session are serialised, so two concurrent POSTs cannot both
 see room for one more: first on this replica (an ``asyncio.Lock`` per
-session), then across replicas (the store's expiring lock, the one the
-reaper uses), held until the upstream answered the POST, so the next
+session), then across replicas (the store's expiring lock,
+:class:`~broker.store.locks.ClusterLocks`), held until the upstream answered the POST, so the next
 check sees the kernel it started. A refusal is 429 ``kernels_per_session``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -34,11 +33,10 @@ from broker.errors import RateLimited, Unavailable, UpstreamFailed
 from broker.models import Session
 from broker.proxy.paths import join
 from broker.store.base import SessionStore
+from broker.store.locks import ClusterLocks
 
 #: Remainders of the POSTs that may start a kernel.
 KERNEL_STARTS = frozenset({"api/kernels", "api/sessions"})
-#: Seconds between attempts at another replica's lock on the same session.
-_LOCK_POLL = 0.05
 
 
 def _body(raw: bytes) -> dict[str, Any]:
@@ -75,43 +73,17 @@ class KernelGate:
         self._http = http
         self._timeout = timeout
         self._on_refusal = on_refusal
-        # session id -> [lock, users]; entries go when their last user leaves.
-        self._locks: dict[str, list[Any]] = {}
-
-    @contextlib.asynccontextmanager
-    async def _local(self, session_id: str) -> AsyncIterator[None]:
-        entry = self._locks.setdefault(session_id, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[session_id]
-
-    @contextlib.asynccontextmanager
-    async def _cluster(self, session_id: str) -> AsyncIterator[None]:
-        name = f"kernels:{session_id}"
-        # The lock outlives a slow kernel start (the forward's own read timeout, twice)
-        # but not a replica that died holding it.
-        ttl = self._timeout * 2 + 10
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        while not await self._store.try_lock(name, ttl):
-            if loop.time() > deadline:
-                raise Unavailable("Another kernel of this session is starting; try again.",
-                                  reason="kernels_busy", retry_after=2)
-            await asyncio.sleep(_LOCK_POLL)
-        try:
-            yield
-        finally:
-            await self._store.release_lock(name)
+        self._locks = ClusterLocks(store)
 
     @contextlib.asynccontextmanager
     async def starting(self, session: Session, remainder: str, raw: bytes) -> AsyncIterator[None]:
         """Hold the session's check while the caller forwards the POST; raise 429 at the cap."""
-        async with self._local(session.id), self._cluster(session.id):
+        # The lock outlives a slow kernel start (the forward's own read timeout, twice)
+        # but not a replica that died holding it.
+        async with self._locks.hold(
+                f"kernels:{session.id}", ttl=self._timeout * 2 + 10, wait=self._timeout,
+                busy=lambda: Unavailable("Another kernel of this session is starting; try "
+                                         "again.", reason="kernels_busy", retry_after=2)):
             if await self._would_start(session, remainder, _body(raw)):
                 kernels = await self._list(session, "api/kernels")
                 if len(kernels) >= self.cap:

@@ -20,6 +20,9 @@ checks against both):
   and without a further keepalive when its session is deleted (Redis notices
   within ``min(keepalive, 4 s)``). At most ``MAX_EVENTS`` events are kept;
   the final one is never dropped.
+* A session end announced on any replica reaches every replica's
+  ``follow_ends`` (Redis pub/sub; the memory store serves one process, whose
+  own stop already closed its connections, so it announces nothing).
 """
 
 from __future__ import annotations
@@ -100,6 +103,16 @@ class SessionStore(Protocol):
 
     async def release_lock(self, name: str) -> None:
         """Release a lock this store instance holds (no-op otherwise)."""
+
+    async def announce_end(self, session_id: str, reason: str) -> None:
+        """Tell every replica that a session ended, so each closes its connections."""
+
+    def follow_ends(self) -> AsyncIterator[tuple[str, str] | None]:
+        """Ends announced by any replica as (session id, reason), until cancelled.
+
+        None means "(re)subscribed: ends announced before now may have been
+        missed"; the caller checks the sessions it holds connections for.
+        """
 
     async def ping(self) -> None:
         """Raise if the store cannot be used right now (for /ready)."""

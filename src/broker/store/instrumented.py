@@ -82,6 +82,12 @@ class InstrumentedStore:
     async def release_lock(self, name: str) -> None:
         await self.inner.release_lock(name)
 
+    async def announce_end(self, session_id: str, reason: str) -> None:
+        await self._timed("announce_end", lambda: self.inner.announce_end(session_id, reason))
+
+    def follow_ends(self) -> AsyncIterator[tuple[str, str] | None]:
+        return self.inner.follow_ends()
+
     async def ping(self) -> None:
         await self._timed("ping", self.inner.ping)
 

@@ -176,6 +176,13 @@ class MemoryStore:
     async def release_lock(self, name: str) -> None:
         self._locks.pop(name, None)
 
+    async def announce_end(self, session_id: str, reason: str) -> None:
+        return None  # one process, one replica: its own stop closed its connections
+
+    async def follow_ends(self) -> AsyncIterator[tuple[str, str] | None]:
+        yield None
+        await asyncio.Future()  # nothing else ever comes; ends when cancelled
+
     async def ping(self) -> None:
         return None
 

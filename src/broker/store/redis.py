@@ -27,13 +27,31 @@ data, a read-only replica after a failover), every operation raises
 :class:`~broker.errors.Unavailable` with reason ``store_unavailable`` and a
 ``Retry-After``: clients get a well-formed 503, never a 500, and callers that
 must record an outcome (the spawn) know to retry (:func:`store_unavailable`).
+
+High availability (``BROKER_REDIS_URL`` may name a Sentinel-watched primary,
+:mod:`broker.store.connect`):
+
+* An operation whose effect is the same when applied twice (every read;
+  create, save, touch, delete and lock release, which write whole values) is
+  retried once, at once, on a fresh connection when the first attempt hits an
+  outage: after a failover, each pooled connection to the old primary fails
+  once, and the retry reaches the new one. Appends (progress events, token
+  hashes) and lock takes are not retried here.
+* With ``wait_replicas`` > 0, session writes (create, save, delete, token
+  hashes) return only after ``WAIT`` saw that many replicas acknowledge
+  them, or ``wait_timeout`` passed (logged): a session the client was told
+  about survives the primary's loss.
+* Session ends are announced on the ``{prefix}ended`` pub/sub channel, so
+  every replica closes the session's WebSockets (:meth:`RedisStore.follow_ends`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -45,7 +63,10 @@ import redis.exceptions as redis_errors
 from broker.errors import Unavailable
 from broker.models import Clock, Session, system_clock
 from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
+from broker.store.connect import RedisConnector
 from broker.store.crypto import TokenCipher
+
+log = logging.getLogger(__name__)
 
 # KEYS: record, live, owner, reuse   ARGV: id, expires_at, record ttl, reuse ttl, field, value...
 # The owner index lives as long as the owner's longest-lived session: a
@@ -170,11 +191,37 @@ def _mapped(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
     return call
 
 
+def _retried(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Like :func:`_mapped`, for an idempotent method: one more attempt after an outage.
+
+    The failed connection was dropped from the pool, so the second attempt
+    opens a new one (through the sentinels: to the current primary).
+    """
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except redis_errors.MaxConnectionsError:
+            raise
+        except _OUTAGES:
+            pass
+        except Unavailable as exc:  # from a store method it calls (delete's read)
+            if exc.reason != "store_unavailable":
+                raise
+        with store_unavailable():
+            return await method(*args, **kwargs)
+
+    return call
+
+
 #: Connections of the main pool (lookups, writes, Lua scripts); each is held briefly.
 _MAX_CONNECTIONS = 200
 
 #: Longest single XREAD block; kept under the socket timeout.
 _BLOCK_MS = 4000
+#: Longest pause between attempts to subscribe to session ends again.
+_RESUBSCRIBE_MAX = 2.0
 
 
 class RedisStore:
@@ -188,11 +235,13 @@ class RedisStore:
         prefix: str = "broker:",
         clock: Clock = system_clock,
         max_subscribers: int = 256,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
+        self._connector = RedisConnector(url)
         # Typed loosely: redis-py's overloads for decode_responses=True do not
         # narrow bytes|str to str, and every reply here is text.
-        self._redis: Any = aioredis.Redis.from_url(
-            url,
+        self._redis: Any = self._connector.client(
             decode_responses=True,
             socket_connect_timeout=5,
             socket_timeout=(_BLOCK_MS / 1000) + 5,
@@ -202,13 +251,16 @@ class RedisStore:
         # Progress streams block on XREAD, each holding a connection for seconds:
         # they get a pool of their own, so followers of pending sessions can
         # never starve session lookups, admission or the reaper.
-        self._blocking: Any = aioredis.Redis.from_url(
-            url,
+        self._blocking: Any = self._connector.client(
             decode_responses=True,
             socket_connect_timeout=5,
             socket_timeout=(_BLOCK_MS / 1000) + 5,
             max_connections=max_subscribers,
         )
+        self._wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(wait_timeout * 1000))
+        #: Whether the last WAIT fell short (logged once per change, not per write).
+        self._short = False
         self._cipher = cipher
         self._clock = clock
         self._p = prefix
@@ -253,18 +305,44 @@ class RedisStore:
     def _decode(self, record: dict[str, str]) -> Session | None:
         return Session.from_record(record, self._cipher.decrypt) if record else None
 
+    async def _acked(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a session write; with ``wait_replicas``, return once replicas have it.
+
+        ``WAIT`` counts the writes of its own connection, so the script and
+        the WAIT share one (a single-connection client on the pool). Fewer
+        acknowledgements than asked within the timeout leave the write in
+        place (it happened on the primary; refusing now would only turn a
+        stored session into an error the client retries): logged once per
+        change between "replicated" and "short".
+        """
+        if not self._wait_replicas:
+            return await script(keys=keys, args=args)
+        async with self._redis.client() as conn:
+            result = await script(keys=keys, args=args, client=conn)
+            acked = int(await conn.execute_command("WAIT", self._wait_replicas, self._wait_ms))
+        short = acked < self._wait_replicas
+        if short != self._short:
+            self._short = short
+            if short:
+                log.warning("only %d of %d Redis replicas acknowledged a session write within "
+                            "%d ms: a failover now could lose it", acked, self._wait_replicas,
+                            self._wait_ms)
+            else:
+                log.info("Redis replicas acknowledge session writes again")
+        return result
+
     # -- protocol -------------------------------------------------------------
-    @_mapped
+    @_retried
     async def create(self, session: Session) -> None:
         remaining = max(1, math.ceil(session.expires_at - self._clock()))
         fields = self._flat_record(session)
-        await self._create(
-            keys=self._keys(session)[:4],
-            args=[session.id, repr(session.expires_at), remaining + int(EXPIRY_GRACE),
-                  remaining, *fields],
+        await self._acked(
+            self._create, self._keys(session)[:4],
+            [session.id, repr(session.expires_at), remaining + int(EXPIRY_GRACE), remaining,
+             *fields],
         )
 
-    @_mapped
+    @_retried
     async def get(self, session_id: str, *, include_expired: bool = False) -> Session | None:
         session = self._decode(await self._redis.hgetall(self._k("s", session_id)))
         if session is None:
@@ -273,34 +351,35 @@ class RedisStore:
             return None
         return session
 
-    @_mapped
+    @_retried
     async def save(self, session: Session) -> None:
         fields = self._flat_record(session)
         terminal = "1" if session.status.terminal else "0"
-        await self._save(
-            keys=self._keys(session),
-            args=[session.id, terminal, int(TERMINAL_RETENTION), *fields],
+        await self._acked(
+            self._save, self._keys(session),
+            [session.id, terminal, int(TERMINAL_RETENTION), *fields],
         )
 
-    @_mapped
+    @_retried
     async def touch(self, session_id: str, when: float) -> None:
         await self._touch(keys=[self._k("s", session_id)], args=[repr(when)])
 
     @_mapped
     async def add_token_hash(self, session_id: str, token_hash: str, keep: int) -> bool:
-        added = await self._add_token(keys=[self._k("s", session_id)], args=[token_hash, keep])
+        added = await self._acked(self._add_token, [self._k("s", session_id)],
+                                  [token_hash, keep])
         return bool(added)
 
-    @_mapped
+    @_retried
     async def delete(self, session_id: str) -> None:
         session = await self.get(session_id, include_expired=True)
         if session is None:
             await self._redis.zrem(self._k("live"), session_id)
             await self._redis.delete(self._k("e", session_id))
             return
-        await self._delete(keys=self._keys(session), args=[session_id])
+        await self._acked(self._delete, self._keys(session), [session_id])
 
-    @_mapped
+    @_retried
     async def find_reusable(self, reuse_key: str) -> str | None:
         session_id = await self._redis.get(self._k("r", reuse_key))
         if not session_id:
@@ -329,16 +408,16 @@ class RedisStore:
             await self._redis.zrem(self._k("live"), *vanished)
         return sessions
 
-    @_mapped
+    @_retried
     async def list_live(self) -> list[Session]:
         return await self._load_many(list(await self._redis.zrange(self._k("live"), 0, -1)))
 
-    @_mapped
+    @_retried
     async def list_owner(self, owner: str) -> list[Session]:
         ids = await self._redis.zrangebyscore(self._k("o", owner), f"({self._clock()!r}", "+inf")
         return await self._load_many(list(ids))
 
-    @_mapped
+    @_retried
     async def count_live(self) -> int:
         return int(await self._redis.zcount(self._k("live"), f"({self._clock()!r}", "+inf"))
 
@@ -390,14 +469,56 @@ class RedisStore:
                                       px=max(1, int(ttl * 1000)))
         return bool(taken)
 
-    @_mapped
+    @_retried
     async def release_lock(self, name: str) -> None:
         await self._release(keys=[self._k("lock", name)], args=[self._holder])
 
-    @_mapped
+    @_retried
+    async def announce_end(self, session_id: str, reason: str) -> None:
+        await self._redis.publish(self._k("ended"),
+                                  json.dumps({"id": session_id, "reason": reason}))
+
+    async def follow_ends(self) -> AsyncIterator[tuple[str, str] | None]:
+        """Session ends announced by any replica, as (session id, reason); runs until cancelled.
+
+        Yields None after each (re)subscription: ends announced while this
+        replica was not subscribed (an outage, a failover) were missed, and
+        the caller checks the sessions it holds connections for. Pub/sub
+        messages are replicated, so the subscription may sit on any node that
+        follows the primary; a lost connection is resubscribed with backoff
+        (through the sentinels: to the current primary).
+        """
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._k("ended"))
+                yield None
+                delay = 0.1
+                while True:
+                    # Blocks on the socket until a message or the timeout: no polling.
+                    message = await pubsub.get_message(timeout=_BLOCK_MS / 1000)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    try:
+                        data = json.loads(message["data"])
+                        yield str(data["id"]), str(data["reason"])
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("ignoring a malformed session-end message")
+            except _OUTAGES as exc:
+                log.warning("session-end subscription lost (%s: %s); subscribing again",
+                            type(exc).__name__, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)  # backoff towards Redis, not a synchronisation
+            delay = min(delay * 2, _RESUBSCRIBE_MAX)
+
+    @_retried
     async def ping(self) -> None:
         await self._redis.ping()
 
     async def close(self) -> None:
         await self._blocking.aclose()
         await self._redis.aclose()
+        await self._connector.close()
