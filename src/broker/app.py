@@ -64,6 +64,7 @@ def make_backend(
             # Replicas sharing this store may stop each other's leftovers (LocalBackend.sweep).
             shared_store=f"{settings.redis_url}\0{settings.redis_prefix}" if settings.redis_url
             else "",
+            terminals=settings.jupyter_ui_terminals,
         )
     if settings.backend == "jupyterhub":
         return JupyterHubBackend(
@@ -207,7 +208,8 @@ def create_app(
     app.add_routes(files.routes)
     app.add_routes(openapi.routes)
     app.add_routes(admin.routes)
-    app.add_routes(ui_routes)  # before the proxy's /s/{sid}/{tail}, which would take them
+    if not settings.jupyter_ui:
+        app.add_routes(ui_routes)  # before the proxy's /s/{sid}/{tail}, which would take them
     app.add_routes(proxy_routes.routes)
     add_page(app, settings)
     return app

@@ -515,6 +515,25 @@ class Settings(BaseSettings):
         "the visitor's limits, using only the public API): 'on', 'off' (/ answers 404 JSON), "
         "or a directory holding an index.html (and its files) to serve instead.",
     )
+    jupyter_ui: bool = Field(
+        False,
+        description="Proxy each session's own Jupyter UI (JupyterLab at /s/{id}/lab, which "
+        "MyST's \"Launch Jupyter Server Window\" opens, with the static files, settings, "
+        "workspaces and contents APIs it needs). The visitor's broker token, on the first "
+        "link as ?token=, becomes an HttpOnly cookie for /s/{id}/; the server's own token "
+        "never reaches the browser. The UI runs in the broker's origin: give the broker an "
+        "origin of its own. Needs JupyterLab in the session's server (the local backend: "
+        "the 'ui' extra). Off: /s/{id}/lab and /s/{id}/tree answer a page saying the UI "
+        "is not offered.",
+    )
+    jupyter_ui_terminals: bool = Field(
+        False,
+        description="With BROKER_JUPYTER_UI on, also proxy terminals (a shell on the "
+        "session's server, its WebSocket counted like a kernel's against "
+        "BROKER_WS_SESSION_MAX_CONNECTIONS); the local backend starts its servers with "
+        "terminals enabled. Off: terminal paths are not forwarded and local servers have "
+        "no terminals.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the broker's own loggers."
     )
@@ -648,6 +667,9 @@ class Settings(BaseSettings):
             raise ValueError("BROKER_BACKEND=jupyterhub needs BROKER_HUB_API_TOKEN")
         if self.backend == "binderhub" and not self.binder_url:
             raise ValueError("BROKER_BACKEND=binderhub needs BROKER_BINDER_URL")
+        if self.jupyter_ui_terminals and not self.jupyter_ui:
+            raise ValueError("BROKER_JUPYTER_UI_TERMINALS needs BROKER_JUPYTER_UI=true (terminals "
+                             "are part of the proxied Jupyter UI)")
         if self.redis_url and not self.secret_key.get_secret_value():
             raise ValueError(
                 "BROKER_REDIS_URL needs BROKER_SECRET_KEY: every replica must decrypt the "

@@ -139,7 +139,7 @@ async def test_a_sessions_jupyter_ui_is_a_page_saying_it_is_not_offered(
     """MyST's "Launch Jupyter Server Window" opens base_url + lab (was: a JSON 404)."""
     broker = await make_broker()
     browser_accept = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
-    for path in ("lab", "lab/tree/notebook.ipynb", "tree", "tree/sub/dir"):
+    for path in ("", "lab", "lab/tree/notebook.ipynb", "tree", "tree/sub/dir"):
         async with broker.http.get(f"{broker.url}/s/0123456789abcdef/{path}?token=x",
                                    headers=browser_accept) as resp:
             assert resp.status == 404

@@ -68,9 +68,11 @@ async def limits(request: web.Request) -> web.Response:
     }, headers={"Cache-Control": "no-cache"})
 
 
-#: A session's own Jupyter UI (JupyterLab, the classic tree), which MyST's
-#: "Launch Jupyter Server Window" opens under the session's base_url.
-UI_PATHS = ("/s/{sid}/lab", "/s/{sid}/lab/{rest:.*}", "/s/{sid}/tree", "/s/{sid}/tree/{rest:.*}")
+#: A session's own Jupyter UI (JupyterLab, the classic tree): MyST's "Launch
+#: Jupyter Server Window" opens the session's base_url itself (``?token=``).
+#: Registered only while BROKER_JUPYTER_UI is off (broker.proxy.ui serves them then).
+UI_PATHS = ("/s/{sid}/", "/s/{sid}/lab", "/s/{sid}/lab/{rest:.*}", "/s/{sid}/tree",
+            "/s/{sid}/tree/{rest:.*}")
 UI_MESSAGE = ("This broker runs code for web pages through the Jupyter API; it does not offer "
               "the Jupyter user interface (JupyterLab, the notebook tree) of a session.")
 

@@ -221,10 +221,13 @@ class LocalBackend:
         extra_args: list[str] | None = None,
         on_lost: LostCallback | None = None,
         shared_store: str = "",
+        terminals: bool = False,
     ) -> None:
         """``shared_store`` names the shared (Redis) store the sessions live in
-        (URL and key prefix); empty for the memory store. See :meth:`sweep`."""
+        (URL and key prefix); empty for the memory store. See :meth:`sweep`.
+        ``terminals``: start servers with terminals enabled (BROKER_JUPYTER_UI_TERMINALS)."""
         self._http = http
+        self._terminals = terminals
         self._own_root = not root_dir
         self._root = Path(root_dir or tempfile.mkdtemp(prefix="session-broker-"))
         self._root.mkdir(parents=True, exist_ok=True)
@@ -249,7 +252,7 @@ class LocalBackend:
             "--ServerApp.port_retries=0",
             "--ServerApp.open_browser=False",
             f"--ServerApp.root_dir={workdir}",
-            "--ServerApp.terminals_enabled=False",
+            f"--ServerApp.terminals_enabled={self._terminals}",
             # Files deleted through the API must go with the session, not into
             # the broker user's trash where they would outlive it.
             "--FileContentsManager.delete_to_trash=False",
@@ -264,6 +267,10 @@ class LocalBackend:
         env[_SCOPE_ENV] = self._scope
         env[_BROKER_ENV] = self._id
         env["JUPYTER_TOKEN"] = token
+        # JupyterLab's user settings and workspaces (when the UI is proxied) stay with the
+        # session instead of the broker user's home, where every session would share them.
+        env["JUPYTERLAB_SETTINGS_DIR"] = str(workdir / ".lab" / "settings")
+        env["JUPYTERLAB_WORKSPACES_DIR"] = str(workdir / ".lab" / "workspaces")
         env["JUPYTER_RUNTIME_DIR"] = str(workdir / ".runtime")
         env["PYTHONUNBUFFERED"] = "1"
         return env

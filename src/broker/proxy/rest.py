@@ -10,11 +10,14 @@ rewritten into the broker's ``/s/{id}/`` space. Bodies pass through as bytes
 of kernels and sessions, where thebe's default kernel name ``python`` is
 mapped to the session's kernel.
 
-Upstream HTML is never forwarded: jupyter_server's HTML pages (its error
-pages included) embed the server's token for its own frontend, and the
-proxied API is JSON only. Such a response becomes a broker JSON error with the
-upstream's status. As a second line of defence, a buffered body that contains
-the upstream token is withheld (502) instead of forwarded.
+Upstream HTML is never forwarded as it came: jupyter_server's HTML pages
+(its error pages included) embed the server's token for its own frontend.
+For the REST API, which is JSON only, such a response becomes a broker JSON
+error with the upstream's status. With the Jupyter UI proxied
+(BROKER_JUPYTER_UI, ``ui_token`` given), the UI's paths are forwarded too and
+their pages are rewritten (:func:`broker.proxy.ui.rewrite_page`). As a second
+line of defence, a buffered body that contains the upstream token is withheld
+(502) instead of forwarded.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from broker import keys
 from broker.errors import UpstreamFailed
 from broker.models import Session
 from broker.policy.kernels import KERNEL_STARTS
-from broker.proxy.paths import check_rest, join
+from broker.proxy.paths import check_rest, check_ui, join
+from broker.proxy.ui import KERNELSPECS, PAGES, UI_CSP, rewrite_kernelspecs, rewrite_page
 from broker.proxy.upstream_http import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -106,8 +110,12 @@ def _withheld(status: int, message: str) -> web.Response:
                              status=status if status >= 400 else 502)
 
 
-async def forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
+async def forward(request: web.Request, session: Session, remainder: str,
+                  ui_token: str | None = None) -> web.StreamResponse:
     """Proxy one REST request to the session's server; kernel starts pass the kernel gate.
+
+    ``ui_token`` (the visitor's broker token) is given when BROKER_JUPYTER_UI
+    is on: the UI's paths are forwarded too, and its pages carry that token.
 
     With BROKER_MAX_KERNELS_PER_SESSION on, a POST that may start a kernel is
     forwarded while the gate holds the session's check (see
@@ -122,16 +130,24 @@ async def forward(request: web.Request, session: Session, remainder: str) -> web
     gate = request.app.get(keys.KERNEL_GATE)
     if gate is not None and request.method == "POST" and remainder in KERNEL_STARTS:
         async with gate.starting(session, remainder, await request.read()):
-            return await _forward(request, session, remainder)
-    return await _forward(request, session, remainder)
+            return await _forward(request, session, remainder, ui_token)
+    return await _forward(request, session, remainder, ui_token)
 
 
-async def _forward(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
+async def _forward(request: web.Request, session: Session, remainder: str,
+                   ui_token: str | None) -> web.StreamResponse:
     method = request.method
-    check_rest(remainder, method)
+    settings = request.app[keys.SETTINGS]
+    if ui_token is None:
+        check_rest(remainder, method)
+    else:
+        check_ui(remainder, method, settings.jupyter_ui_terminals)
     url = join(session.upstream_url, remainder)
     request_headers = request.headers
-    headers = [(h, request_headers[h]) for h in REQUEST_HEADERS if h in request_headers]
+    headers = [(h, request_headers[h]) for h in REQUEST_HEADERS if h in request_headers
+               # UI pages are rewritten, and every buffered body is searched for the
+               # upstream token: both need the bytes as they are, not compressed.
+               and not (ui_token is not None and h == "Accept-Encoding")]
     headers.append(("Authorization", f"token {session.upstream_token}"))
     # body_exists, not can_read_body: the kernel gate may have read (and cached) it already.
     body: bytes | None = await request.read() if request.body_exists else None
@@ -139,13 +155,12 @@ async def _forward(request: web.Request, session: Session, remainder: str) -> we
         body = _kernel_body(body or b"", remainder, session.kernel_name)
         headers = [(h, v) for h, v in headers if h != "Content-Type"]
         headers.append(("Content-Type", "application/json"))
-    settings = request.app[keys.SETTINGS]
     try:
         upstream = await request.app[keys.UPSTREAM].request(
             method, url, headers, body, query=forward_query(request),
             read_timeout=settings.upstream_timeout)
         async with upstream:
-            return await _respond(request, session, upstream, method, remainder)
+            return await _respond(request, session, upstream, method, remainder, ui_token)
     except (UpstreamError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
                     remainder, exc if isinstance(exc, UpstreamError) else type(exc).__name__)
@@ -155,8 +170,9 @@ async def _forward(request: web.Request, session: Session, remainder: str) -> we
 
 
 async def _respond(request: web.Request, session: Session, upstream: UpstreamResponse,
-                   method: str, remainder: str) -> web.StreamResponse:
-    """The client's response from the upstream's: filtered headers, bytes as they came."""
+                   method: str, remainder: str, ui_token: str | None) -> web.StreamResponse:
+    """The client's response from the upstream's: filtered headers, bytes as they came
+    (UI pages rewritten)."""
     upstream_headers = upstream.headers
     out = CIMultiDict(
         (h, upstream_headers[h]) for h in RESPONSE_HEADERS if h in upstream_headers
@@ -165,6 +181,8 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
         out["Location"] = _location(
             out["Location"], URL(session.upstream_url), f"/s/{session.id}/"
         )
+    if upstream.content_type == "text/html" and ui_token is not None and method == "GET":
+        return await _ui_page(request, session, upstream, remainder, ui_token, out)
     if upstream.content_type == "text/html":
         request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
         return _withheld(upstream.status, "The session's server answered with a page, "
@@ -180,6 +198,8 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
             request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
             return _withheld(502, "The session's server sent a response that cannot "
                              "be forwarded")
+        if ui_token is not None and KERNELSPECS.fullmatch(remainder) and upstream.status == 200:
+            body = rewrite_kernelspecs(body, session.upstream_url, f"/s/{session.id}/")
         return web.Response(status=upstream.status, body=body, headers=out)
     response = web.StreamResponse(status=upstream.status, headers=out)
     if length is not None:
@@ -189,6 +209,33 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+async def _ui_page(request: web.Request, session: Session, upstream: UpstreamResponse,
+                   remainder: str, ui_token: str, headers: CIMultiDict[str]) -> web.Response:
+    """An upstream HTML response of the UI: read whole, rewritten, then token-checked.
+
+    The UI's own pages get the UI's CSP; any other HTML (a file opened raw,
+    an export) keeps the broker's sandboxing default.
+    """
+    length = upstream.content_length
+    if length is None or length > _BUFFER_LIMIT:
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        return _withheld(502, "The session's server sent a page too large to forward")
+    # jupyter_server's pages are UTF-8 (its templates declare it).
+    text = (await upstream.read()).decode("utf-8", errors="replace")
+    text = rewrite_page(text, session.upstream_url, session.upstream_token,
+                        f"/s/{session.id}/", ui_token)
+    if session.upstream_token in text:
+        log.error("withheld a page of session %s that still carried its upstream token (%s)",
+                  session.id, remainder)
+        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        return _withheld(502, "The session's server sent a page that cannot be forwarded")
+    headers.pop("Content-Encoding", None)
+    if PAGES.fullmatch(remainder):
+        headers["Content-Security-Policy"] = UI_CSP
+        headers["Cache-Control"] = "no-store"
+    return web.Response(status=upstream.status, body=text.encode(), headers=headers)
 
 
 def forward_query(request: web.BaseRequest) -> str:

@@ -1,13 +1,27 @@
-"""The ``/s/{id}/...`` route: authenticate once, then REST or WebSocket."""
+"""The ``/s/{id}/...`` route: authenticate once, then REST or WebSocket.
+
+With BROKER_JUPYTER_UI on, the same route serves the session's own Jupyter
+UI (see :mod:`broker.proxy.ui`): the session cookie authenticates too, a
+navigation carrying ``?token=`` is traded for it, and refused navigations get
+a page instead of JSON.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from broker import keys
-from broker.errors import BadRequest
+from broker.errors import BadRequest, BrokerError
+from broker.models import Session
 from broker.policy.auth import request_token
-from broker.proxy.paths import CHANNELS, check_remainder
+from broker.proxy import ui
+from broker.proxy.paths import (
+    CHANNELS,
+    TERMINAL_SOCKETS,
+    UI_SOCKETS,
+    check_remainder,
+    check_ui_remainder,
+)
 from broker.proxy.rest import forward
 from broker.proxy.wsbridge import bridge
 
@@ -18,14 +32,46 @@ routes = web.RouteTableDef()
 async def jupyter(request: web.Request) -> web.StreamResponse:
     """Everything a Jupyter client sends to the session's ``base_url``."""
     sid = request.match_info["sid"]
+    settings = request.app[keys.SETTINGS]
+    if settings.jupyter_ui:
+        return await _with_ui(request, sid, settings.jupyter_ui_terminals)
     session = await request.app[keys.MANAGER].ready_session(sid, request_token(request))
+    remainder = check_remainder(_raw_remainder(request, sid))
+    if CHANNELS.fullmatch(remainder):
+        return await _socket(request, session, remainder)
+    return await forward(request, session, remainder)
+
+
+def _raw_remainder(request: web.Request, sid: str) -> str:
     raw = request.raw_path.split("?", 1)[0]
     prefix = f"/s/{sid}/"
     if not raw.startswith(prefix):
         raise BadRequest("The request target is not under the session's path", reason="bad_path")
-    remainder = check_remainder(raw[len(prefix):])
-    if CHANNELS.fullmatch(remainder):
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            raise BadRequest("The kernel channels endpoint needs a WebSocket upgrade")
-        return await bridge(request, session, remainder)
-    return await forward(request, session, remainder)
+    return raw[len(prefix):]
+
+
+async def _socket(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise BadRequest("This endpoint needs a WebSocket upgrade")
+    return await bridge(request, session, remainder)
+
+
+async def _with_ui(request: web.Request, sid: str, terminals: bool) -> web.StreamResponse:
+    """The route when the session's Jupyter UI is proxied too."""
+    try:
+        token = ui.ui_token(request)
+        session = await request.app[keys.MANAGER].ready_session(sid, token)
+        remainder = check_ui_remainder(_raw_remainder(request, sid))
+    except BrokerError as error:
+        if ui.is_navigation(request):
+            return ui.refusal_page(error)
+        raise
+    assert token is not None  # ready_session refuses a request without one
+    if "token" in request.query and ui.is_navigation(request):
+        return ui.login(request, sid, token, remainder)
+    if (CHANNELS.fullmatch(remainder) or UI_SOCKETS.fullmatch(remainder)
+            or (terminals and TERMINAL_SOCKETS.fullmatch(remainder))):
+        return await _socket(request, session, remainder)
+    if not remainder and ui.is_navigation(request):
+        return web.Response(status=302, headers={"Location": f"/s/{sid}/lab"})
+    return await forward(request, session, remainder, ui_token=token)
