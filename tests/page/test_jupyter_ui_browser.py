@@ -19,7 +19,7 @@ from tests.page.test_live_page import WAIT_MS, browser  # noqa: F401 (the fixtur
 
 async def test_jupyterlab_runs_a_cell_and_never_sees_the_upstream_token(
         make_broker: MakeBroker, browser: Browser) -> None:  # noqa: F811
-    broker = await make_broker(jupyter_ui=True)
+    broker = await make_broker(jupyter_ui=True, jupyter_ui_terminals=True)
     session = await broker.ready_session()
     sid, token = session["id"], session["token"]
     upstream_token = (await broker.manager.store.get(sid)).upstream_token
@@ -92,3 +92,18 @@ async def test_jupyterlab_runs_a_cell_and_never_sees_the_upstream_token(
     assert response is not None and response.status == 401
     assert await other.inner_text("#reason") == NO_CREDENTIAL
     await stranger.close()
+
+    # Terminals (BROKER_JUPYTER_UI_TERMINALS): one started and used through the broker.
+    auth = {"Authorization": f"token {token}"}
+    async with broker.http.post(f"{base}api/terminals", headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+        name = (await resp.json())["name"]
+    async with broker.http.ws_connect(f"{base}terminals/websocket/{name}",
+                                      headers=auth) as ws:
+        await ws.send_json(["stdin", "echo $((6 * 7))-$((1 + 1))\r"])
+        seen = ""
+        async with asyncio.timeout(WAIT_MS / 1000):
+            while "42-2" not in seen:
+                message = await ws.receive_json()
+                if message[0] == "stdout":
+                    seen += message[1]
