@@ -385,6 +385,14 @@ def test_masking_matches_and_undoes_itself() -> None:
         assert COMPILED.mask(data, key, offset) == PYTHON.mask(data, key, offset) == expected
 
 
+def test_a_masking_key_is_four_bytes(wire_module: ModuleType) -> None:
+    """The compiled build reads the key through a C pointer: a shorter one is refused,
+    never read past its end (the relay itself only ever passes four bytes)."""
+    for key in (b"", b"abc", b"abcde"):
+        with pytest.raises(ValueError):
+            wire_module.mask(b"payload", key)
+
+
 def test_channel_and_state_peeks(wire_module: ModuleType) -> None:
     """The peeks themselves, on the wire formats jupyter_server writes."""
     msg = make_message("status", {"execution_state": "busy"}, channel="iopub")

@@ -6,11 +6,17 @@ cimport cython
 
 
 cpdef bint valid_close_code(Py_ssize_t code)
-@cython.locals(n=Py_ssize_t, shift=Py_ssize_t)
+ctypedef unsigned char* uchar_p
+ctypedef const unsigned char* const_uchar_p
+
+cdef bint _COMPILED
+
+@cython.locals(n=Py_ssize_t, shift=Py_ssize_t, i=Py_ssize_t, result=bytearray, out=uchar_p,
+               k=const_uchar_p)
 cpdef bytes mask(bytes data, bytes key, Py_ssize_t offset=*)
 @cython.locals(at=Py_ssize_t)
 cpdef int channel_of(int opcode, bytes head, bytes tail)
-@cython.locals(quote=Py_ssize_t, close=Py_ssize_t)
+@cython.locals(n=Py_ssize_t, quote=Py_ssize_t, close=Py_ssize_t)
 cdef object _quoted(bytes text, Py_ssize_t start)
 @cython.locals(at=Py_ssize_t)
 cpdef object state_of(bytes head, bytes tail)
