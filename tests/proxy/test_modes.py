@@ -8,6 +8,9 @@ recorded streams; this runs each in the broker itself (setting
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from broker.proxy import wire
@@ -37,6 +40,36 @@ async def test_a_cell_runs_through_either_build(make_broker: MakeBroker, compile
             assert result.reply["status"] == "ok"
             assert any(m["content"].get("data", {}).get("text/plain") == "42"
                        for m in result.messages)
+
+
+#: An interpreter where ``broker.proxy._wire_c`` is found as its Python source only, as in
+#: a package installed without a C compiler (the name is a link to ``_wire_py.py``).
+_WITHOUT_EXTENSION = """
+import importlib.abc, importlib.util, os, sys
+
+class SourceOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "broker.proxy._wire_c":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(list(path)[0], "_wire_c.py"))
+
+sys.meta_path.insert(0, SourceOnly())
+from broker.proxy import wire
+import broker.proxy._wire_c as source
+assert wire.COMPILED is None and wire.select() is wire.PYTHON and wire.mode() == "python"
+assert source._COMPILED is False  # the interpreted branch of mask, not the C loop's
+assert source.mask(b"abc", bytes([1, 2, 3, 4])) == b"```"
+print("python")
+"""
+
+
+def test_without_the_extension_the_python_build_runs() -> None:
+    """Where nothing was compiled, ``_wire_c`` is found as a ``.py`` file: the relay must
+    then pick the Python module, and that file run as Python takes the interpreted code."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout == "python\n", done.stderr
 
 
 async def test_a_malformed_upgrade_is_a_json_400(make_broker: MakeBroker) -> None:
