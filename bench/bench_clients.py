@@ -69,6 +69,8 @@ class Result:
     payload: int
     latencies_ns: list[int]
     cpu: dict[str, float]
+    #: The interleaved rounds this result adds up (empty: it is one run).
+    rounds: list[Result] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -103,7 +105,30 @@ class Result:
             "p50_ms": self.percentile(0.50),
             "p99_ms": self.percentile(0.99),
             "cpu_seconds": self.cpu,
+            "rounds": [r.as_dict() for r in self.rounds],
         }
+
+
+def merge(runs: Sequence[Result]) -> Result:
+    """The rounds of one scenario on one target as one result: round trips, seconds and
+    CPU added up, every latency kept (percentiles over all of them), the rounds kept."""
+    if len(runs) == 1:
+        return runs[0]
+    cpu: dict[str, float] = {}
+    for run in runs:
+        for role, seconds in run.cpu.items():
+            cpu[role] = cpu.get(role, 0.0) + seconds
+    first = runs[0]
+    return Result(first.scenario, first.target, sum(r.round_trips for r in runs),
+                  sum(r.seconds for r in runs), first.payload,
+                  [ns for r in runs for ns in r.latencies_ns], cpu, list(runs))
+
+
+def rotated(items: Sequence[Any], n: int) -> list[Any]:
+    """``items`` starting at its ``n``-th (cyclically): round ``n``'s order, so that over
+    the rounds every target runs first, last and between, and drift hits all alike."""
+    k = n % len(items) if items else 0
+    return [*items[k:], *items[:k]]
 
 
 def warmup_count(count: int) -> int:

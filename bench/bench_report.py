@@ -158,6 +158,19 @@ def idle_report(idle: Sequence[IdleResult]) -> str:
     return "\n".join(lines)
 
 
+def spread(values: Sequence[float | None]) -> str:
+    """`` (rounds lo-hi)``: the range of a figure over a run's interleaved rounds ("" for one)."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if len(known) < 2:
+        return ""
+    return f" (rounds {fmt(min(known))}-{fmt(max(known))})"
+
+
+def round_ratios(a: Result, b: Result, key: str) -> list[float | None]:
+    """``a``/``b`` of ``key`` round by round (round n of each ran in the same rotation)."""
+    return [ratio(value(x, key), value(y, key)) for x, y in zip(a.rounds, b.rounds, strict=False)]
+
+
 def _line(met: bool | None, text: str) -> str:
     """One verdict line; ``met`` None means the scenarios it needs were not run."""
     if met is None:
@@ -187,20 +200,24 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
     out.append(_line(
         None if share is None else share <= WS_CPU_MAX,
         f"WS small frames x 64 connections proxy CPU <= {WS_CPU_MAX}x the upstream's: "
-        f"{s} {fmt(share)}x" + (f" ({others})" if others else "")
+        f"{s} {fmt(share)}x"
+        + (spread([proxy_share(r) for r in by[s, proxy].rounds]) if (s, proxy) in by else "")
+        + (f" ({others})" if others else "")
         + (f"; {reference} {fmt(proxy_share(by[s, reference]))}x" if (s, reference) in by
            else "")))
 
     tput: dict[str, float | None] = {}
+    tput_rounds: dict[str, str] = {}
     for s in scenarios:
         if (s, proxy) in by and (s, reference) in by:
             _label, key = throughput_metric(s)
             tput[s] = ratio(value(by[s, proxy], key), value(by[s, reference], key))
+            tput_rounds[s] = spread(round_ratios(by[s, proxy], by[s, reference], key))
     known = [v for v in tput.values() if v is not None]
     out.append(_line(
         all(v >= 1.0 for v in known) if known else None,
         f"throughput >= {reference}'s in every scenario ({proxy}/{reference}): "
-        + ", ".join(f"{s} {fmt(v)}" for s, v in tput.items())))
+        + ", ".join(f"{s} {fmt(v)}{tput_rounds[s]}" for s, v in tput.items())))
     c64 = tput.get("c64")
     out.append(_line(None if c64 is None else c64 >= C64_THROUGHPUT_MIN,
                      f"WS 1 MiB x 64 connections throughput >= {C64_THROUGHPUT_MIN}x "
@@ -219,13 +236,14 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
 
     protocols = list(dict.fromkeys(c.protocol for c in cells))
     through = {c.protocol: c.percentile(0.5) for c in cells if c.target == proxy}
+    ranges = {c.protocol: spread(c.round_p50_ms) for c in cells if c.target == proxy}
     direct = {c.protocol: c.percentile(0.5) for c in cells if c.target == "direct"}
     out.append(_line(
         all(p in through and through[p] <= CELL_P50_MAX_MS for p in protocols)
         if protocols else None,
         f"notebook cell p50 <= {CELL_P50_MAX_MS:g} ms (@jupyterlab/services "
         f"requestExecute('1').done, {' and '.join(protocols)}): "
-        + ", ".join(f"{p} {fmt(through.get(p))} ms" for p in protocols)
+        + ", ".join(f"{p} {fmt(through.get(p))} ms{ranges.get(p, '')}" for p in protocols)
         + " (direct: " + ", ".join(f"{p} {fmt(direct.get(p))} ms" for p in protocols) + ")"))
 
     mine = [r for r in idle if r.target == proxy]

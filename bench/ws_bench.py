@@ -24,6 +24,13 @@ h64 the same on 64 connections at once
 d1  ``kernel_info_request`` round trips on a real ipykernel
 d2  ``execute_request`` of ``1`` (until ``execute_reply`` and ``status: idle``)
 
+Each scenario runs in ``--rounds`` interleaved rounds (3; ``--quick`` 1): every
+round gives every target a share of the counts and of the time cap, in an
+order rotated from round to round, so that the machine's load drifting
+during a run does not land on one target; a target's rounds are added up, and
+the verdict gives the range over the rounds of its ratios. The notebook cell
+is measured the same way (one node process per target, protocol and round).
+
 Then, with ``--idle N``, the idle footprint: N kernel WebSockets held open
 through the broker (and CHP) and the proxy's RSS per connection
 (``bench/bench_idle.py``). It prints Markdown tables (``bench/bench_report.py``):
@@ -42,13 +49,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import secrets
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +74,8 @@ from bench_clients import (
     echo_concurrent,
     echo_sequential,
     kernel_sequential,
+    merge,
+    rotated,
     start_kernel,
     text_payload,
     wait_kernel_ready,
@@ -120,6 +130,9 @@ class Config:
     cell_round_trips: int = 200
     cell_protocols: tuple[str, ...] = PROTOCOLS
     max_seconds: float = 10.0
+    #: Interleaved rounds: each runs a share of every count on every target, the
+    #: targets' order rotated from round to round (see :func:`scenarios`).
+    rounds: int = 3
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
     kernel_protocol: str = "v1"
     client_ack: str = "delayed"
@@ -136,7 +149,7 @@ class Config:
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
          "binary_per_connection": 1, "http_requests": 200, "http_per_connection": 5,
          "kernel_round_trips": 20, "cell_round_trips": 10, "max_seconds": 3.0,
-         "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2}
+         "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2, "rounds": 1}
 #: The REST call of scenarios h1 and h64 (a client polling its kernels).
 HTTP_PATH = "api/kernels"
 
@@ -352,7 +365,8 @@ async def run(config: Config, world: World) -> Outcome:
                                      for p in config.cell_protocols))
                 outcome.cells = await cells(
                     [t for t in kernel_targets if t.name in ("direct", "broker")],
-                    config.cell_protocols, config.cell_round_trips, config.max_seconds)
+                    config.cell_protocols, config.cell_round_trips, config.max_seconds,
+                    config.rounds)
             if config.idle > 0:
                 outcome.idle = await idle(config, echo_targets)
         finally:
@@ -380,46 +394,65 @@ async def idle(config: Config, targets: Sequence[Target]) -> list[IdleResult]:
 
 async def scenarios(http: aiohttp.ClientSession, config: Config, echo: Sequence[Target],
                     kernels: Sequence[Target]) -> list[Result]:
+    """Every scenario on every target, in ``config.rounds`` interleaved rounds.
+
+    Each round runs a share of the scenario's counts (and of its time cap) on
+    every target, in an order rotated from round to round, so a change in the
+    machine's load during the run is spread over all targets instead of
+    landing on whichever ran last; each target's rounds are then added up
+    (:func:`merge`).
+    """
     results: list[Result] = []
-    limit = config.max_seconds
     text = text_payload(200)
     blob = os.urandom(1 << 20)
+    rounds = max(1, config.rounds)
     for scenario in config.scenarios:
-        targets = kernels if scenario.startswith("d") else echo
-        for target in targets:
-            progress(f"scenario {scenario} through {target.name}")
-            job: Coroutine[Any, Any, Result]
-            if scenario == "a":
-                job = echo_sequential(http, target, scenario, text, config.round_trips, limit)
-            elif scenario == "b":
-                job = echo_concurrent(http, target, scenario, text, config.connections,
-                                      config.per_connection, limit)
-            elif scenario == "c":
-                job = echo_sequential(http, target, scenario, blob, config.binary_messages,
-                                      limit, protocols=[V1])
-            elif scenario == "c64":
-                job = echo_concurrent(http, target, scenario, blob, config.connections,
-                                      config.binary_per_connection, limit, protocols=[V1])
-            elif scenario == "h1":
-                job = http_concurrent(target, scenario, HTTP_PATH, 1, config.http_requests,
-                                      limit)
-            elif scenario == "h64":
-                job = http_concurrent(target, scenario, HTTP_PATH, config.connections,
-                                      config.http_per_connection, limit)
-            else:
-                msg_type = "kernel_info_request" if scenario == "d1" else "execute_request"
-                protocols = [V1] if config.kernel_protocol == "v1" else []
-                ws = await connect(http, target, protocols)
-                try:
-                    result = await kernel_sequential(ws, target, scenario, msg_type,
-                                                     config.kernel_round_trips, limit,
-                                                     quickack=config.client_ack == "quick")
-                finally:
-                    await ws.close()
-                results.append(result)
-                continue
-            results.append(await job)
+        targets = list(kernels if scenario.startswith("d") else echo)
+        runs: dict[str, list[Result]] = {t.name: [] for t in targets}
+        for n in range(rounds):
+            for target in rotated(targets, n):
+                progress(f"scenario {scenario} through {target.name}"
+                         + (f" (round {n + 1} of {rounds})" if rounds > 1 else ""))
+                runs[target.name].append(
+                    await one_scenario(http, config, scenario, target, text, blob, rounds))
+        results += [merge(runs[t.name]) for t in targets]
     return results
+
+
+async def one_scenario(http: aiohttp.ClientSession, config: Config, scenario: str,
+                       target: Target, text: str, blob: bytes, rounds: int) -> Result:
+    """One round of ``scenario`` on ``target``: a ``1/rounds`` share of its counts and time."""
+    def share(count: int) -> int:
+        return max(1, math.ceil(count / rounds))
+
+    limit = config.max_seconds / rounds
+    if scenario == "a":
+        return await echo_sequential(http, target, scenario, text, share(config.round_trips),
+                                     limit)
+    if scenario == "b":
+        return await echo_concurrent(http, target, scenario, text, config.connections,
+                                     share(config.per_connection), limit)
+    if scenario == "c":
+        return await echo_sequential(http, target, scenario, blob,
+                                     share(config.binary_messages), limit, protocols=[V1])
+    if scenario == "c64":
+        return await echo_concurrent(http, target, scenario, blob, config.connections,
+                                     share(config.binary_per_connection), limit, protocols=[V1])
+    if scenario == "h1":
+        return await http_concurrent(target, scenario, HTTP_PATH, 1,
+                                     share(config.http_requests), limit)
+    if scenario == "h64":
+        return await http_concurrent(target, scenario, HTTP_PATH, config.connections,
+                                     share(config.http_per_connection), limit)
+    msg_type = "kernel_info_request" if scenario == "d1" else "execute_request"
+    protocols = [V1] if config.kernel_protocol == "v1" else []
+    ws = await connect(http, target, protocols)
+    try:
+        return await kernel_sequential(ws, target, scenario, msg_type,
+                                       share(config.kernel_round_trips), limit,
+                                       quickack=config.client_ack == "quick")
+    finally:
+        await ws.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -446,7 +479,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                         help="comma-separated kernel protocols of the cell measurement "
                         "(v1,json): v1 binary frames, the client's default, and/or JSON text")
     parser.add_argument("--max-seconds", type=float,
-                        help="cap on each scenario's measured time per target (10)")
+                        help="cap on each scenario's measured time per target (10), shared "
+                        "by its rounds")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds (3; --quick: 1): each runs a share of every "
+                        "count on every target, the order of the targets rotated from round to "
+                        "round; the report adds them up and gives the range over the rounds "
+                        "of the verdict's ratios and of the cell p50")
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--kernel-protocol", choices=["v1", "json"],
                         help="real-kernel frames: v1 binary subprotocol (default) or JSON text")
@@ -474,7 +513,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     for name in ("round_trips", "connections", "per_connection", "binary_messages",
                  "binary_per_connection", "http_requests", "http_per_connection",
-                 "kernel_round_trips", "cell_round_trips", "max_seconds", "kernel_protocol",
+                 "kernel_round_trips", "cell_round_trips", "max_seconds", "rounds",
+                 "kernel_protocol",
                  "client_ack",
                  "idle", "idle_seconds", "json_path"):
         if getattr(args, name) is not None:
