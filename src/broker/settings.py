@@ -75,8 +75,9 @@ class Settings(BaseSettings):
         le=5,
         description="Longest wait, in seconds, for BROKER_REDIS_WAIT_REPLICAS acknowledgements "
         "of one session write; past it the write stands unreplicated and the request goes "
-        "on (a warning is logged once, until replicas acknowledge again). Each session "
-        "write can take this much longer while a replica is down.",
+        "on (a warning is logged once, until replicas acknowledge again). The first write "
+        "after a replica is lost waits this long; later ones wait 10 ms until replicas "
+        "acknowledge again.",
     )
     redis_prefix: str = Field(
         "broker:", description="Prefix of every Redis key, so one Redis can serve several brokers."

@@ -25,6 +25,7 @@ import pytest
 
 from tests.binderstandin import BinderStandin
 from tests.brokerproc import BrokerProcess, broker_process
+from tests.kernelproto import V1, execute
 from tests.redisproc import SentinelGroup
 
 SPEC = "gh/org/repo/HEAD"
@@ -59,14 +60,19 @@ async def test_primary_killed_under_load_no_restart_503_then_success_nothing_los
     creates: list[Create] = []
     uses: list[tuple[float, int, int | str]] = []
     async with contextlib.AsyncExitStack() as stack:
-        await group.start()
         stack.callback(group.stop)
         await standin.start()
         stack.push_async_callback(standin.close)
         env |= {"BROKER_BINDER_URL": standin.url, "BROKER_BINDER_HUB_URL": standin.url,
                 "BROKER_BINDER_HUB_API_TOKEN": standin.hub_token}
-        replicas: list[BrokerProcess] = [
-            await stack.enter_async_context(broker_process(tmp_path, env)) for _ in range(3)]
+        homes = [tmp_path / f"replica-{i}" for i in range(3)]
+        for home in homes:
+            home.mkdir()
+        # The brokers start (imports: seconds) while the sentinels find each other.
+        *started, _ = await asyncio.gather(
+            *(stack.enter_async_context(broker_process(home, env)) for home in homes),
+            group.start())
+        replicas: list[BrokerProcess] = started
         http = await stack.enter_async_context(aiohttp.ClientSession())
         urls = [r.url for r in replicas]
         async with http.post(f"{urls[0]}/api/v1/sessions", params={"wait": "true"},
@@ -74,6 +80,17 @@ async def test_primary_killed_under_load_no_restart_503_then_success_nothing_los
             ready = await resp.json()
             assert resp.status == 201 and ready["status"] == "ready", ready
         standin.gate = asyncio.Event()  # from here on, launches wait: no more servers
+        # A kernel WebSocket held through the third replica across the failover: a
+        # delete through the first must still close it (the end announcement's
+        # subscription followed the failover).
+        async with http.post(f"{urls[0]}/s/{ready['id']}/api/kernels", json={"name": "python3"},
+                             headers=_auth(ready)) as resp:
+            assert resp.status == 201
+            kernel = (await resp.json())["id"]
+        ws = await stack.enter_async_context(http.ws_connect(
+            f"ws{urls[2][4:]}/s/{ready['id']}/api/kernels/{kernel}/channels",
+            params={"token": ready["token"]}, protocols=[V1]))
+        assert (await execute(ws, "print(2)")).stdout == "2\n"
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -149,10 +166,24 @@ async def test_primary_killed_under_load_no_restart_503_then_success_nothing_los
                 if resp.status != 200:
                     lost.append((session["id"], resp.status))
         assert lost == [], f"{len(lost)} of {len(given)} acknowledged sessions lost: {lost}"
+        assert (await execute(ws, "print(3)")).stdout == "3\n"  # the kernel lived through it
+        sent = loop.time()
+        delete = asyncio.create_task(http.delete(f"{urls[0]}/api/v1/sessions/{ready['id']}",
+                                                 headers=_auth(ready)))
+        async with asyncio.timeout(5):
+            message = await ws.receive()
+            while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                       aiohttp.WSMsgType.CLOSING):
+                message = await ws.receive()
+        closed_after = loop.time() - sent
+        async with await delete as resp:
+            assert resp.status == 204
+        assert (message.data, message.extra) == (1000, "session ended: deleted")
         window = [c.at - killed_at for c in refused]
         print(f"\n{server} failover: {len(creates)} creates ({len(refused)} answered 503), "
               f"503s from {min(window, default=0):.2f} s to {max(window, default=0):.2f} s "
-              f"after the kill; {len(lost)} of {len(given)} sessions lost")
+              f"after the kill; {len(lost)} of {len(given)} sessions lost; a delete after "
+              f"it closed a WebSocket on another replica in {closed_after * 1000:.0f} ms")
     fault_table.record(
         fault=f"{NAMES[server]} primary killed (SIGKILL) under load, Sentinel, 3 replicas",
         injected=f"SIGKILL to the {NAMES[server]} primary (one replica, three sentinels, "
@@ -160,6 +191,7 @@ async def test_primary_killed_under_load_no_restart_503_then_success_nothing_los
         "three `session-broker serve` replicas",
         clients_saw="creates answered 503 store_unavailable with Retry-After until the "
         "sentinels promoted the replica, then 201 on every replica with no restart; the "
-        "existing session answered 200 or 503, then 200 through every replica",
+        "existing session answered 200 or 503, then 200 through every replica; its kernel "
+        "WebSocket stayed open, and a delete afterwards closed it on another replica",
         lost="no acknowledged session",
     )

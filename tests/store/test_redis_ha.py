@@ -174,6 +174,19 @@ async def test_session_writes_wait_for_a_replica_and_go_on_without_one(
         assert await store.get(second.id) is not None
         warnings = [r for r in caplog.records if "acknowledged" in r.getMessage()]
         assert len(warnings) == 1, "logged once per change, not per write"
+        # The replica is back: writes are acknowledged again (and waited for in full).
+        replica.start()
+        await eventually(linked, 20)
+        third = _session()
+
+        async def acknowledged_again() -> bool:
+            await store.save(third)
+            return any("again" in r.getMessage() for r in caplog.records)
+
+        with caplog.at_level(logging.INFO, logger="broker.store.redis"):
+            await store.create(third)
+            await eventually(acknowledged_again, 20)
+        assert await reader.hget(f"{store.prefix}s:{third.id}", "owner") == "o"
     finally:
         await reader.aclose()
         await store.close()

@@ -220,6 +220,8 @@ _MAX_CONNECTIONS = 200
 
 #: Longest single XREAD block; kept under the socket timeout.
 _BLOCK_MS = 4000
+#: WAIT's timeout while replicas are known to be short (see RedisStore._acked).
+_SHORT_WAIT_MS = 10
 #: Longest pause between attempts to subscribe to session ends again.
 _RESUBSCRIBE_MAX = 2.0
 
@@ -313,13 +315,17 @@ class RedisStore:
         acknowledgements than asked within the timeout leave the write in
         place (it happened on the primary; refusing now would only turn a
         stored session into an error the client retries): logged once per
-        change between "replicated" and "short".
+        change between "replicated" and "short". While short (a replica down,
+        or a new primary after a failover that has none yet), writes wait
+        only :data:`_SHORT_WAIT_MS`: enough to notice replicas answering
+        again, without slowing every session write by the full timeout.
         """
         if not self._wait_replicas:
             return await script(keys=keys, args=args)
+        wait_ms = min(self._wait_ms, _SHORT_WAIT_MS) if self._short else self._wait_ms
         async with self._redis.client() as conn:
             result = await script(keys=keys, args=args, client=conn)
-            acked = int(await conn.execute_command("WAIT", self._wait_replicas, self._wait_ms))
+            acked = int(await conn.execute_command("WAIT", self._wait_replicas, wait_ms))
         short = acked < self._wait_replicas
         if short != self._short:
             self._short = short
