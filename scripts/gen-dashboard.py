@@ -59,6 +59,17 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
      8),
     ("Spawns in progress", "short", [
         (f"sum(broker_spawns_in_progress{sel()})", "spawning")], 8),
+    ("Spawn queue (waiting and slots in use)", "short", [
+        (f"sum by (kind) (broker_spawn_queue_length{sel()})", "waiting: {{kind}}"),
+        (f"sum by (kind) (broker_spawn_slots_in_use{sel()})", "in a slot: {{kind}}"),
+        (f"sum(broker_spawn_slots{sel()})", "slots")], 12),
+    ("Spawn queue wait", "s", [
+        ("histogram_quantile(0.5, sum by (le) (rate(broker_spawn_queue_wait_seconds_bucket"
+         + sel('kind="visitor"') + '[10m])))', "visitor p50"),
+        ("histogram_quantile(0.95, sum by (le) (rate(broker_spawn_queue_wait_seconds_bucket"
+         + sel('kind="visitor"') + '[10m])))', "visitor p95"),
+        ("sum by (outcome) (rate(broker_spawn_queue_wait_seconds_count"
+         + sel('outcome!="granted"') + '[10m]))', "gave up: {{outcome}}")], 12),
     ("Open kernel WebSockets", "short", [
         (f"sum(broker_websocket_connections{sel()})", "all selected pods"),
         (f"broker_websocket_connections{sel()}", "{{pod}}")], 8),

@@ -83,3 +83,9 @@ class Unavailable(BrokerError):
 class SpawnTimeout(BrokerError):
     status, reason, ws_close_code = 504, "spawn_timeout", 1011
     expected = False
+
+
+class SpawnQueueTimeout(BrokerError):
+    """A spawn waited BROKER_SPAWN_QUEUE_TIMEOUT for a launch slot and never got one."""
+
+    status, reason, ws_close_code = 503, "spawn_queue_timeout", 1013

@@ -37,6 +37,11 @@ Labels:
     unreachable, refused, bad_response, exited, spawn.
 ``op`` (store)
     the store method (get, save, create, ...).
+``kind`` (spawn queue)
+    ``visitor`` (a session someone asked for) or ``pool`` (a warm-pool refill);
+    ``outcome`` (queue wait) ``granted``, ``timeout`` (waited
+    BROKER_SPAWN_QUEUE_TIMEOUT in vain) or ``left`` (its client went away).
+    The queue is per replica (:mod:`broker.spawnqueue`): sum across replicas.
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ LIMIT_REASONS = ("creation_rate", "owner_sessions", "spec_capacity", "capacity",
                  # The HTTP edge (broker.edge): connection cap and read timeouts.
                  "too_many_connections", "header_timeout", "body_timeout")
 FAILURE_REASONS = ("upstream_failed", "spawn_timeout", "upstream_unreachable", "capacity",
-                   "rate_limited", "internal")
+                   "rate_limited", "internal", "spawn_queue_timeout")
+QUEUE_KINDS = ("visitor", "pool")
+QUEUE_OUTCOMES = ("granted", "timeout", "left")
 ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
           "jupyter_rest", "jupyter_ws", "build", "execute", "files", "admin", "health", "ready",
           "versions", "metrics", "openapi", "other")
@@ -91,6 +98,7 @@ _EXEC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 #: HTTP requests: REST calls are fast, but POST ?wait=true, /build and the events stream
 #: last as long as a spawn, so the buckets go on past the spawn timeout's default (120 s).
 _HTTP_BUCKETS = (*_FAST_BUCKETS, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -173,6 +181,19 @@ class Metrics:
             "broker_websocket_throttled_total",
             "Client kernel WebSocket messages after which reading paused (rate limit "
             "backpressure).", registry=r)
+        self.spawn_slots = Gauge(
+            "broker_spawn_slots", "Spawns this replica runs at once (BROKER_SPAWN_SLOTS, or "
+            "the number it stands for); more wait in the spawn queue.", registry=r)
+        self.spawn_slots_in_use = Gauge(
+            "broker_spawn_slots_in_use", "Spawn slots held on this replica, by kind (visitor "
+            "or pool).", ["kind"], registry=r)
+        self.spawn_queue_length = Gauge(
+            "broker_spawn_queue_length", "Spawns waiting for a slot on this replica, by kind.",
+            ["kind"], registry=r)
+        self.spawn_queue_wait = Histogram(
+            "broker_spawn_queue_wait_seconds", "Time a spawn waited for its slot, by kind and "
+            "outcome (granted, timeout, left).", ["kind", "outcome"], buckets=_QUEUE_BUCKETS,
+            registry=r)
         self._precreate()
 
     def _precreate(self) -> None:
@@ -205,6 +226,11 @@ class Metrics:
             self.sessions_ended.labels(reason)
         for reason in LIMIT_REASONS:
             self.limit_refusals.labels(reason)
+        for kind in QUEUE_KINDS:
+            self.spawn_slots_in_use.labels(kind)
+            self.spawn_queue_length.labels(kind)
+            for outcome in QUEUE_OUTCOMES:
+                self.spawn_queue_wait.labels(kind, outcome)
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request's duration (route kept inside ROUTES)."""
@@ -231,4 +257,4 @@ class Metrics:
 
 
 ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone", "spawn_lost",
-                 "admin", "failed", "other")
+                 "admin", "failed", "abandoned", "other")

@@ -118,7 +118,7 @@ class Reaper:
         if session.expired(now):
             return "max_age"
         if session.status is Status.PENDING:
-            lost = now - session.created_at > self._manager.settings.spawn_timeout + ORPHAN_GRACE
+            lost = now - session.created_at > self._manager.settings.spawn_deadline + ORPHAN_GRACE
             return "spawn_lost" if lost and not self._manager.spawning(session.id) else ""
         idle = self._manager.settings.session_idle_timeout
         if idle and session.status is Status.READY and now - session.last_activity > idle:

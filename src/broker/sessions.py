@@ -15,8 +15,12 @@ Invariants:
   Origin alone is never proof: people behind one NAT share them.
 * A session is only handed back for reuse after the upstream itself said it
   is alive; a dead one is stopped and replaced.
-* A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout``,
-  and a failed or abandoned spawn is cleaned up on the backend. The failure
+* A spawn first waits for a slot of this replica's spawn queue
+  (:mod:`broker.spawnqueue`, at most ``spawn_queue_timeout``, announcing its
+  place in line as ``waiting`` events); a queued session whose every client
+  on this replica went away leaves the line and ends as ``abandoned``.
+* A spawn always ends in ``ready`` or ``failed`` within ``spawn_timeout`` of
+  leaving the queue, and a failed or abandoned spawn is cleaned up on the backend. The failure
   is recorded and announced *before* that cleanup runs (a frozen hub must
   not delay the answer); the cleanup is bounded (``BROKER_CLEANUP_TIMEOUT``)
   and, if it fails, retried on every reaper interval until it succeeds.
@@ -39,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +52,7 @@ from broker.errors import (
     BrokerError,
     Forbidden,
     NotFound,
+    SpawnQueueTimeout,
     SpawnTimeout,
     Unauthorized,
     Unavailable,
@@ -68,6 +73,7 @@ from broker.models import (
 from broker.policy.limits import Admission, AdmissionControl
 from broker.reaper import ORPHAN_GRACE, Reaper
 from broker.settings import Settings
+from broker.spawnqueue import Kind, QueueProgress, SpawnQueue, auto_slots
 from broker.store.base import FINAL_PHASES, SessionStore
 from broker.store.redis import store_unavailable
 
@@ -146,6 +152,15 @@ class SessionManager:
         #: Sessions whose backend cleanup failed or timed out: retried every reap interval.
         self._cleanups: dict[str, Session] = {}
         self.reaper = Reaper(self)
+        #: Spawn slots of this replica: visitors' spawns here, the warm pool's refills too.
+        self.spawn_queue = SpawnQueue(
+            settings.spawn_slots or auto_slots(backend.name),
+            pool_share=settings.pool_spawn_share, timeout=settings.spawn_queue_timeout,
+            metrics=self.metrics)
+        #: Sessions whose spawn waits in the queue on this replica.
+        self._queued: set[str] = set()
+        #: session id -> clients following its launch on this replica (see following()).
+        self._followers: dict[str, int] = {}
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
@@ -318,7 +333,73 @@ class SessionManager:
             log.exception("could not release the limits held by session %s", session.id)
 
     # -- spawning ------------------------------------------------------------------------
-    async def _spawn(self, session: Session) -> None:
+    async def _spawn(self, session: Session, kind: Kind = "visitor") -> None:
+        """Wait for a spawn slot (announcing the place in line), then spawn.
+
+        ``kind="pool"``: a warm-pool refill, which waits behind every visitor
+        and within its share of the slots (:mod:`broker.spawnqueue`).
+        """
+        self._queued.add(session.id)
+        try:
+            async with self.spawn_queue.slot(
+                    kind, on_progress=lambda where: self._announce(session, where)):
+                self._queued.discard(session.id)
+                await self._spawn_in_slot(session)
+        except SpawnQueueTimeout as error:
+            self._queued.discard(session.id)  # out of the line: nothing left to abandon
+            await self._fail(session, error)
+            await self._settle(session, ready=False)
+        except asyncio.CancelledError:
+            if session.id in self._queued:  # never started: only the admission to undo
+                await self._settle(session, ready=False)
+            raise
+        finally:
+            self._queued.discard(session.id)
+
+    async def _announce(self, session: Session, where: QueueProgress) -> None:
+        """Tell the session's clients its place in the spawn queue (best effort)."""
+        with contextlib.suppress(Unavailable):  # a store outage must not cost the place
+            await self.store.publish(session.id, where.event())
+
+    @contextlib.contextmanager
+    def following(self, session_id: str) -> Iterator[None]:
+        """Count one client waiting on this session's launch (POST ?wait, /build, events).
+
+        When the last one leaves while the spawn still waits for a slot, nobody
+        is left to use the server: the session leaves the queue and ends as
+        ``abandoned``. A session nobody followed (POST without ``wait``, to be
+        polled later) is never abandoned; once its spawn runs it is not either.
+        """
+        self._followers[session_id] = self._followers.get(session_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._followers[session_id] - 1
+            if left:
+                self._followers[session_id] = left
+            else:
+                del self._followers[session_id]
+                if session_id in self._queued:
+                    task = asyncio.create_task(self._abandon_queued(session_id))
+                    self._background.add(task)
+                    task.add_done_callback(_forget_in(self._background))
+
+    async def _abandon_queued(self, session_id: str) -> None:
+        try:
+            session = await self.store.get(session_id)
+        except BrokerError as exc:
+            log.warning("could not end queued session %s whose clients left: %s", session_id,
+                        exc.message)
+            return
+        # Checked again after the read: the spawn may have got its slot, or a client
+        # come back, meanwhile (stop() cancels the spawn before its first await).
+        if session is not None and session.status is Status.PENDING \
+                and session_id in self._queued and session_id not in self._followers:
+            log.info("session %s: its clients left while it waited for a spawn slot",
+                     session_id)
+            await self.stop(session, "abandoned")
+
+    async def _spawn_in_slot(self, session: Session) -> None:
         backend = self.backend.name
         started = asyncio.get_running_loop().time()
         outcome = "failure"

@@ -198,7 +198,35 @@ class Settings(BaseSettings):
         120.0,
         gt=0,
         description="Seconds a spawn may take before it is abandoned, cleaned up and reported "
-        "as failed (504).",
+        "as failed (504). Counted from the moment the spawn leaves the spawn queue "
+        "(BROKER_SPAWN_SLOTS); the wait in line has its own bound, BROKER_SPAWN_QUEUE_TIMEOUT.",
+    )
+    spawn_slots: int = Field(
+        0,
+        ge=0,
+        description="Spawns this replica runs at once; more wait in a first-come, first-served "
+        "queue and hear their place in line and an estimated wait as 'waiting' progress "
+        "events. 0 picks per backend: local, the CPUs the broker may use (at least 2: a server "
+        "start is CPU-bound, more at once only slows every one); jupyterhub and binderhub, 20 "
+        "per replica (JupyterHub's concurrent_spawn_limit defaults to 100; 5 replicas stay "
+        "below it). With R replicas the upstream sees up to R times this many.",
+    )
+    spawn_queue_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a spawn may wait in the spawn queue for a slot. Beyond it the "
+        "session fails with 503 'spawn_queue_timeout' and Retry-After; its spawn never "
+        "started. A request whose client goes away (POST ?wait=true, /build or the events "
+        "stream closed) leaves the queue at once and its session ends as 'abandoned'.",
+    )
+    pool_spawn_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of BROKER_SPAWN_SLOTS that warm-pool refills may hold at once "
+        "(rounded down, and never the last slot: with one slot the pool does not refill). "
+        "Refills only take a slot while no visitor waits for one, so they never delay a "
+        "visitor's spawn by more than the refills already running.",
     )
     admin_token: SecretStr = Field(
         SecretStr(""), description="Token for /api/v1/admin/...; empty disables the admin API."
@@ -261,10 +289,12 @@ class Settings(BaseSettings):
     max_concurrent_spawns: int = Field(
         0,
         ge=0,
-        description="Spawns in progress at once across all replicas (shields the upstream from "
-        "launch storms); 0 = unlimited. Beyond it, creation is refused with 429 "
-        "'spawn_concurrency' and a short Retry-After. A spawn holds its slot until its server "
-        "is ready or failed (at most BROKER_SPAWN_TIMEOUT).",
+        description="Spawns admitted at once across all replicas, queued or running (the "
+        "spawn queue, BROKER_SPAWN_SLOTS, already bounds what runs at once per replica; this "
+        "bounds how many may wait); 0 = unlimited. Beyond it, creation is refused with 429 "
+        "'spawn_concurrency' and a short Retry-After. A spawn holds its place until its "
+        "server is ready or failed (at most BROKER_SPAWN_QUEUE_TIMEOUT + "
+        "BROKER_SPAWN_TIMEOUT).",
     )
     max_kernels_per_session: int = Field(
         0,
@@ -659,6 +689,11 @@ class Settings(BaseSettings):
 
         check_redis_url(value)
         return value
+
+    @property
+    def spawn_deadline(self) -> float:
+        """Longest a session may stay pending: its wait in the spawn queue, then its spawn."""
+        return self.spawn_queue_timeout + self.spawn_timeout
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Settings:

@@ -139,5 +139,6 @@ async def usage(request: web.Request) -> web.Response:
         "top_owners": [{"owner": o, "sessions": n} for o, n in owners.most_common(20)],
         "this_replica": {
             "websockets_open": manager.open_connections(),
+            "spawn_queue": manager.spawn_queue.snapshot(),
         },
     })

@@ -67,6 +67,8 @@ _PREFIX = "/build/"
 #: Launch attempts when a reused session ends between its ready event and
 #: the minting of a token for it (a second attempt starts a new session).
 _ATTEMPTS = 2
+#: Fields of a spawn queue 'waiting' event passed through to /build clients.
+_QUEUE_FIELDS = ("queue_position", "queue_wait")
 
 
 class _Stream:
@@ -177,6 +179,13 @@ async def _follow(
 ) -> bool:
     """Relay one session's launch to the stream; False if it must be retried afresh."""
     keepalive = request.app[keys.SETTINGS].build_keepalive
+    with manager.following(session.id):
+        return await _relay(request, stream, manager, session, token, spec, keepalive)
+
+
+async def _relay(request: web.Request, stream: _Stream, manager: SessionManager,
+                 session: Session, token: str | None, spec: BuildSpec, keepalive: float) -> bool:
+    """The body of :func:`_follow`, while the visitor counts as following the session."""
     async for event in manager.events(session.id, keepalive=keepalive):
         if event is None:
             await stream.keepalive()
@@ -193,7 +202,9 @@ async def _follow(
         if phase in ("failed", "stopped"):
             await stream.failed(_failure(event))
             return True
-        await stream.event({"phase": phase, "message": event.get("message", "")})
+        # BinderHub's fields, plus the spawn queue's place and estimated wait when queued.
+        await stream.event({"phase": phase, "message": event.get("message", "")}
+                           | {k: event[k] for k in _QUEUE_FIELDS if k in event})
     await stream.failed(Unavailable("The session ended before it was ready",
                                     reason="session_ended", retry_after=5))
     return True

@@ -149,7 +149,9 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "Spawn progress as server-sent events",
                 "description": "`data: {\"phase\", \"message\", \"progress\"?}` lines, ending "
-                "with phase ready, failed or stopped; `:keepalive` comments in between.",
+                "with phase ready, failed or stopped; `:keepalive` comments in between. While "
+                "the spawn waits for a spawn slot: phase waiting with `queue_position` (1 = "
+                "next) and `queue_wait` (estimated seconds, when known).",
                 "security": [{"sessionToken": []}],
                 "responses": {"200": {"description": "Event stream",
                                       "content": {"text/event-stream": {}}},
@@ -161,7 +163,8 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "BinderHub-compatible launch stream (thebe / MyST books)",
                 "description": "Always HTTP 200 `text/event-stream`, as BinderHub answers: "
-                "unnamed `data: {\"phase\", \"message\"}` events (waiting, launching, ...), "
+                "unnamed `data: {\"phase\", \"message\"}` events (waiting, launching, ...; a "
+                "queued launch's waiting events add `queue_position` and `queue_wait`), "
                 "`:keepalive` comments, and a final `ready` event whose `url` is the broker's "
                 "`/s/{id}/` and whose `token` is a broker session token, or a `failed` event "
                 "with `status_code` (400 malformed spec, 403 denied, 429 rate limits, 503 "

@@ -8,10 +8,12 @@ body shapes are the contract documented in docs/api.md and by ``openapi.py``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import re
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -33,6 +35,34 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
 }
 _SPEC_MAX = 1024
+#: Seconds between checks that a client waiting on POST ?wait=true is still there.
+_GONE_CHECK = 0.5
+
+T = TypeVar("T")
+
+
+async def while_connected(request: web.Request, waiting: Awaitable[T]) -> T:
+    """``await waiting``, but raise ConnectionResetError as soon as the client has left
+    (the middleware records that as 499).
+
+    aiohttp does not cancel a handler whose client disconnects (handler
+    cancellation is off by default, and on purpose: a stop must not be cut
+    short), and a handler that writes nothing until the end never hears of it.
+    A client that left while its spawn waits in the queue should leave the
+    queue (:meth:`~broker.sessions.SessionManager.following`), so the
+    connection is looked at every :data:`_GONE_CHECK` seconds.
+    """
+    task = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_GONE_CHECK)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+    finally:
+        task.cancel()
 
 
 def _iso(ts: float) -> str:
@@ -134,7 +164,9 @@ async def create_session(request: web.Request) -> web.Response:
         wanted, presented, on_admitted=lambda admission: limit_headers.update(
             admission.headers))
     if _flag(request, "wait") and session.status is Status.PENDING:
-        waited, final = await manager.wait_outcome(session.id, manager.settings.spawn_timeout + 5)
+        with manager.following(session.id):
+            waited, final = await while_connected(request, manager.wait_outcome(
+                session.id, manager.settings.spawn_deadline + 5))
         session = waited or session
         if session.status is Status.PENDING:
             # Never answer "pending" to a client that asked to wait: the spawn is still
@@ -198,11 +230,12 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
-        async for event in manager.events(session.id):
-            if event is None:
-                await response.write(b":keepalive\n\n")
-            else:
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        with manager.following(session.id):
+            async for event in manager.events(session.id):
+                if event is None:
+                    await response.write(b":keepalive\n\n")
+                else:
+                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
     except BrokerError as error:  # the stream already started: say so in it, then end
         await response.write(f"data: {json.dumps({'phase': 'error', **error.body()})}\n\n"
                              .encode())

@@ -52,8 +52,8 @@ from broker.policy.apikeys import ApiKeys
 from broker.policy.engines import Decision, Engine, MemoryEngine, RedisEngine, Slot, Ticket
 from broker.settings import Settings
 
-#: Seconds a pending reservation outlives BROKER_SPAWN_TIMEOUT before it stops counting
-#: (the reaper's own grace for spawns whose replica vanished).
+#: Seconds a pending reservation outlives its spawn deadline (queue wait + BROKER_SPAWN_TIMEOUT)
+#: before it stops counting (the reaper's own grace for spawns whose replica vanished).
 LEASE_GRACE = 30.0
 #: Retry-After values are spread upwards by up to this fraction.
 JITTER = 0.25
@@ -161,7 +161,7 @@ class AdmissionControl:
         now = self.clock()
         return Ticket(
             slot=self.slot(session_id, owner, spec), now=now,
-            lease_until=now + s.spawn_timeout + LEASE_GRACE,
+            lease_until=now + s.spawn_deadline + LEASE_GRACE,
             max_total=s.max_sessions, max_owner=max_owner, max_subject=self.spec_cap(spec),
             max_spawns=s.max_concurrent_spawns, max_creations=max_creations, window=window)
 
