@@ -65,6 +65,13 @@ async def test_jupyterlab_runs_a_cell_and_never_sees_the_upstream_token(
     output = page.locator(".jp-OutputArea-output").first
     await output.wait_for()
     assert (await output.inner_text()).strip() == "42"
+    # A script in an HTML output (trusted: this browser ran it) is not run in the
+    # broker's origin: the UI's CSP allows scripts from the broker's files only.
+    await page.keyboard.type("from IPython.display import HTML; HTML('<b id=\"marker\">m</b>"
+                             "<script>document.title = \"ran\"</script>')")
+    await page.keyboard.press("Shift+Enter")
+    await page.locator("#marker").wait_for()
+    assert await page.title() != "ran"
     # The notebook is a file of the session's server.
     listing = await page.evaluate(
         "async ([base, token]) => (await (await fetch(base + 'api/contents', "

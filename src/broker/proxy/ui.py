@@ -47,8 +47,14 @@ COOKIE = "session_broker_token"
 PAGES = re.compile(r"(?:lab|tree)(?:/.*)?")
 #: The kernelspecs API, whose resource URLs (kernel logos) include the server's base.
 KERNELSPECS = re.compile(r"api/kernelspecs(?:/[^/]+)?")
-#: For UI pages: scripts as JupyterLab loads them, no embedding by other sites.
-UI_CSP = "frame-ancestors 'self'; base-uri 'self'; object-src 'none'; form-action 'self'"
+#: For UI pages: no embedding by other sites, and scripts only from the broker's
+#: files, so a script element in an HTML output (which JupyterLab runs for outputs
+#: it trusts) does not run in the broker's origin. 'unsafe-eval': JupyterLab's
+#: settings validation (ajv) compiles its schemas with it. jupyter_server's inline
+#: script that strips ?token= from the address is blocked too: the broker's
+#: redirect has already done that.
+UI_CSP = ("frame-ancestors 'self'; base-uri 'self'; object-src 'none'; form-action 'self'; "
+          "script-src 'self' 'unsafe-eval'")
 NO_CREDENTIAL = ("This link to a session's Jupyter UI carries no session token, and this "
                  "browser holds none for it: open the UI from the page that started the "
                  "session (its launch button adds the token).")
