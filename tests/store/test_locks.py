@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from broker.errors import Unavailable
 from broker.store.crypto import TokenCipher
 from broker.store.locks import ClusterLocks
 from broker.store.redis import RedisStore
+from tests.redisproc import RedisProcess
 
 
 def _busy() -> Unavailable:
@@ -67,3 +69,32 @@ async def test_a_lock_of_a_replica_that_died_expires(
     assert await replicas[0].try_lock("kernels:s1", ttl=0.3)
     async with ClusterLocks(replicas[1]).hold("kernels:s1", ttl=30, wait=5, busy=_busy):
         pass
+
+
+async def test_an_outage_raises_at_once_or_is_waited_out_when_asked(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, persistent=False)
+    server.start()
+    store = RedisStore(server.url, TokenCipher("k"), prefix="o:")
+    locks = ClusterLocks(store)
+    try:
+        server.kill()
+        with pytest.raises(Unavailable) as caught:  # a client's request: its 503 now
+            async with locks.hold("kernels:s", ttl=30, wait=5, busy=_busy):
+                pass
+        assert caught.value.reason == "store_unavailable"
+        entered = asyncio.Event()
+
+        async def spawn() -> None:  # background work rides the outage out
+            async with locks.hold("hub-user:u", ttl=30, wait=20, busy=_busy,
+                                  through_outages=True):
+                entered.set()
+
+        task = asyncio.create_task(spawn())
+        await asyncio.sleep(0)  # the task is waiting on the store now
+        assert not entered.is_set()
+        server.start()
+        await asyncio.wait_for(task, 15)
+        assert entered.is_set()
+    finally:
+        await store.close()
+        server.stop()

@@ -159,7 +159,7 @@ class JupyterHubBackend:
         """
         return self.locks.hold(
             f"hub-user:{user}", ttl=self._request_timeout * 4 + 10,
-            wait=self._request_timeout * 2,
+            wait=self._request_timeout * 2, through_outages=True,
             busy=lambda: UpstreamFailed("JupyterHub is still busy with this user's other "
                                         "servers; try again", reason="upstream_failed"))
 

@@ -6,7 +6,10 @@ among themselves); only the one at the head asks the store
 when the store is Redis), polling briefly while another replica holds it.
 The store's lock expires after ``ttl`` seconds, so a replica that died
 holding one blocks the others for at most that long; a waiter gives up after
-``wait`` seconds in all (queue and store) with the caller's error.
+``wait`` seconds in all (queue and store) with the caller's error. A store
+outage (a Redis failover) raises at once, or is waited out within the same
+``wait`` when the caller asks; a lock that cannot be released is left to
+expire.
 
 Used for the kernels-per-session check (:mod:`broker.policy.kernels`) and
 for JupyterHub's per-user server creation (:mod:`broker.backends.jupyterhub`).
@@ -17,13 +20,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.store.base import SessionStore
 
 #: Seconds between attempts at a lock another replica holds.
 LOCK_POLL = 0.05
+#: Seconds between attempts while the store is unavailable (within the same ``wait``).
+OUTAGE_POLL = 0.5
+
+log = logging.getLogger(__name__)
 
 
 class KeyedLocks:
@@ -55,9 +63,14 @@ class ClusterLocks:
         self._local = KeyedLocks()
 
     @contextlib.asynccontextmanager
-    async def hold(self, name: str, *, ttl: float, wait: float,
-                   busy: Callable[[], BrokerError]) -> AsyncIterator[None]:
-        """Hold ``name`` for the block; raise ``busy()`` if it is not free within ``wait`` s."""
+    async def hold(self, name: str, *, ttl: float, wait: float, busy: Callable[[], BrokerError],
+                   through_outages: bool = False) -> AsyncIterator[None]:
+        """Hold ``name`` for the block; raise ``busy()`` if it is not free within ``wait`` s.
+
+        ``through_outages``: a store outage is waited out within ``wait`` (for
+        background work such as a spawn) instead of raising at once (for a
+        client's request, which should get its 503 now).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         async with contextlib.AsyncExitStack() as stack:
@@ -69,11 +82,24 @@ class ClusterLocks:
             if self._store is None:
                 yield
                 return
-            while not await self._store.try_lock(name, ttl):
-                if loop.time() > deadline:
-                    raise busy()
-                await asyncio.sleep(LOCK_POLL)  # another replica holds it: it expires by itself
+            while True:
+                try:
+                    if await self._store.try_lock(name, ttl):
+                        break
+                    pause = LOCK_POLL  # another replica holds it: it expires by itself
+                except Unavailable as exc:  # the store is away (a failover): wait for it
+                    if (exc.reason != "store_unavailable" or not through_outages
+                            or loop.time() > deadline):
+                        raise
+                    pause = OUTAGE_POLL
+                else:
+                    if loop.time() > deadline:
+                        raise busy()
+                await asyncio.sleep(pause)
             try:
                 yield
             finally:
-                await self._store.release_lock(name)
+                try:
+                    await self._store.release_lock(name)
+                except Unavailable:  # the block's own outcome stands; the lock expires
+                    log.warning("could not release lock %s; it expires in %g s", name, ttl)
