@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from tests.conftest import MakeBroker
 from tests.kernelproto import V1, execute
@@ -80,3 +81,41 @@ async def test_a_session_deleted_on_one_replica_closes_its_websocket_on_another(
     assert ws.close_code == 1000
     assert message.extra == "session ended: deleted"
     print(f"\nclose through the other replica {delay * 1000:.0f} ms after the DELETE was sent")
+
+
+async def test_an_end_announced_while_a_replica_was_not_subscribed_still_closes_its_socket(
+    make_broker: MakeBroker, redis_url: str
+) -> None:
+    """A replica that missed the announcement (here: Redis's ACL kept it from
+    subscribing, as an outage would) finds the end when it subscribes again."""
+    admin = aioredis.Redis.from_url(redis_url)
+    user, password = f"replica-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
+                                "resetchannels")
+    try:
+        shared = {"secret_key": "replica-test-secret",
+                  "redis_prefix": f"r{uuid.uuid4().hex[:8]}:"}
+        first = await make_broker(redis_url=redis_url, **shared)
+        second = await make_broker(
+            redis_url=redis_url.replace("redis://", f"redis://{user}:{password}@"), **shared)
+        session = await first.ready_session()
+        kernel = await first.start_kernel(session)
+        base = f"{second.url}/s/{session['id']}/"
+        async with second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
+                                          params={"token": session["token"]},
+                                          protocols=[V1]) as ws:
+            assert (await execute(ws, "print(1)")).stdout == "1\n"
+            async with first.http.delete(f"{first.url}/api/v1/sessions/{session['id']}",
+                                         headers={"Authorization": f"token {session['token']}"}
+                                         ) as resp:
+                assert resp.status == 204
+            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
+            async with asyncio.timeout(10):
+                message = await ws.receive()
+                while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                           aiohttp.WSMsgType.CLOSING):
+                    message = await ws.receive()
+        assert (message.data, message.extra) == (1000, "session ended: deleted")
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
