@@ -89,6 +89,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Upstream errors", "reqps", [
         (f"sum by (backend, kind) (rate(broker_upstream_errors_total{sel()}[5m]))",
          "{{backend}}: {{kind}}")], 12),
+    ("Federation: members' sessions and health (BROKER_UPSTREAMS)", "short", [
+        (f"max by (member) (broker_upstream_sessions{sel()})", "{{member}} sessions"),
+        (f"min by (member) (broker_upstream_up{sel()})", "{{member}} up (all pods)")], 12),
+    ("Federation: spawn attempts by member and outcome", "reqps", [
+        (f"sum by (member, outcome) (rate(broker_upstream_spawns_total{sel()}[5m]))",
+         "{{member}}: {{outcome}}")], 12),
     ("REST latency p95 by route", "s", [
         ("histogram_quantile(0.95, sum by (le, route) "
          "(rate(broker_http_request_duration_seconds_bucket" + REST +

@@ -33,7 +33,9 @@ label ever holds an IP, repository, session id or path.
 
 def render() -> str:
     """The module's label notes plus one table row per metric family."""
-    registry = Metrics("local").registry
+    metrics = Metrics("local")
+    metrics.add_members(["example"])  # the federation's series exist per configured member
+    registry = metrics.registry
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for family in registry.collect():
         labels: set[str] = set()

@@ -279,7 +279,22 @@ class RunningHub:
 
 
 def start_hub(workdir: Path, name: str = "hub", config: HubConfig | None = None) -> RunningHub:
-    """Start a JupyterHub in ``workdir`` and return once it serves requests."""
+    """Start a JupyterHub in ``workdir`` and return once it serves requests.
+
+    A port :func:`free_port` found can be taken by another process (any outgoing
+    connection on this busy machine) before the hub binds it: then the hub is started
+    again on new ports, up to three times.
+    """
+    for attempt in range(3):
+        try:
+            return _start_hub(workdir, name, config)
+        except HubSetupError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_hub(workdir: Path, name: str, config: HubConfig | None) -> RunningHub:
     cfg = config or HubConfig()
     chp_binary()  # fail early, with the install hint
     workdir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ handle:
 ``"never"``
     A process that never answers HTTP: the spawn stays pending until the
     hub's ``http_timeout`` (or until someone stops it).
+``"fast"``
+    A minimal HTTP server answering every GET (``api/status`` included) with
+    200: a server that starts at once, for tests about routing, not kernels.
 anything else
     Refused by ``apply_user_options`` with HTTP 400 "No such profile", the
     hub's standard way of rejecting bad user_options.
@@ -31,11 +34,31 @@ from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
 from traitlets import Unicode
 
+#: The "fast" profile's server: answers every GET with a Jupyter-like api/status
+#: document on the address the hub assigned, and starts in a fraction of the time a
+#: jupyterhub-singleuser needs (for tests about where sessions go, not what runs).
+_FAST_SERVER = """
+import http.server, os, urllib.parse
+url = urllib.parse.urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
+body = b'{"started": "", "last_activity": "", "connections": 0, "kernels": 0}'
+class Status(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((url.hostname, url.port), Status).serve_forever()
+"""
+
 _PROFILES: dict[str, list[str] | None] = {
     "": None,  # None: the configured jupyterhub-singleuser command
     "default": None,
     "exits": [sys.executable, "-c", "import sys; sys.exit(3)"],
     "never": [sys.executable, "-c", "import time; time.sleep(3600)"],
+    "fast": [sys.executable, "-c", _FAST_SERVER],
 }
 
 

@@ -22,6 +22,7 @@ from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.api.page import add_page, ui_routes
 from broker.backends.base import Backend
 from broker.backends.binderhub import BinderHubBackend
+from broker.backends.federation import FederationBackend
 from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
 from broker.metrics import Metrics
@@ -42,6 +43,7 @@ from broker.store.instrumented import InstrumentedStore
 from broker.store.locks import ClusterLocks
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
+from broker.upstreams import UpstreamMember, parse_upstreams
 
 
 def make_store(settings: Settings, clock: Clock) -> SessionStore:
@@ -54,10 +56,44 @@ def make_store(settings: Settings, clock: Clock) -> SessionStore:
     return MemoryStore(cipher, clock=clock)
 
 
+def upstream_backend(kind: str, config: Settings | UpstreamMember, http: aiohttp.ClientSession,
+                     settings: Settings, clock: Clock = system_clock) -> Backend:
+    """A JupyterHub or BinderHub backend from the single-upstream settings, or from one
+    BROKER_UPSTREAMS member (which has the same fields without the prefix)."""
+    if kind == "jupyterhub":
+        return JupyterHubBackend(
+            http,
+            hub_url=config.hub_url,
+            api_token=config.hub_api_token.get_secret_value(),
+            public_url=config.hub_public_url,
+            user_prefix=config.hub_user_prefix,
+            named_servers=config.hub_named_servers,
+            request_timeout=settings.upstream_timeout,
+            clock=clock,  # token lifetimes follow the sessions' clock
+        )
+    return BinderHubBackend(
+        http,
+        binder_url=config.binder_url,
+        hub_url=config.binder_hub_url,
+        hub_api_token=config.binder_hub_api_token.get_secret_value(),
+        connect_timeout=config.binder_connect_timeout,
+        read_timeout=config.binder_read_timeout,
+        request_timeout=settings.upstream_timeout,
+    )
+
+
 def make_backend(
     settings: Settings, http: aiohttp.ClientSession, clock: Clock = system_clock
 ) -> Backend:
-    """The backend named by BROKER_BACKEND."""
+    """The federation of BROKER_UPSTREAMS when set, else the backend named by BROKER_BACKEND."""
+    members = parse_upstreams(settings.upstreams.get_secret_value())
+    if members:
+        interval = settings.upstreams_health_interval
+        return FederationBackend(
+            [(m, upstream_backend(m.backend, m, http, settings, clock)) for m in members],
+            # A check may take the interval, at least 5 s (a busy hub is slow, not down).
+            http, interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
+            affinity=settings.upstreams_affinity, clock=clock)
     if settings.backend == "local":
         return LocalBackend(
             http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args,
@@ -66,27 +102,8 @@ def make_backend(
             else "",
             terminals=settings.jupyter_ui_terminals,
         )
-    if settings.backend == "jupyterhub":
-        return JupyterHubBackend(
-            http,
-            hub_url=settings.hub_url,
-            api_token=settings.hub_api_token.get_secret_value(),
-            public_url=settings.hub_public_url,
-            user_prefix=settings.hub_user_prefix,
-            named_servers=settings.hub_named_servers,
-            request_timeout=settings.upstream_timeout,
-            clock=clock,  # token lifetimes follow the sessions' clock
-        )
-    if settings.backend == "binderhub":
-        return BinderHubBackend(
-            http,
-            binder_url=settings.binder_url,
-            hub_url=settings.binder_hub_url,
-            hub_api_token=settings.binder_hub_api_token.get_secret_value(),
-            connect_timeout=settings.binder_connect_timeout,
-            read_timeout=settings.binder_read_timeout,
-            request_timeout=settings.upstream_timeout,
-        )
+    if settings.backend in ("jupyterhub", "binderhub"):
+        return upstream_backend(settings.backend, settings, http, settings, clock)
     raise RuntimeError(f"BROKER_BACKEND={settings.backend} is not available in this version")
 
 
@@ -120,8 +137,14 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK],
                              metrics=app[keys.METRICS])
     backend.on_lost = manager.on_upstream_lost
+    locks = ClusterLocks(app[keys.STORE])  # per-user creation on a hub, across replicas
     if isinstance(backend, JupyterHubBackend):
-        backend.locks = ClusterLocks(app[keys.STORE])  # per-user creation, across replicas
+        backend.locks = locks
+    if isinstance(backend, FederationBackend):
+        backend.attach(manager.store.list_live, app[keys.METRICS])
+        for member in backend.members:
+            if isinstance(member.backend, JupyterHubBackend):
+                member.backend.locks = locks
     http = app[keys.HTTP]
     manager.busy_check = functools.partial(kernels_busy, http)
     app[keys.BACKEND] = backend
@@ -132,6 +155,8 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gauges.track_sessions(manager), name="session-gauge"),
         asyncio.create_task(gauges.track_loop_lag(app[keys.METRICS]), name="loop-lag"),
     ]
+    if isinstance(backend, FederationBackend):
+        tasks.append(asyncio.create_task(backend.watch(), name="upstream-health"))
     yield
     for task in tasks:
         task.cancel()
@@ -181,7 +206,8 @@ def create_app(
         middlewares=[observe, errors_and_origin], client_max_size=settings.max_request_body
     )
     app[keys.SETTINGS] = settings
-    app[keys.METRICS] = Metrics(settings.backend,
+    app[keys.METRICS] = Metrics("federation" if settings.upstreams.get_secret_value()
+                                else settings.backend,
                                 relay=wire.mode(settings.ws_relay_compiled))
     app[keys.WS_BUDGETS] = SessionWsBudgets.from_settings(
         settings, on_throttle=app[keys.METRICS].ws_throttled.inc,

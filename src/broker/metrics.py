@@ -14,7 +14,11 @@ process, as in tests, do not collide), served at ``/metrics``. Rules:
 Labels:
 
 ``backend``
-    local, jupyterhub, binderhub.
+    local, jupyterhub, binderhub, federation (BROKER_UPSTREAMS).
+``member`` (federation)
+    the names of the BROKER_UPSTREAMS members, as configured (at most 32).
+    ``broker_upstream_up`` is this replica's view; ``broker_upstream_sessions``
+    is cluster-wide (aggregate with ``max``).
 ``status`` (sessions)
     pending, ready, failed, stopped. ``broker_sessions`` is cluster-wide (read
     from the store), so aggregate it across replicas with ``max``, not ``sum``.
@@ -42,6 +46,9 @@ Labels:
     ``outcome`` (queue wait) ``granted``, ``timeout`` (waited
     BROKER_SPAWN_QUEUE_TIMEOUT in vain) or ``left`` (its client went away).
     The queue is per replica (:mod:`broker.spawnqueue`): sum across replicas.
+``outcome`` (federation spawns)
+    ready, refused (429/503: passed to the next member), failed (passed on,
+    or the session's failure when it was the last member).
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ class Direction(enum.StrEnum):
 
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "other")
-BACKENDS = ("local", "jupyterhub", "binderhub")
+BACKENDS = ("local", "jupyterhub", "binderhub", "federation")
 STATUSES = ("pending", "ready", "failed", "stopped")
 SPAWN_OUTCOMES = ("success", "failure", "timeout", "cancelled")
 REFUSAL_REASONS = ("capacity", "owner_sessions", "rate_limited", "origin", "bad_request",
@@ -88,6 +95,7 @@ ROUTES = ("sessions_create", "session_get", "session_delete", "session_events",
           "jupyter_rest", "jupyter_ws", "build", "execute", "files", "admin", "health", "ready",
           "versions", "metrics", "openapi", "other")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+UPSTREAM_SPAWN_OUTCOMES = ("ready", "refused", "failed")
 UPSTREAM_ERROR_KINDS = ("unreachable", "refused", "bad_response", "exited", "spawn")
 STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_live",
              "list_owner", "count_live", "publish", "announce_end", "ping")
@@ -194,7 +202,26 @@ class Metrics:
             "broker_spawn_queue_wait_seconds", "Time a spawn waited for its slot, by kind and "
             "outcome (granted, timeout, left).", ["kind", "outcome"], buckets=_QUEUE_BUCKETS,
             registry=r)
+        self.upstream_up = Gauge(
+            "broker_upstream_up", "Federation: 1 when the member passed its last health check "
+            "on this replica, else 0.", ["member"], registry=r)
+        self.upstream_sessions = Gauge(
+            "broker_upstream_sessions", "Federation: live sessions held by each member "
+            "(cluster-wide, counted from the store every health interval).", ["member"],
+            registry=r)
+        self.upstream_spawns = Counter(
+            "broker_upstream_spawns_total", "Federation: spawn attempts on each member by "
+            "outcome (ready, refused, failed); ready attempts are the member's share of new "
+            "sessions.", ["member", "outcome"], registry=r)
         self._precreate()
+
+    def add_members(self, names: list[str]) -> None:
+        """Pre-create the federation series of the configured members."""
+        for name in names:
+            self.upstream_up.labels(name)
+            self.upstream_sessions.labels(name)
+            for outcome in UPSTREAM_SPAWN_OUTCOMES:
+                self.upstream_spawns.labels(name, outcome)
 
     def _precreate(self) -> None:
         for backend in BACKENDS:
@@ -258,3 +285,5 @@ class Metrics:
 
 ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone", "spawn_lost",
                  "admin", "failed", "abandoned", "other")
+ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone",
+                 "upstream_down", "spawn_lost", "admin", "failed", "other")

@@ -814,22 +814,24 @@ class SessionManager:
         self.metrics.ended(reason)
         log.info("session %s stopped: %s", session.id, reason)
 
-    async def on_upstream_lost(self, session_id: str, message: str) -> None:
-        """A backend noticed a server died: the session fails, its clients are told."""
+    async def on_upstream_lost(self, session_id: str, message: str,
+                               reason: str = "upstream_exited") -> None:
+        """A backend noticed a server died: the session fails, its clients are told
+        (on every replica: :meth:`_close_connections` announces the end)."""
         session = await self.store.get(session_id, include_expired=True)
         if session is None or session.status.terminal:
             return
         session.status = Status.FAILED
         self._ready_cache.pop(session.id, None)
-        session.ended_reason = "upstream_exited"
+        session.ended_reason = reason
         session.message = message
-        self.metrics.ended("upstream_exited")
+        self.metrics.ended(reason)
         self.metrics.upstream_error(session.backend, "exited")
         await self.store.save(session)
         await self._release(session)
         await self.store.publish(session_id, {"phase": "failed", "message": message,
-                                              "reason": "upstream_exited"})
-        await self._close_connections(session_id, "upstream_exited")
+                                              "reason": reason})
+        await self._close_connections(session_id, reason)
 
     def spawning(self, session_id: str) -> bool:
         """Whether this replica is running the session's spawn right now."""

@@ -126,6 +126,40 @@ class Settings(BaseSettings):
         "that means a dead connection. The whole build and launch is bounded by "
         "BROKER_SPAWN_TIMEOUT; raise that for repositories whose images are not built yet.",
     )
+    upstreams: SecretStr = Field(
+        SecretStr(""),
+        description="Federation: several upstreams behind this broker, as a JSON list or "
+        "@/path/to/file.json, e.g. [{\"name\": \"a\", \"backend\": \"jupyterhub\", "
+        "\"hub_url\": \"...\", \"hub_api_token\": \"...\", \"weight\": 3}, ...]. Each "
+        "member takes the single-upstream settings without their BROKER_ prefix (hub_url, "
+        "hub_api_token, hub_public_url, hub_user_prefix, hub_named_servers, binder_url, "
+        "binder_hub_url, binder_hub_api_token, binder_connect_timeout, binder_read_timeout), "
+        "a name (lower-case, at most 32 characters; at most 32 members), a weight (its share "
+        "of new sessions; 0 drains it) and max_sessions (0 = unlimited; a full member gets no "
+        "new session, and when every member is full creation fails with 503 'capacity'). A "
+        "member that refuses (429/503) or fails a spawn passes it to the next one within "
+        "BROKER_SPAWN_TIMEOUT. When set, BROKER_BACKEND and the single-upstream settings are "
+        "not used. Empty: one upstream, as BROKER_BACKEND says. See docs/federation.md.",
+    )
+    upstreams_health_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Federation: seconds between health checks of each member (GET /hub/api/ "
+        "of a hub, /versions of a BinderHub; each may take the interval or 5 s, whichever is "
+        "longer, at most BROKER_UPSTREAM_TIMEOUT). One failed "
+        "check takes the member out of the rotation until a check passes; while it is down, "
+        "its sessions whose servers no longer answer end at once as 'upstream_down'. A "
+        "shorter interval notices an outage sooner at the cost of one request per member "
+        "per interval from every replica.",
+    )
+    upstreams_affinity: Literal["weight", "spec"] = Field(
+        "weight",
+        description="Federation: how a new session picks its member. 'weight': smooth weighted "
+        "round robin over the healthy members. 'spec': rendezvous hashing of the session's "
+        "spec (weighted), so a repository keeps launching where its image was built and stays "
+        "warm; sessions without a spec fall back to 'weight'. Either way a refusal passes the "
+        "spawn on to the next member.",
+    )
     build_keepalive: float = Field(
         25.0,
         gt=0,
@@ -667,6 +701,14 @@ class Settings(BaseSettings):
         from broker.policy.apikeys import parse_api_keys
 
         parse_api_keys(value.get_secret_value())
+        return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _valid_upstreams(cls, value: SecretStr) -> SecretStr:
+        from broker.upstreams import parse_upstreams
+
+        parse_upstreams(value.get_secret_value())
         return value
 
     @field_validator("page")

@@ -7,6 +7,10 @@
 ``limited_hub`` (session)
     A second hub with ``concurrent_spawn_limit=1`` and
     ``active_server_limit=1``, for the refusal tests; started on first use.
+``second_hub``
+    Another hub like ``hub``, for the federation tests (two members); started on
+    first use and kept for the session, unless a test stops it (the member-down
+    test does): then the next test asking for it gets a fresh one.
 ``hub_broker``
     ``await hub_broker(**settings)``: a broker (``make_broker``) using
     ``hub``; keyword arguments override settings (``clock=`` too).
@@ -35,7 +39,7 @@ from tests.conftest import BrokerHarness, MakeBroker, pid_alive
 from tests.hubfixture import HubConfig, HubSetupError, RunningHub, start_hub
 
 PREFIX = "broker-"  # the BROKER_HUB_USER_PREFIX default
-_HUBS = ("hub", "limited_hub")
+_HUBS = ("hub", "limited_hub", "second_hub")
 
 HubBroker = Callable[..., Awaitable[BrokerHarness]]
 
@@ -62,6 +66,35 @@ def limited_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningHub
     running.stop()
 
 
+class _Restartable:
+    """One hub for the whole session that a test may stop: the next test asking for it
+    gets a fresh one (the federation's member-down test stops it)."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, name: str) -> None:
+        self._tmp, self._name = tmp, name
+        self.running: RunningHub | None = None
+
+    def get(self) -> RunningHub:
+        if self.running is None or self.running.proc.poll() is not None:
+            if self.running is not None:
+                self.running.stop()  # whatever the stopped hub left, by PID
+            self.running = _started(self._tmp.mktemp(self._name), self._name, HubConfig())
+        return self.running
+
+
+@pytest.fixture(scope="session")
+def _second_hubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Restartable]:
+    hubs = _Restartable(tmp_path_factory, "second_hub")
+    yield hubs
+    if hubs.running is not None:
+        hubs.running.stop()
+
+
+@pytest.fixture
+def second_hub(_second_hubs: _Restartable) -> RunningHub:
+    return _second_hubs.get()
+
+
 @pytest.fixture
 async def hub_broker(hub: RunningHub, make_broker: MakeBroker) -> HubBroker:
     async def start(**overrides: Any) -> BrokerHarness:
@@ -78,7 +111,15 @@ async def no_leftovers(request: pytest.FixtureRequest) -> Any:
     for name in _HUBS:
         if name not in request.fixturenames:
             continue
-        running: RunningHub = request.getfixturevalue(name)
+        if name == "second_hub":  # function-scoped, already torn down: ask its holder
+            held = request.getfixturevalue("_second_hubs").running
+            if held is None:
+                continue
+            running: RunningHub = held
+        else:
+            running = request.getfixturevalue(name)
+        if running.proc.poll() is not None:
+            continue  # stopped by the test: its stop() took every server with it
         users = await running.remove_users(PREFIX)
         if users:
             problems.append(f"{name} still had users {users}")

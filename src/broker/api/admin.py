@@ -15,6 +15,7 @@ from aiohttp import web
 
 from broker import keys
 from broker.api.sessions import _iso
+from broker.backends.federation import FederationBackend
 from broker.errors import Forbidden, NotFound, Unauthorized
 from broker.models import Session
 from broker.policy.auth import request_token
@@ -49,6 +50,8 @@ def _admin_view(session: Session, now: float) -> dict[str, Any]:
         "id": session.id,
         "owner": session.owner,
         "backend": session.backend,
+        # The BROKER_UPSTREAMS member holding the session ("" without a federation).
+        "member": session.backend_state.get("member", ""),
         "status": session.status.value,
         "spec": session.spec,
         "profile": session.profile,
@@ -141,4 +144,26 @@ async def usage(request: web.Request) -> web.Response:
             "websockets_open": manager.open_connections(),
             "spawn_queue": manager.spawn_queue.snapshot(),
         },
+    })
+
+
+@routes.get("/api/v1/admin/upstreams", name="admin_upstreams")
+async def upstreams(request: web.Request) -> web.Response:
+    """The federation's members (BROKER_UPSTREAMS): health, sessions and share.
+
+    Health is this replica's last check; sessions are counted from the store
+    every health interval (plus what this replica placed since). Without
+    BROKER_UPSTREAMS the list is empty: there is one upstream, BROKER_BACKEND.
+    """
+    _require_admin(request)
+    backend = request.app[keys.BACKEND]
+    if not isinstance(backend, FederationBackend):
+        return web.json_response({"federation": False, "backend": backend.name,
+                                  "members": []})
+    settings = request.app[keys.SETTINGS]
+    return web.json_response({
+        "federation": True,
+        "affinity": settings.upstreams_affinity,
+        "health_interval": settings.upstreams_health_interval,
+        "members": backend.snapshot(),
     })

@@ -55,7 +55,7 @@ _SESSION = {
         "ended_reason": {
             "type": "string",
             "description": "Why a failed/stopped session ended (deleted, max_age, idle, "
-            "upstream_exited, upstream_gone, spawn_timeout, ...).",
+            "upstream_exited, upstream_gone, upstream_down, spawn_timeout, ...).",
         },
     },
 }

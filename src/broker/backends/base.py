@@ -70,9 +70,16 @@ class Liveness(enum.Enum):
     UNKNOWN = "unknown"
 
 
-#: Called by a backend when a ready session's server dies on its own:
-#: (session id, human-readable reason).
-LostCallback = Callable[[str, str], Awaitable[None]]
+class LostCallback(Protocol):
+    """Called by a backend when a ready session's server dies on its own.
+
+    ``message`` is what the session's clients read; ``reason`` the session's
+    ended reason (``upstream_exited`` by default; the federation says
+    ``upstream_down`` when the member holding the session went down).
+    """
+
+    def __call__(self, session_id: str, message: str,
+                 reason: str = "upstream_exited") -> Awaitable[None]: ...
 
 
 class Backend(Protocol):
