@@ -88,6 +88,8 @@ async def test_refusing_member_passes_the_spawn_on(make_broker: MakeBroker, hub:
     second: dict[str, Any] | None = None
     try:
         assert await member_of(broker, first["id"]) == "limited"
+        async with broker.http.get(f"{broker.url}/versions") as resp:
+            assert (await resp.json())["backend"] == "federation"
         second = await broker.ready_session(profile="fast")  # "limited" is tried first again
         assert await member_of(broker, second["id"]) == "a"
         assert spawns(broker, "limited", "refused") == 1

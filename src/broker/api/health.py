@@ -44,7 +44,7 @@ async def versions(request: web.Request) -> web.Response:
     """What is running, for support requests and dashboards."""
     return web.json_response({
         "broker": __version__,
-        "backend": request.app[keys.SETTINGS].backend,
+        "backend": request.app[keys.BACKEND].name,  # "federation" with BROKER_UPSTREAMS
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         # Whether the kernel WebSocket relay runs compiled (Cython) or as Python.
