@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from broker import keys
+from tests.binderstandin import BinderStandin
 from tests.conftest import BrokerHarness, MakeBroker, eventually
 from tests.hubfixture import RunningHub
 
@@ -101,6 +104,55 @@ async def test_refusing_member_passes_the_spawn_on(make_broker: MakeBroker, hub:
 
 async def _only_user(hub: RunningHub, session_id: str) -> bool:
     return f"broker-{session_id}" not in await hub.user_names("broker-")
+
+
+async def test_any_replica_routes_and_stops_through_the_sessions_member(
+        make_broker: MakeBroker, hub: RunningHub, second_hub: RunningHub,
+        redis_url: str) -> None:
+    """The member is stored with the session: another replica (its own rotation, its own
+    health view) proxies to it and stops it on the right hub."""
+    shared = {"redis_url": redis_url, "secret_key": "federation-replicas",
+              "redis_prefix": f"f{uuid.uuid4().hex[:8]}:"}
+    members = [member(second_hub, "b", 1), member(hub, "a", 1)]
+    first = await federated(make_broker, members, **shared)
+    other = await federated(make_broker, members, **shared)
+    session = await first.ready_session(profile="fast")  # first pick of a fresh rotation: b
+    assert await member_of(other, session["id"]) == "b"
+    auth = {"Authorization": f"token {session['token']}"}
+    through_other = session["base_url"].replace(first.url, other.url)
+    async with other.http.get(f"{through_other}api/status", headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    await delete(other, session)
+    assert f"broker-{session['id']}" not in await second_hub.user_names("broker-")
+
+
+async def test_a_binderhub_member_refusing_passes_to_a_hub_member(
+        make_broker: MakeBroker, hub: RunningHub, tmp_path: Path) -> None:
+    """A mixed federation: the BinderHub (stand-in) answers 429 (its launch rate limit),
+    the hub member starts the session; the BinderHub's health is its /versions."""
+    binder = BinderStandin(tmp_path / "binderhub", rate_limit=0)  # every launch: 429
+    await binder.start()
+    try:
+        broker = await federated(make_broker, [
+            {"name": "binder", "backend": "binderhub", "binder_url": binder.url, "weight": 1},
+            member(hub, "a", 1)], upstreams_health_interval=1.0)
+        session = await broker.ready_session(spec="gh/org/repo/HEAD", profile="fast")
+        try:
+            assert await member_of(broker, session["id"]) == "a"
+            assert spawns(broker, "binder", "refused") == 1 and len(binder.launches) == 1
+            view = {m["name"]: m for m in (await admin(broker, "upstreams"))["members"]}
+            assert view["binder"]["healthy"] and view["binder"]["backend"] == "binderhub"
+        finally:
+            await delete(broker, session)
+        await binder.close()
+        await eventually(lambda: _unhealthy(broker, "binder"), 20)
+    finally:
+        await binder.close()
+
+
+async def _unhealthy(broker: BrokerHarness, name: str) -> bool:
+    view = {m["name"]: m for m in (await admin(broker, "upstreams"))["members"]}
+    return not view[name]["healthy"]
 
 
 async def test_member_down_ends_its_sessions_and_routes_to_the_other(
