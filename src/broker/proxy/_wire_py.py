@@ -238,8 +238,9 @@ class Tap:
         flags = 0
         # (``head.find(x) >= 0``, not ``x in head``: CPython 3.11 first tries a bytes
         # operand of ``in`` as an integer, building and dropping a TypeError each time.)
-        if channel in (SHELL, CONTROL) or opcode == OP_TEXT:
-            if head.find(b'_request"') >= 0 and self.owed < MAX_OWED:
+        # An execute_request is a request: the second search only runs after the first hit.
+        if (channel in (SHELL, CONTROL) or opcode == OP_TEXT) and head.find(b'_request"') >= 0:
+            if self.owed < MAX_OWED:
                 self.owed += 1
                 self.owed_idle += 1
             if head.find(b'"execute_request"') >= 0:
