@@ -7,6 +7,7 @@ metadata, content and buffers back to back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -96,3 +97,18 @@ async def execute(ws: aiohttp.ClientWebSocketResponse, code: str) -> Execution:
         elif kind == "status" and reply["content"]["execution_state"] == "idle":
             idle = True
     return result
+
+
+async def closing(ws: aiohttp.ClientWebSocketResponse, limit: float = 5.0) -> aiohttp.WSMessage:
+    """The close the server sends (kernel messages before it are skipped), within ``limit`` s.
+
+    Its ``data`` is the close code and ``extra`` the reason, as the server sent
+    them (``ws.close_code`` may say 1006 if the server drops the connection
+    before aiohttp's close reply).
+    """
+    async with asyncio.timeout(limit):
+        message = await ws.receive()
+        while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                   aiohttp.WSMsgType.CLOSING):
+            message = await ws.receive()
+    return message

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from tests.conftest import MakeBroker
-from tests.kernelproto import V1, execute
+from tests.kernelproto import V1, closing, execute
 
 
 async def test_a_session_created_on_one_replica_works_on_another(
@@ -70,16 +69,11 @@ async def test_a_session_deleted_on_one_replica_closes_its_websocket_on_another(
         delete = asyncio.create_task(first.http.delete(
             f"{first.url}/api/v1/sessions/{session['id']}",
             headers={"Authorization": f"token {session['token']}"}))
-        async with asyncio.timeout(5):
-            message = await ws.receive()
-            while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                       aiohttp.WSMsgType.CLOSING):
-                message = await ws.receive()
+        message = await closing(ws, 5)
         delay = loop.time() - sent
         async with await delete as resp:
             assert resp.status == 204
-    assert ws.close_code == 1000
-    assert message.extra == "session ended: deleted"
+    assert (message.data, message.extra) == (1000, "session ended: deleted")
     print(f"\nclose through the other replica {delay * 1000:.0f} ms after the DELETE was sent")
 
 
@@ -110,11 +104,7 @@ async def test_an_end_announced_while_a_replica_was_not_subscribed_still_closes_
                                          ) as resp:
                 assert resp.status == 204
             await admin.execute_command("ACL", "SETUSER", user, "allchannels")
-            async with asyncio.timeout(10):
-                message = await ws.receive()
-                while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                           aiohttp.WSMsgType.CLOSING):
-                    message = await ws.receive()
+            message = await closing(ws, 10)
         assert (message.data, message.extra) == (1000, "session ended: deleted")
     finally:
         await admin.execute_command("ACL", "DELUSER", user)

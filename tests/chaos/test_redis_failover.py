@@ -25,7 +25,7 @@ import pytest
 
 from tests.binderstandin import BinderStandin
 from tests.brokerproc import BrokerProcess, broker_process
-from tests.kernelproto import V1, execute
+from tests.kernelproto import V1, closing, execute
 from tests.redisproc import SentinelGroup
 
 SPEC = "gh/org/repo/HEAD"
@@ -170,11 +170,7 @@ async def test_primary_killed_under_load_no_restart_503_then_success_nothing_los
         sent = loop.time()
         delete = asyncio.create_task(http.delete(f"{urls[0]}/api/v1/sessions/{ready['id']}",
                                                  headers=_auth(ready)))
-        async with asyncio.timeout(5):
-            message = await ws.receive()
-            while message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                       aiohttp.WSMsgType.CLOSING):
-                message = await ws.receive()
+        message = await closing(ws, 5)
         closed_after = loop.time() - sent
         async with await delete as resp:
             assert resp.status == 204
