@@ -70,6 +70,15 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
          + sel('kind="visitor"') + '[10m])))', "visitor p95"),
         ("sum by (outcome) (rate(broker_spawn_queue_wait_seconds_count"
          + sel('outcome!="granted"') + '[10m]))', "gave up: {{outcome}}")], 12),
+    # Shared pools (hub, BinderHub) report the same count from every replica: max, not sum.
+    ("Warm pool entries", "short", [
+        ("max by (pool, state) (broker_pool_entries" + sel() + ")", "{{pool}} {{state}}")], 8),
+    ("Warm pool claims by outcome", "reqps", [
+        (f"sum by (pool, outcome) (rate(broker_pool_claims_total{sel()}[5m]))",
+         "{{pool}} {{outcome}}")], 8),
+    ("Warm pool refill failures", "short", [
+        (f"sum by (pool, reason) (increase(broker_pool_refill_failures_total{sel()}[1h]))",
+         "{{pool}} {{reason}}")], 8),
     ("Open kernel WebSockets", "short", [
         (f"sum(broker_websocket_connections{sel()})", "all selected pods"),
         (f"broker_websocket_connections{sel()}", "{{pod}}")], 8),

@@ -31,6 +31,7 @@ from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
 from broker.policy.kernels import KernelGate
 from broker.policy.wsrate import SessionWsBudgets
+from broker.pool import WarmPool
 from broker.proxy import routes as proxy_routes
 from broker.proxy import wire
 from broker.proxy.rest import kernels_busy
@@ -157,10 +158,19 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     ]
     if isinstance(backend, FederationBackend):
         tasks.append(asyncio.create_task(backend.watch(), name="upstream-health"))
+    # A local server lives beside its broker: with a shared store, each replica keeps a
+    # pool of its own; other backends' pools are shared by all replicas. Without pools
+    # it only serves the admin API's drain (entries left by an earlier BROKER_POOL).
+    pool = app[keys.POOL] = WarmPool(
+        manager, http, per_replica=settings.backend == "local" and bool(settings.redis_url))
+    if pool.pools:
+        manager.pool = pool
+        tasks.append(asyncio.create_task(pool.run(), name="warm-pool"))
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await pool.close()
     await manager.close()
     await backend.close()
 

@@ -14,6 +14,7 @@ from broker.policy.denylist import DenyList
 from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
 from broker.policy.wsrate import SessionWsBudgets
+from broker.pool import WarmPool
 from broker.proxy.kernel_client import AgentKernels
 from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
@@ -39,3 +40,5 @@ METRICS = web.AppKey("metrics", Metrics)
 #: Per-session kernel WebSocket cap and aggregate budget, on this replica.
 WS_BUDGETS = web.AppKey("ws_budgets", SessionWsBudgets)
 KERNELS = web.AppKey("agent_kernels", AgentKernels)
+#: The warm pools (without BROKER_POOL: none, but the admin drain still works).
+POOL = web.AppKey("warm_pool", WarmPool)

@@ -40,7 +40,20 @@ Labels:
 ``kind`` (upstream errors)
     unreachable, refused, bad_response, exited, spawn.
 ``op`` (store)
-    the store method (get, save, create, ...).
+    the store method (get, save, create, ...; ``pool`` for a warm pool's queue).
+``pool`` (warm pools)
+    the pool's name as configured in BROKER_POOL (``default`` or a spec): a
+    bounded set chosen by the operator. ``broker_pool_entries`` counts a
+    pool's live entries in the store, set by the replica that checks the pool
+    (a shared pool's count is the same on every replica: aggregate with ``max``).
+``outcome`` (pool claims)
+    hit (a ready entry was handed out), miss (none: an ordinary spawn
+    follows), dead (an entry found dead at claim time, discarded; the claim
+    goes on to the next one).
+``reason`` (pool refill failures)
+    refused (the backend or a limit said no: hub 429/503, BinderHub quota,
+    BROKER_MAX_SESSIONS; refills back off), failed (the spawn or the kernel
+    warm-up failed), timeout.
 ``kind`` (spawn queue)
     ``visitor`` (a session someone asked for) or ``pool`` (a warm-pool refill);
     ``outcome`` (queue wait) ``granted``, ``timeout`` (waited
@@ -98,7 +111,11 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 UPSTREAM_SPAWN_OUTCOMES = ("ready", "refused", "failed")
 UPSTREAM_ERROR_KINDS = ("unreachable", "refused", "bad_response", "exited", "spawn")
 STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_live",
-             "list_owner", "count_live", "publish", "announce_end", "ping")
+             "list_owner", "count_live", "publish", "announce_end", "ping", "pool")
+#: Outcomes of a claim on a warm pool.
+POOL_CLAIM_OUTCOMES = ("hit", "miss", "dead")
+#: Why a pool refill failed.
+POOL_REFILL_FAILURES = ("refused", "failed", "timeout")
 
 _SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -213,6 +230,17 @@ class Metrics:
             "broker_upstream_spawns_total", "Federation: spawn attempts on each member by "
             "outcome (ready, refused, failed); ready attempts are the member's share of new "
             "sessions.", ["member", "outcome"], registry=r)
+        self.pool_entries = Gauge(
+            "broker_pool_entries", "Warm pool entries by pool and state (ready, starting).",
+            ["pool", "state"], registry=r)
+        self.pool_claims = Counter(
+            "broker_pool_claims_total",
+            "Claims on a warm pool by outcome (hit, miss, dead).", ["pool", "outcome"],
+            registry=r)
+        self.pool_refill_failures = Counter(
+            "broker_pool_refill_failures_total",
+            "Pool entries that could not be started, by reason (refused, failed, timeout).",
+            ["pool", "reason"], registry=r)
         self._precreate()
 
     def add_members(self, names: list[str]) -> None:
@@ -222,6 +250,16 @@ class Metrics:
             self.upstream_sessions.labels(name)
             for outcome in UPSTREAM_SPAWN_OUTCOMES:
                 self.upstream_spawns.labels(name, outcome)
+
+    def pools(self, names: list[str]) -> None:
+        """Pre-create the series of the configured pools (BROKER_POOL's names)."""
+        for name in names:
+            for state in ("ready", "starting"):
+                self.pool_entries.labels(name, state)
+            for outcome in POOL_CLAIM_OUTCOMES:
+                self.pool_claims.labels(name, outcome)
+            for reason in POOL_REFILL_FAILURES:
+                self.pool_refill_failures.labels(name, reason)
 
     def _precreate(self) -> None:
         for backend in BACKENDS:
@@ -283,7 +321,6 @@ class Metrics:
         self.sessions_ended.labels(label_or_other(reason, ENDED_REASONS)).inc()
 
 
-ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone", "spawn_lost",
-                 "admin", "failed", "abandoned", "other")
 ENDED_REASONS = ("deleted", "max_age", "idle", "upstream_exited", "upstream_gone",
-                 "upstream_down", "spawn_lost", "admin", "failed", "other")
+                 "upstream_down", "spawn_lost", "admin", "failed", "abandoned", "pool_surplus",
+                 "other")

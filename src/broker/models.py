@@ -36,6 +36,16 @@ system_clock: Clock = time.time
 #: many, it is not handed out by cookie again (that visitor gets a new
 #: session): dropping an old hash instead would log out a page still using it.
 MAX_EXTRA_TOKENS = 10
+#: The Jupyter session path that names a broker session's default kernel (the
+#: execute API's; a warm pool entry starts it ahead). Not a file: Jupyter Server
+#: only uses it as a key (the kernel's working directory is the server's root).
+DEFAULT_KERNEL_PATH = "broker-execute"
+#: thebe asks for ``python``; jupyter_client maps it to this kernel.
+KERNEL_ALIASES = {"python": "python3"}
+#: Owner of a warm pool's unclaimed entries: ``pool:<pool name>`` (``@<replica>``
+#: appended where the pool is per replica). No client owner has this form
+#: (owners are addresses, networks or ``key:<name>``), so no visitor can reuse one.
+POOL_OWNER_PREFIX = "pool:"
 
 
 class Status(enum.StrEnum):
@@ -124,6 +134,11 @@ class Session:
             return False
         self.extra_token_hashes = [*self.extra_token_hashes, token_hash]
         return True
+
+    @property
+    def pooled(self) -> bool:
+        """True while this is an unclaimed warm pool entry (see :mod:`broker.pool`)."""
+        return self.owner.startswith(POOL_OWNER_PREFIX)
 
     def expired(self, now: float) -> bool:
         """True once the session is past its max age."""

@@ -121,7 +121,9 @@ class Reaper:
             lost = now - session.created_at > self._manager.settings.spawn_deadline + ORPHAN_GRACE
             return "spawn_lost" if lost and not self._manager.spawning(session.id) else ""
         idle = self._manager.settings.session_idle_timeout
-        if idle and session.status is Status.READY and now - session.last_activity > idle:
+        # An unclaimed pool entry is idle by design; BROKER_POOL_MAX_AGE (its expiry) bounds it.
+        if idle and not session.pooled and session.status is Status.READY \
+                and now - session.last_activity > idle:
             if self._manager.busy_check is not None and await self._manager.busy_check(session):
                 await self._manager.store.touch(session.id, now)  # working, just unwatched
                 return ""

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from broker.backends.base import Backend
 from broker.errors import (
@@ -104,6 +105,13 @@ def _forget_in(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], N
     return forget
 
 
+class PoolClaims(Protocol):
+    """What the core needs of the warm pool (:class:`broker.pool.WarmPool`)."""
+
+    async def claim(self, spec: str, kernel_name: str) -> Session | None:
+        """A live, ready entry taken from the spec's pool for good, or None (a miss)."""
+
+
 @dataclass(frozen=True)
 class SessionRequest:
     """What a client asked for; (owner, spec, profile, kernel) identify reuse."""
@@ -136,7 +144,7 @@ class SessionManager:
         self.clock = clock
         #: Cluster-wide admission (Redis engine when the store is Redis).
         self.limiter = limiter or AdmissionControl.for_store(settings, store, clock)
-        self._spawns: dict[str, asyncio.Task[None]] = {}
+        self._spawns: dict[str, asyncio.Task[BrokerError | None]] = {}
         self._closers: dict[str, set[Closer]] = {}
         self._no_connections = asyncio.Event()
         #: session id -> (valid until, monotonic clock; session) for ready_session().
@@ -151,6 +159,8 @@ class SessionManager:
         self.busy_check: Callable[[Session], Awaitable[bool]] | None = None
         #: Sessions whose backend cleanup failed or timed out: retried every reap interval.
         self._cleanups: dict[str, Session] = {}
+        #: The warm pool new sessions are claimed from (set by the app when BROKER_POOL is).
+        self.pool: PoolClaims | None = None
         self.reaper = Reaper(self)
         #: Spawn slots of this replica: visitors' spawns here, the warm pool's refills too.
         self.spawn_queue = SpawnQueue(
@@ -193,8 +203,12 @@ class SessionManager:
             raise
         if on_admitted is not None:
             on_admitted(admission)
-        now = self.clock()
         token = new_token()
+        if self.pool is not None and not request.profile:
+            claimed = await self._claim(request, token, admission)
+            if claimed is not None:
+                return claimed, token, False
+        now = self.clock()
         session = Session(
             id=session_id,
             token_hash=hash_token(token),
@@ -222,6 +236,63 @@ class SessionManager:
         task.add_done_callback(lambda _task: self._spawns.pop(session.id, None))
         log.info("session %s created for %s (spec %r)", session.id, session.owner, session.spec)
         return session, token, False
+
+    async def _claim(self, request: SessionRequest, token: str,
+                     admission: Admission) -> Session | None:
+        """Hand a warm pool entry to this request as a new session, or None (a miss).
+
+        The entry keeps its id and server; it gets the new token, owner and
+        reuse key, and its max age counts from now. The admission made for
+        the request moves onto it (:meth:`AdmissionControl.hand_over`).
+        """
+        assert self.pool is not None
+        while True:
+            try:
+                with store_unavailable():
+                    entry = await self.pool.claim(request.spec, request.kernel_name)
+                    if entry is None:
+                        return None
+                    now = self.clock()
+                    claimed = dataclasses.replace(
+                        entry, token_hash=hash_token(token), owner=request.owner,
+                        created_at=now, expires_at=now + self.settings.session_max_age,
+                        last_activity=now, profile=request.profile,
+                        kernel_name=request.kernel_name, visitor=request.visitor,
+                        extra_token_hashes=[], message="Ready: a warm server from the pool",
+                        backend_state=dict(entry.backend_state))
+                    # Only a still-ready entry of its pool is rebound: one the reaper or a
+                    # drain ended a moment ago is not revived.
+                    if await self.store.adopt(claimed, entry.owner):
+                        break
+            except BaseException:
+                await self._release_admission(admission)
+                raise
+        try:
+            await self.limiter.hand_over(entry, claimed, admission)
+        except Exception:
+            # Only the counting is off until the leases expire; the session itself is fine.
+            log.exception("could not move the limits of pool entry %s to its session",
+                          claimed.id)
+        self.metrics.creations.labels("created", "none").inc()
+        log.info("session %s (warm pool entry) claimed by %s (spec %r)", claimed.id,
+                 claimed.owner, claimed.spec)
+        return claimed
+
+    async def _release_admission(self, admission: Admission) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.limiter.engine.release(admission.slot))
+
+    async def start_pool_entry(self, entry: Session) -> BrokerError | None:
+        """Spawn a warm pool entry (stored and admitted by the pool) until ready.
+
+        The same spawn as a session's (timeouts, events, cleanup of a failure,
+        the reaper's view of a spawn in progress); returns the failure, None
+        when the entry is ready.
+        """
+        task = asyncio.create_task(self._spawn(entry, "pool"), name=f"pool-spawn-{entry.id}")
+        self._spawns[entry.id] = task
+        task.add_done_callback(lambda _task: self._spawns.pop(entry.id, None))
+        return await task
 
     async def _reusable(self, request: SessionRequest, token: str | None) -> Session | None:
         """The live session this request may reuse, after the upstream confirmed it.
@@ -333,22 +404,24 @@ class SessionManager:
             log.exception("could not release the limits held by session %s", session.id)
 
     # -- spawning ------------------------------------------------------------------------
-    async def _spawn(self, session: Session, kind: Kind = "visitor") -> None:
+    async def _spawn(self, session: Session, kind: Kind = "visitor") -> BrokerError | None:
         """Wait for a spawn slot (announcing the place in line), then spawn.
 
         ``kind="pool"``: a warm-pool refill, which waits behind every visitor
-        and within its share of the slots (:mod:`broker.spawnqueue`).
+        and within its share of the slots (:mod:`broker.spawnqueue`). Returns
+        the failure (None: ready).
         """
         self._queued.add(session.id)
         try:
             async with self.spawn_queue.slot(
                     kind, on_progress=lambda where: self._announce(session, where)):
                 self._queued.discard(session.id)
-                await self._spawn_in_slot(session)
+                return await self._spawn_in_slot(session)
         except SpawnQueueTimeout as error:
             self._queued.discard(session.id)  # out of the line: nothing left to abandon
             await self._fail(session, error)
             await self._settle(session, ready=False)
+            return error
         except asyncio.CancelledError:
             if session.id in self._queued:  # never started: only the admission to undo
                 await self._settle(session, ready=False)
@@ -399,10 +472,12 @@ class SessionManager:
                      session_id)
             await self.stop(session, "abandoned")
 
-    async def _spawn_in_slot(self, session: Session) -> None:
+    async def _spawn_in_slot(self, session: Session) -> BrokerError | None:
+        """Run a session's spawn to ready or failure; returns the failure (None: ready)."""
         backend = self.backend.name
         started = asyncio.get_running_loop().time()
         outcome = "failure"
+        failure: BrokerError | None = None
         self.metrics.spawns_in_progress.labels(backend).inc()
         try:
             await self._spawn_steps(session)
@@ -410,12 +485,14 @@ class SessionManager:
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except SpawnTimeout:
+        except SpawnTimeout as exc:
             outcome = "timeout"
-        except BrokerError:
-            pass
+            failure = exc
+        except BrokerError as exc:
+            failure = exc
         except Exception:  # a task nobody awaits must not end with an unretrieved exception
             log.exception("spawn of session %s ended unexpectedly", session.id)
+            failure = UpstreamFailed("The server could not be started")
         finally:
             self.metrics.spawns_in_progress.labels(backend).dec()
             elapsed = asyncio.get_running_loop().time() - started
@@ -426,6 +503,7 @@ class SessionManager:
                 # Last: the failure is recorded and announced (_fail), and measured,
                 # before the cleanup may wait on the upstream that failed.
                 await self._cleanup_backend(session)
+        return failure
 
     async def _spawn_steps(self, session: Session) -> None:
         """Run the backend's spawn; failures are recorded and re-raised for timing."""
@@ -499,7 +577,8 @@ class SessionManager:
 
     async def _fail(self, session: Session, error: BrokerError) -> None:
         reason = label_or_other(error.reason, FAILURE_REASONS, "upstream_failed")
-        self.metrics.creations.labels("failed", reason).inc()
+        if not session.pooled:  # a pool entry is not a creation (its refill failures count)
+            self.metrics.creations.labels("failed", reason).inc()
         if not error.expected:
             self.metrics.upstream_error(self.backend.name, "spawn")
         log.log(

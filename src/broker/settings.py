@@ -28,6 +28,32 @@ def _split_commas(value: object) -> object:
     return value
 
 
+#: The pool of sessions created without a spec (BROKER_POOL).
+DEFAULT_POOL = "default"
+
+
+def parse_pools(entries: list[str]) -> dict[str, tuple[int, int]]:
+    """BROKER_POOL entries as {pool name: (min, max)}; ValueError naming a bad entry.
+
+    The name is the spec the pool serves (``default``: no spec). ``SPEC=N``
+    is a fixed size (min = max = N).
+    """
+    pools: dict[str, tuple[int, int]] = {}
+    for entry in entries:
+        name, sep, size = entry.rpartition("=")
+        low, _, high = size.partition(":")
+        try:
+            bounds = (int(low), int(high or low))
+        except ValueError:
+            bounds = (-1, -1)
+        if not sep or not name.strip() or bounds[0] < 0 or bounds[1] < bounds[0] \
+                or name in pools:
+            raise ValueError(f"BROKER_POOL entry {entry!r} is not SPEC=MIN or SPEC=MIN:MAX "
+                             "(0 <= MIN <= MAX, each spec once)")
+        pools[name.strip()] = bounds
+    return pools
+
+
 class Settings(BaseSettings):
     """Runtime configuration of one broker replica (all replicas should share it)."""
 
@@ -329,6 +355,50 @@ class Settings(BaseSettings):
         "'spawn_concurrency' and a short Retry-After. A spawn holds its place until its "
         "server is ready or failed (at most BROKER_SPAWN_QUEUE_TIMEOUT + "
         "BROKER_SPAWN_TIMEOUT).",
+    )
+    pool: CommaList = Field(
+        default_factory=list,
+        description="Warm pools of ready servers, comma-separated SPEC=MIN or SPEC=MIN:MAX "
+        "(e.g. default=2,gh/org/book/HEAD=4:20); 'default' is the pool for sessions created "
+        "without a spec. A new session whose spec has a pool (and no profile) takes a ready "
+        "entry at once instead of waiting for a spawn; an empty pool falls through to the "
+        "ordinary spawn. The size moves between MIN and MAX with the recent claim rate "
+        "(docs/pool.md). Entries count toward BROKER_MAX_SESSIONS (and per-spec caps), not "
+        "toward any owner. Empty: no pool.",
+    )
+    pool_warm_kernel: bool = Field(
+        True,
+        description="Start a kernel in every pool entry (the execute API's default kernel, "
+        "Jupyter session 'broker-execute') and wait until it is idle before the entry counts "
+        "as ready, so a claimed session's first execute does not wait for a kernel start. "
+        "False: entries are bare servers (less memory, slower first output).",
+    )
+    pool_max_age: int = Field(
+        3600,
+        ge=60,
+        description="Seconds a pool entry may wait unclaimed; older entries are stopped and "
+        "replaced (a fresh server, e.g. after an image update). Once claimed, a session's "
+        "own BROKER_SESSION_MAX_AGE counts from the claim.",
+    )
+    pool_adapt_window: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds of claims the pool size looks back on: a pool holds MIN plus the "
+        "claims of this window, at most MAX. A burst grows the pool for this long.",
+    )
+    pool_refill_concurrency: int = Field(
+        1,
+        ge=1,
+        description="Pool entries one replica starts at once; each also waits for a spawn "
+        "slot within BROKER_POOL_SPAWN_SHARE, behind every visitor. Refills back off when the "
+        "backend refuses (hub 429/503, BinderHub quota, BROKER_MAX_SESSIONS), from "
+        "BROKER_POOL_CHECK_INTERVAL up to 5 minutes (or the upstream's Retry-After).",
+    )
+    pool_check_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between pool checks (refill, too-old and dead entries, shrinking); "
+        "a claim on this replica triggers a check at once.",
     )
     max_kernels_per_session: int = Field(
         0,
@@ -683,6 +753,17 @@ class Settings(BaseSettings):
         from broker.policy.limits import parse_spec_quotas
 
         parse_spec_quotas(value)
+        return value
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool_list(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("pool")
+    @classmethod
+    def _valid_pool(cls, value: list[str]) -> list[str]:
+        parse_pools(value)
         return value
 
     @field_validator("deny_networks")

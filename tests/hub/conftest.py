@@ -11,6 +11,10 @@
     Another hub like ``hub``, for the federation tests (two members); started on
     first use and kept for the session, unless a test stops it (the member-down
     test does): then the next test asking for it gets a fresh one.
+``pool_hub`` (session)
+    A hub with ``active_server_limit=5``, for the warm pool's replica test: a
+    pool of five fills it, so further spawns (misses, refills) are refused at
+    once instead of loading the machine with servers. Started on first use.
 ``hub_broker``
     ``await hub_broker(**settings)``: a broker (``make_broker``) using
     ``hub``; keyword arguments override settings (``clock=`` too).
@@ -39,7 +43,7 @@ from tests.conftest import BrokerHarness, MakeBroker, pid_alive
 from tests.hubfixture import HubConfig, HubSetupError, RunningHub, start_hub
 
 PREFIX = "broker-"  # the BROKER_HUB_USER_PREFIX default
-_HUBS = ("hub", "limited_hub", "second_hub")
+_HUBS = ("hub", "limited_hub", "second_hub", "pool_hub")
 
 HubBroker = Callable[..., Awaitable[BrokerHarness]]
 
@@ -93,6 +97,12 @@ def _second_hubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Restarta
 @pytest.fixture
 def second_hub(_second_hubs: _Restartable) -> RunningHub:
     return _second_hubs.get()
+@pytest.fixture(scope="session")
+def pool_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningHub]:
+    running = _started(tmp_path_factory.mktemp("pool-hub"), "pool_hub",
+                       HubConfig(active_server_limit=5))
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ def test_every_query_names_an_exported_series() -> None:
     exported = set()
     metrics = Metrics("local")
     metrics.add_members(["example"])  # the federation's series, as with BROKER_UPSTREAMS
+    metrics.pools(["default"])  # pool series exist once BROKER_POOL names a pool
     for family in metrics.registry.collect():
         exported |= {sample.name for sample in family.samples}
     dashboard = json.loads(DASHBOARD.read_text())

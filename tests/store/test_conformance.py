@@ -725,3 +725,42 @@ async def test_redis_progress_streams_cannot_starve_the_store(
         assert [e["phase"] for e in done] == ["ready", "ready"]
     finally:
         await store.close()
+
+
+async def test_pool_claims_are_one_step_and_never_repeat(store: SessionStore) -> None:
+    ids = [new_session_id() for _ in range(5)]
+    for entry_id in ids:
+        await store.pool_push("default", entry_id)
+    assert await store.pool_ids("default") == ids
+    taken = await asyncio.gather(*(store.pool_take("default") for _ in range(8)))
+    assert sorted(t for t in taken if t is not None) == sorted(ids)  # each id exactly once
+    assert taken.count(None) == 3
+    assert await store.pool_ids("default") == []
+    await store.pool_push("default", ids[0])
+    assert await store.pool_remove("default", ids[0]) is True
+    assert await store.pool_remove("default", ids[0]) is False  # someone else took it
+
+
+async def test_adopt_rebinds_only_a_ready_entry_of_its_pool(
+        store: SessionStore, clock: ManualClock) -> None:
+    entry = make_session(clock, owner="pool:default", status=Status.READY)
+    await store.create(entry)
+    claimed = dataclasses.replace(entry, owner="alice", token_hash=hash_token(new_token()),
+                                  expires_at=clock() + 900)
+    assert await store.adopt(claimed, "pool:default") is True
+    assert [s.id for s in await store.list_owner("alice")] == [entry.id]
+    assert await store.list_owner("pool:default") == []
+    assert await store.find_reusable(claimed.reuse_key) == entry.id
+    assert (await store.get(entry.id)).expires_at == claimed.expires_at
+    # Already claimed (no longer the pool's): a second claim of it changes nothing.
+    again = dataclasses.replace(claimed, owner="bob")
+    assert await store.adopt(again, "pool:default") is False
+    assert (await store.get(entry.id)).owner == "alice"
+    # An entry that ended (reaped, drained) is never revived by a claim.
+    ended = make_session(clock, owner="pool:default", status=Status.READY)
+    await store.create(ended)
+    ended.status = Status.STOPPED
+    await store.save(ended)
+    revived = dataclasses.replace(ended, owner="alice", status=Status.READY)
+    assert await store.adopt(revived, "pool:default") is False
+    assert (await store.get(ended.id, include_expired=True)).status is Status.STOPPED

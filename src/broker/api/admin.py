@@ -167,3 +167,19 @@ async def upstreams(request: web.Request) -> web.Response:
         "health_interval": settings.upstreams_health_interval,
         "members": backend.snapshot(),
     })
+
+
+@routes.get("/api/v1/admin/pools", name="admin_pools")
+async def pools(request: web.Request) -> web.Response:
+    """The warm pools (BROKER_POOL): size, aim, entries; an empty list without pools."""
+    _require_admin(request)
+    return web.json_response({"pools": await request.app[keys.POOL].describe()})
+
+
+@routes.delete("/api/v1/admin/pools", name="admin_drain_pools")
+async def drain_pools(request: web.Request) -> web.Response:
+    """Stop every unclaimed pool entry, of any pool (before an uninstall); claimed
+    sessions stay. Refills go on while BROKER_POOL names pools: empty it first.
+    """
+    _require_admin(request)
+    return web.json_response({"stopped": await request.app[keys.POOL].drain()})

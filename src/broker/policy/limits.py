@@ -174,6 +174,37 @@ class AdmissionControl:
             raise self.refusal(decision, ticket, spec)
         return Admission(ticket.slot, self._rate_headers(decision, ticket))
 
+    async def admit_pool_entry(self, session_id: str, owner: str, spec: str) -> Admission:
+        """Reserve a warm pool entry: the global and per-spec caps only, no owner's limits.
+
+        Pool entries count toward BROKER_MAX_SESSIONS (and the spec's cap) like
+        any session, but belong to nobody until claimed.
+        """
+        s = self.settings
+        now = self.clock()
+        ticket = Ticket(slot=self.slot(session_id, owner, spec), now=now,
+                        lease_until=now + s.spawn_timeout + LEASE_GRACE,
+                        max_total=s.max_sessions, max_subject=self.spec_cap(spec))
+        decision = await self.engine.reserve(ticket)
+        if decision.reason:
+            raise self.refusal(decision, ticket, spec)
+        return Admission(ticket.slot, {})
+
+    async def hand_over(self, entry: Session, claimed: Session, admission: Admission) -> None:
+        """A claimed pool entry becomes ``claimed`` (same id, the visitor as owner).
+
+        ``admission`` was made for the request under another id and checked the
+        owner's limits; its reservation is given back, the pool's reservation of
+        the entry too, and the entry is reserved for its new owner, unchecked
+        (already admitted), until its new expiry.
+        """
+        await self.engine.release(admission.slot)
+        await self.engine.release(self.slot(entry.id, entry.owner, entry.spec))
+        now = self.clock()
+        slot = self.slot(claimed.id, claimed.owner, claimed.spec)
+        await self.engine.reserve(Ticket(slot=slot, now=now, lease_until=claimed.expires_at))
+        await self.engine.settle(slot, now, claimed.expires_at)
+
     async def spawn_finished(self, session: Session, ready: bool) -> None:
         """Free the spawn slot; a ready session holds its other slots until it expires."""
         await self.engine.settle(self.slot(session.id, session.owner, session.spec),

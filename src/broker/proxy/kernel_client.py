@@ -9,7 +9,7 @@ WebSocket routes every Jupyter client uses, so it works for every backend.
 Invariants:
 
 * One default kernel per session, found or started through the upstream's
-  sessions API under the fixed path :data:`DEFAULT_KERNEL_PATH` (Jupyter
+  sessions API under the fixed path :data:`~broker.models.DEFAULT_KERNEL_PATH` (Jupyter
   Server hands back the existing session for a known path). The upstream is
   the source of truth: any replica finds the same kernel, nothing is stored in
   the broker, and a kernel that died is replaced on the next call. Two
@@ -58,7 +58,7 @@ import aiohttp
 from aiohttp import WSMsgType
 
 from broker.errors import BadRequest, Conflict, UpstreamFailed
-from broker.models import Session
+from broker.models import DEFAULT_KERNEL_PATH, KERNEL_ALIASES, Session
 from broker.policy.kernels import KernelGate
 from broker.proxy.paths import join
 from broker.proxy.relay import quickack_for as _quickack_for
@@ -67,17 +67,11 @@ from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The Jupyter session path that names a broker session's default kernel.
-#: Not a file: Jupyter Server only uses it as a key (and the kernel's working
-#: directory is its dirname, the server's root: where uploaded files land).
-DEFAULT_KERNEL_PATH = "broker-execute"
 #: Seconds to wait, after interrupting a timed-out call, for the kernel to go idle.
 INTERRUPT_GRACE = 5.0
 #: While a restarted kernel settles: seconds between kernel_info_requests (the
 #: iopub messages of earlier ones may have been dropped; as Jupyter Server's nudge).
 SETTLE_RESEND = 0.5
-#: thebe-style ``python`` means the Python kernel, as on the proxy surface.
-KERNEL_ALIASES = {"python": "python3"}
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 #: Receives each output of a running call as a JSON-ready event (streaming mode).

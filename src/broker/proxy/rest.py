@@ -35,7 +35,7 @@ from yarl import URL
 
 from broker import keys
 from broker.errors import UpstreamFailed
-from broker.models import Session
+from broker.models import KERNEL_ALIASES, Session
 from broker.policy.kernels import KERNEL_STARTS
 from broker.proxy.paths import check_rest, check_ui, join
 from broker.proxy.ui import KERNELSPECS, PAGES, UI_CSP, rewrite_kernelspecs, rewrite_page
@@ -66,8 +66,6 @@ RESPONSE_HEADERS = (
 )
 #: Responses up to this size are read whole; larger ones are streamed.
 _BUFFER_LIMIT = 1 << 20
-#: thebe asks for ``python``; jupyter_client maps it to this kernel.
-_KERNEL_ALIASES = {"python": "python3"}
 #: A kernel restart asked for through the proxy (the execute API's kernel may be it).
 _RESTART = re.compile(r"api/kernels/([^/]+)/restart")
 
@@ -88,8 +86,8 @@ def _kernel_body(raw: bytes, remainder: str, default_kernel: str) -> bytes:
     name = holder.get("name")
     if not name and default_kernel:
         holder["name"] = default_kernel
-    elif isinstance(name, str) and name in _KERNEL_ALIASES:
-        holder["name"] = default_kernel or _KERNEL_ALIASES[name]
+    elif isinstance(name, str) and name in KERNEL_ALIASES:
+        holder["name"] = default_kernel or KERNEL_ALIASES[name]
     return json.dumps(data).encode()
 
 

@@ -94,6 +94,30 @@ class SessionStore(Protocol):
     ) -> AsyncIterator[dict[str, Any] | None]:
         """Replay and follow a session's events until a final phase."""
 
+    async def adopt(self, session: Session, previous_owner: str) -> bool:
+        """Rebind a ready session of ``previous_owner`` to a new owner, atomically.
+
+        For a claimed warm pool entry: writes ``session`` as :meth:`create`
+        does (record, expiry, owner and reuse indexes) and drops it from
+        ``previous_owner``'s index. False, and nothing written, when the
+        stored session is gone, not ready, or no longer ``previous_owner``'s.
+        """
+
+    async def pool_push(self, pool: str, session_id: str) -> None:
+        """Append a ready entry's id to a warm pool's queue."""
+
+    async def pool_take(self, pool: str) -> str | None:
+        """Remove and return the oldest id of a pool's queue in one atomic step.
+
+        Two callers, on any replicas, never get the same id; None when empty.
+        """
+
+    async def pool_ids(self, pool: str) -> list[str]:
+        """The ids queued in a pool, oldest first (entries may have ended since)."""
+
+    async def pool_remove(self, pool: str, session_id: str) -> bool:
+        """Take one id out of a pool's queue; False if it was not there (someone took it)."""
+
     async def try_lock(self, name: str, ttl: float) -> bool:
         """Take a cluster-wide lock for ``ttl`` seconds unless another holder has it.
 

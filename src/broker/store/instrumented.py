@@ -76,6 +76,21 @@ class InstrumentedStore:
     ) -> AsyncIterator[dict[str, Any] | None]:
         return self.inner.subscribe(session_id, keepalive=keepalive)
 
+    async def adopt(self, session: Session, previous_owner: str) -> bool:
+        return await self._timed("create", lambda: self.inner.adopt(session, previous_owner))
+
+    async def pool_push(self, pool: str, session_id: str) -> None:
+        await self._timed("pool", lambda: self.inner.pool_push(pool, session_id))
+
+    async def pool_take(self, pool: str) -> str | None:
+        return await self._timed("pool", lambda: self.inner.pool_take(pool))
+
+    async def pool_ids(self, pool: str) -> list[str]:
+        return await self._timed("pool", lambda: self.inner.pool_ids(pool))
+
+    async def pool_remove(self, pool: str, session_id: str) -> bool:
+        return await self._timed("pool", lambda: self.inner.pool_remove(pool, session_id))
+
     async def try_lock(self, name: str, ttl: float) -> bool:
         return await self.inner.try_lock(name, ttl)
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from broker.models import Clock, Session, system_clock
+from broker.models import Clock, Session, Status, system_clock
 from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
 from broker.store.crypto import TokenCipher
 
@@ -33,6 +33,7 @@ class MemoryStore:
         # Set (and replaced) whenever a session's events change or it goes away.
         self._changed: dict[str, asyncio.Event] = {}
         self._locks: dict[str, float] = {}
+        self._pools: dict[str, list[str]] = {}
 
     def _exists(self, session_id: str) -> bool:
         """Whether the record is still kept; forgets it once its retention has passed."""
@@ -164,6 +165,33 @@ class MemoryStore:
             except TimeoutError:
                 if self._exists(session_id):
                     yield None
+
+    async def adopt(self, session: Session, previous_owner: str) -> bool:
+        # No await between the check and the write; owners are not indexed here.
+        current = self._load(session.id)
+        if current is None or current.status is not Status.READY \
+                or current.owner != previous_owner:
+            return False
+        await self.create(session)
+        return True
+
+    async def pool_push(self, pool: str, session_id: str) -> None:
+        self._pools.setdefault(pool, []).append(session_id)
+
+    async def pool_take(self, pool: str) -> str | None:
+        # No await between the check and the pop: atomic on the event loop.
+        queue = self._pools.get(pool)
+        return queue.pop(0) if queue else None
+
+    async def pool_ids(self, pool: str) -> list[str]:
+        return list(self._pools.get(pool, ()))
+
+    async def pool_remove(self, pool: str, session_id: str) -> bool:
+        queue = self._pools.get(pool, [])
+        if session_id not in queue:
+            return False
+        queue.remove(session_id)
+        return True
 
     async def try_lock(self, name: str, ttl: float) -> bool:
         # One process is one replica: the lock only has to expire like Redis's.

@@ -15,6 +15,8 @@ Keys (all under ``BROKER_REDIS_PREFIX``):
                        TTL = remaining max age
 ``e:{id}``             stream of the session's progress events (the newest
                        ``MAX_EVENTS``); TTL follows the session record
+``pool:{name}``        list: ids of a warm pool's ready entries, oldest
+                       first; a claim is one LPOP (:mod:`broker.pool`)
 =====================  =====================================================
 
 Every write that must not resurrect a deleted session (save, touch,
@@ -75,6 +77,22 @@ _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
+return 1
+"""
+
+# KEYS: record, live, owner, reuse, previous owner
+# ARGV: id, expires_at, record ttl, reuse ttl, previous owner, field, value...
+# A claimed pool entry: rebound only while it is still a ready entry of its pool.
+_ADOPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'ready' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if redis.call('TTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
@@ -267,6 +285,7 @@ class RedisStore:
         self._clock = clock
         self._p = prefix
         self._create = self._redis.register_script(_CREATE)
+        self._adopt = self._redis.register_script(_ADOPT)
         self._save = self._redis.register_script(_SAVE)
         self._touch = self._redis.register_script(_TOUCH)
         self._add_token = self._redis.register_script(_APPEND_HASH)
@@ -468,6 +487,33 @@ class RedisStore:
                 yield event
                 if event.get("phase") in FINAL_PHASES:
                     return
+
+    @_mapped
+    async def adopt(self, session: Session, previous_owner: str) -> bool:
+        remaining = max(1, math.ceil(session.expires_at - self._clock()))
+        adopted = await self._adopt(
+            keys=[*self._keys(session)[:4], self._k("o", previous_owner)],
+            args=[session.id, repr(session.expires_at), remaining + int(EXPIRY_GRACE),
+                  remaining, previous_owner, *self._flat_record(session)],
+        )
+        return bool(adopted)
+
+    @_mapped
+    async def pool_push(self, pool: str, session_id: str) -> None:
+        await self._redis.rpush(self._k("pool", pool), session_id)
+
+    @_mapped
+    async def pool_take(self, pool: str) -> str | None:
+        taken = await self._redis.lpop(self._k("pool", pool))
+        return str(taken) if taken else None
+
+    @_mapped
+    async def pool_ids(self, pool: str) -> list[str]:
+        return [str(i) for i in await self._redis.lrange(self._k("pool", pool), 0, -1)]
+
+    @_mapped
+    async def pool_remove(self, pool: str, session_id: str) -> bool:
+        return bool(await self._redis.lrem(self._k("pool", pool), 1, session_id))
 
     @_mapped
     async def try_lock(self, name: str, ttl: float) -> bool:
