@@ -78,6 +78,18 @@ async def test_a_claim_is_a_ready_session_whose_warm_kernel_runs_code(
     assert out["status"] == "ok" and out["stdout"] == "1\n", out
     async with broker.http.get(f"{data['base_url']}api/kernels", headers=headers) as resp:
         assert [k["id"] for k in await resp.json()] == kernels  # no second kernel started
+    # A client that starts its own kernel (thebe, @jupyterlab/services) is given the warm
+    # one the first time; a later start gets a kernel of its own.
+    page = {"path": "book.ipynb", "name": "book.ipynb", "type": "notebook",
+            "kernel": {"name": "python"}}
+    async with broker.http.post(f"{data['base_url']}api/sessions", json=page,
+                                headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
+        assert (await resp.json())["kernel"]["id"] == kernels[0]
+    async with broker.http.post(f"{data['base_url']}api/kernels", json={"name": "python3"},
+                                headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
+        assert (await resp.json())["id"] not in kernels
     # It belongs to the visitor now, with its own max age; the same server.
     claimed = await broker.store.get(entry)
     assert claimed.owner == "127.0.0.1" and not claimed.pooled

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import uuid
 from typing import Any
@@ -67,6 +68,8 @@ WARM_KERNEL_LIMIT = 60.0
 POOL_STATE_KEY = "pool"
 #: backend_state key: the name of the entry's warm kernel.
 KERNEL_STATE_KEY = "pool_kernel"
+#: backend_state key: the warm kernel's id (see :meth:`WarmPool.take_warm_kernel`).
+KERNEL_ID_KEY = "pool_kernel_id"
 #: An entry this close to its BROKER_POOL_MAX_AGE is not handed out (the reaper could
 #: stop it under its new owner); it is stopped instead.
 EXPIRY_MARGIN = 30.0
@@ -113,6 +116,8 @@ class WarmPool:
         self._replica = uuid.uuid4().hex[:12] if per_replica else ""
         self._wake = asyncio.Event()
         self._refills = asyncio.Semaphore(self.settings.pool_refill_concurrency)
+        #: Claimed sessions whose warm kernel this replica handed to a client already.
+        self._handed: set[str] = set()
         #: Stops of entries discarded at claim time, in flight.
         self._discards: set[asyncio.Task[None]] = set()
         manager.metrics.pools(list(self.pools))
@@ -314,19 +319,19 @@ class WarmPool:
             return UpstreamFailed("The pool entry ended while it started")
         if self.settings.pool_warm_kernel:
             try:
-                pool.kernel = await self._warm_kernel(ready)
+                pool.kernel, kernel_id = await self._warm_kernel(ready)
             except (aiohttp.ClientError, TimeoutError, ValueError, BrokerError) as exc:
                 await manager.stop(ready, "failed")
                 return exc if isinstance(exc, BrokerError) else UpstreamFailed(
                     f"The pool entry's kernel did not start ({type(exc).__name__})")
-            ready.backend_state[KERNEL_STATE_KEY] = pool.kernel
+            ready.backend_state.update({KERNEL_STATE_KEY: pool.kernel, KERNEL_ID_KEY: kernel_id})
             await manager.store.save(ready)
         await manager.store.pool_push(self._queue(pool), entry.id)
         log.info("warm pool %s: entry %s is ready", pool.name, entry.id)
         return None
 
-    async def _warm_kernel(self, entry: Session) -> str:
-        """Start the entry's default kernel and have it answer once; its name.
+    async def _warm_kernel(self, entry: Session) -> tuple[str, str]:
+        """Start the entry's default kernel and have it answer once; its (name, id).
 
         The kernel is the execute API's (Jupyter session ``broker-execute``), so
         the claimed session's first execute finds it instead of starting one.
@@ -360,9 +365,46 @@ class WarmPool:
                     msg = frame.json()
                     if msg.get("msg_type") == "kernel_info_reply" \
                             and (msg.get("parent_header") or {}).get("msg_id") == msg_id:
-                        return str(kernel.get("name", ""))
+                        return str(kernel.get("name", "")), str(kernel.get("id", ""))
         raise UpstreamFailed("The pool entry's kernel closed its channels",
                              reason="kernel_start_failed")
+
+    # -- the warm kernel for clients that start their own -----------------------------
+    def take_warm_kernel(self, session: Session, remainder: str, body: bytes) -> str:
+        """The warm kernel's id when this kernel start through the proxy may have it, else "".
+
+        Clients such as thebe and ``@jupyterlab/services`` start a kernel of
+        their own (``POST api/sessions`` or ``api/kernels``). The first such
+        start on a claimed session, for the warm kernel's name (or none), is
+        given the warm kernel instead of a new one, so it does not wait for a
+        kernel start; later ones start kernels as usual. Once per session on
+        each replica: a visitor whose starts reach two replicas may have its
+        first start on each share the warm kernel (its own kernel either way).
+        """
+        kernel_id = session.backend_state.get(KERNEL_ID_KEY, "")
+        if not kernel_id or session.pooled or session.id in self._handed:
+            return ""
+        try:
+            data: Any = json.loads(body) if body.strip() else {}
+        except ValueError:
+            return ""
+        if not isinstance(data, dict):
+            return ""
+        if remainder == "api/sessions":
+            if data.get("path") == DEFAULT_KERNEL_PATH:
+                return ""  # the execute API's own start: it finds the kernel by itself
+            data = data.get("kernel") or {}
+            if not isinstance(data, dict) or data.get("id"):
+                return ""
+        name = data.get("name") or session.kernel_name
+        if not isinstance(name, str) or \
+                KERNEL_ALIASES.get(name, name) not in ("", session.backend_state.get(
+                    KERNEL_STATE_KEY, "")):
+            return ""
+        if len(self._handed) >= 10_000:
+            self._handed.clear()
+        self._handed.add(session.id)
+        return kernel_id
 
     # -- views and teardown -----------------------------------------------------------
     async def describe(self) -> list[dict[str, Any]]:

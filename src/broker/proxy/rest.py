@@ -70,14 +70,20 @@ _BUFFER_LIMIT = 1 << 20
 _RESTART = re.compile(r"api/kernels/([^/]+)/restart")
 
 
-def _kernel_body(raw: bytes, remainder: str, default_kernel: str) -> bytes:
-    """Apply the kernel name alias/default to a kernel or session creation body."""
+def _kernel_body(raw: bytes, remainder: str, default_kernel: str, warm: str = "") -> bytes:
+    """Apply the kernel name alias/default to a kernel or session creation body.
+
+    ``warm``: a session creation binds to that running kernel instead of starting one.
+    """
     try:
         data: Any = json.loads(raw) if raw.strip() else {}
     except ValueError:
         return raw  # not ours to judge: the upstream answers with its own 400
     if not isinstance(data, dict):
         return raw
+    if warm and remainder == "api/sessions":
+        data["kernel"] = {"id": warm}
+        return json.dumps(data).encode()
     holder: Any = data if remainder == "api/kernels" else data.get("kernel")
     if holder is None and remainder == "api/sessions" and default_kernel:
         holder = data["kernel"] = {}
@@ -125,15 +131,20 @@ async def forward(request: web.Request, session: Session, remainder: str,
         # Before forwarding, so before the client hears "restarted": the execute API's
         # next call on this kernel must wait for the new process (AgentKernels.restarting).
         kernels.restarting(session.id, restart.group(1))
+    starts = request.method == "POST" and remainder in KERNEL_STARTS
+    pool = request.app.get(keys.POOL)
+    warm = pool.take_warm_kernel(session, remainder, await request.read()) \
+        if starts and pool is not None else ""
     gate = request.app.get(keys.KERNEL_GATE)
-    if gate is not None and request.method == "POST" and remainder in KERNEL_STARTS:
+    if gate is not None and starts and not warm:
         async with gate.starting(session, remainder, await request.read()):
             return await _forward(request, session, remainder, ui_token)
-    return await _forward(request, session, remainder, ui_token)
+    return await _forward(request, session, remainder, ui_token, warm)
 
 
 async def _forward(request: web.Request, session: Session, remainder: str,
-                   ui_token: str | None) -> web.StreamResponse:
+                   ui_token: str | None, warm: str = "") -> web.StreamResponse:
+    """Forward one REST request; ``warm``: a warm pool kernel this kernel start takes over."""
     method = request.method
     settings = request.app[keys.SETTINGS]
     if ui_token is None:
@@ -150,15 +161,19 @@ async def _forward(request: web.Request, session: Session, remainder: str,
     # body_exists, not can_read_body: the kernel gate may have read (and cached) it already.
     body: bytes | None = await request.read() if request.body_exists else None
     if method == "POST" and remainder in ("api/kernels", "api/sessions"):
-        body = _kernel_body(body or b"", remainder, session.kernel_name)
+        body = _kernel_body(body or b"", remainder, session.kernel_name, warm)
         headers = [(h, v) for h, v in headers if h != "Content-Type"]
         headers.append(("Content-Type", "application/json"))
+        if warm and remainder == "api/kernels":
+            # The warm kernel's model answers the start (201, as a started kernel's).
+            method, body, url = "GET", None, join(session.upstream_url, f"api/kernels/{warm}")
     try:
         upstream = await request.app[keys.UPSTREAM].request(
             method, url, headers, body, query=forward_query(request),
             read_timeout=settings.upstream_timeout)
         async with upstream:
-            return await _respond(request, session, upstream, method, remainder, ui_token)
+            return await _respond(request, session, upstream, method, remainder, ui_token,
+                                  created=bool(warm) and remainder == "api/kernels")
     except (UpstreamError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
                     remainder, exc if isinstance(exc, UpstreamError) else type(exc).__name__)
@@ -168,10 +183,13 @@ async def _forward(request: web.Request, session: Session, remainder: str,
 
 
 async def _respond(request: web.Request, session: Session, upstream: UpstreamResponse,
-                   method: str, remainder: str, ui_token: str | None) -> web.StreamResponse:
+                   method: str, remainder: str, ui_token: str | None,
+                   created: bool = False) -> web.StreamResponse:
     """The client's response from the upstream's: filtered headers, bytes as they came
-    (UI pages rewritten)."""
+    (UI pages rewritten). ``created``: an existing kernel's model answers a kernel
+    start (200 becomes 201)."""
     upstream_headers = upstream.headers
+    status = 201 if created and upstream.status == 200 else upstream.status
     out = CIMultiDict(
         (h, upstream_headers[h]) for h in RESPONSE_HEADERS if h in upstream_headers
     )
@@ -198,8 +216,8 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
                              "be forwarded")
         if ui_token is not None and KERNELSPECS.fullmatch(remainder) and upstream.status == 200:
             body = rewrite_kernelspecs(body, session.upstream_url, f"/s/{session.id}/")
-        return web.Response(status=upstream.status, body=body, headers=out)
-    response = web.StreamResponse(status=upstream.status, headers=out)
+        return web.Response(status=status, body=body, headers=out)
+    response = web.StreamResponse(status=status, headers=out)
     if length is not None:
         response.content_length = length
     await response.prepare(request)
