@@ -44,6 +44,7 @@ from typing import Any
 
 import aiohttp
 
+from broker.backends.base import Liveness, probe
 from broker.errors import BrokerError, UpstreamFailed
 from broker.models import (
     DEFAULT_KERNEL_PATH,
@@ -73,8 +74,6 @@ KERNEL_ID_KEY = "pool_kernel_id"
 #: An entry this close to its BROKER_POOL_MAX_AGE is not handed out (the reaper could
 #: stop it under its new owner); it is stopped instead.
 EXPIRY_MARGIN = 30.0
-#: Seconds a claim waits for an entry's liveness probe; no answer counts as dead.
-CLAIM_PROBE_LIMIT = 2.0
 
 
 @dataclasses.dataclass
@@ -172,12 +171,14 @@ class WarmPool:
             return entry
 
     async def _answers(self, entry: Session) -> bool:
-        """The backend's liveness check, bounded: a visitor waits for at most one short
-        probe per discarded entry (a frozen server counts as dead)."""
-        try:
-            return await asyncio.wait_for(self.manager.backend.is_alive(entry), CLAIM_PROBE_LIMIT)
-        except TimeoutError:
-            return False
+        """Whether a claim may hand out this entry: its backend's probe did not find it dead.
+
+        A probe this replica could not make (out of descriptors, a starved loop:
+        UNKNOWN) says nothing about the entry, which the reaper checks anyway;
+        discarding healthy entries whenever this replica is busy would empty the
+        pool exactly when a herd arrives.
+        """
+        return await probe(self.manager.backend, entry) is not Liveness.DEAD
 
     def _stop_later(self, entry: Session, reason: str) -> None:
         """Stop a discarded entry without making the claiming visitor wait for it."""
