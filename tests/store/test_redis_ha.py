@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +146,46 @@ async def test_a_rediss_url_stores_sessions_over_verified_tls(
             assert caught.value.reason == "store_unavailable"
         finally:
             await wrong.close()
+
+
+async def test_a_rediss_sentinel_url_finds_the_primary_over_tls(
+    tls_redis: tuple[int, Path], tmp_path: Path
+) -> None:
+    """Sentinel and primary both speak only TLS: rediss+sentinel:// verifies both."""
+    port, ca_file = tls_redis
+    work = ca_file.parent
+    sentinel_port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port 0\nbind 127.0.0.1\ndir {tmp_path}\ntls-port {sentinel_port}\n"
+        f"tls-cert-file {work / 'server.crt'}\ntls-key-file {work / 'server.key'}\n"
+        f"tls-ca-cert-file {ca_file}\ntls-auth-clients no\ntls-replication yes\n"
+        f"sentinel monitor tlsha 127.0.0.1 {port} 1\n")
+    sentinel = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(conf),
+                                 "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    store = _store(f"rediss+sentinel://127.0.0.1:{sentinel_port}/tlsha/0?ssl_ca_certs={ca_file}")
+    plain = _store(f"redis+sentinel://127.0.0.1:{sentinel_port}/tlsha/0")
+    try:
+        async def answers() -> bool:
+            try:
+                await store.ping()
+            except Unavailable:
+                return False  # the sentinel is still starting
+            return True
+
+        await eventually(answers, 20)
+        session = _session()
+        await store.create(session)
+        stored = await store.get(session.id)
+        assert stored is not None and stored.owner == "o"
+        with pytest.raises(Unavailable):  # without TLS the sentinel cannot be asked
+            await plain.get(session.id)
+    finally:
+        await store.close()
+        await plain.close()
+        sentinel.kill()
+        sentinel.wait(10)
 
 
 # -- replication acknowledgement -----------------------------------------------------------
