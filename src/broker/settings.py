@@ -742,7 +742,7 @@ class Settings(BaseSettings):
                                  "(profile: letters, digits, '.', '_', '-')")
         return value
 
-    @field_validator("spec_quotas", "deny_networks", mode="before")
+    @field_validator("spec_quotas", "deny_networks", "pool", mode="before")
     @classmethod
     def _limit_lists(cls, value: object) -> object:
         return _split_commas(value)
@@ -754,11 +754,6 @@ class Settings(BaseSettings):
 
         parse_spec_quotas(value)
         return value
-
-    @field_validator("pool", mode="before")
-    @classmethod
-    def _pool_list(cls, value: object) -> object:
-        return _split_commas(value)
 
     @field_validator("pool")
     @classmethod
