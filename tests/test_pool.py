@@ -143,3 +143,19 @@ async def test_a_dead_or_claimed_entry_is_never_handed_out_again(
 
 def _pid(broker: BrokerHarness, session_id: str) -> int:
     return int(broker.app[keys.BACKEND].pids()[session_id])
+
+
+async def test_local_pools_are_per_replica_over_one_redis(
+        make_broker: MakeBroker, redis_url: str) -> None:
+    shared = {"redis_url": redis_url, "redis_prefix": f"poolrep{os.getpid()}:",
+              "secret_key": "pool-test-secret", "pool": ["default=1"], "admin_token": ADMIN,
+              "pool_warm_kernel": False, "pool_check_interval": 0.2}
+    first = await make_broker(**shared)
+    second = await make_broker(**shared)
+    [mine] = await filled(first, "default", 1)
+    [theirs] = await filled(second, "default", 1)
+    assert mine != theirs  # each replica keeps its own entry (a local server lives beside it)
+    # A visitor on the second replica gets the second replica's server, never the first's.
+    _, data = await second.create(wait=False)
+    assert data["id"] == theirs and theirs in second.app[keys.BACKEND].pids()
+    assert (await first.store.get(mine)).pooled  # still waiting on the first replica
