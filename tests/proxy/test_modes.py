@@ -70,6 +70,9 @@ def test_without_the_extension_the_python_build_runs() -> None:
     done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout == "python\n", done.stderr
+    assert wire.PYTHON._COMPILED is False
+    if wire.COMPILED is not None:  # and the extension knows it is one (mask's C loop)
+        assert wire.COMPILED._COMPILED is True
 
 
 async def test_a_malformed_upgrade_is_a_json_400(make_broker: MakeBroker) -> None:

@@ -9,8 +9,6 @@ cpdef bint valid_close_code(Py_ssize_t code)
 ctypedef unsigned char* uchar_p
 ctypedef const unsigned char* const_uchar_p
 
-cdef bint _COMPILED
-
 @cython.locals(n=Py_ssize_t, shift=Py_ssize_t, i=Py_ssize_t, result=bytearray, out=uchar_p,
                k=const_uchar_p)
 cpdef bytes mask(bytes data, bytes key, Py_ssize_t offset=*)

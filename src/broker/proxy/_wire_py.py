@@ -22,6 +22,7 @@ streams. Keep this file plain Python that Cython compiles as it is: no
 from __future__ import annotations
 
 import codecs
+import importlib.machinery
 import os
 from collections.abc import Callable
 from typing import Any
@@ -54,8 +55,9 @@ MAX_OWED = 64
 _FRESH_STATES = (b"starting", b"restarting", b"dead")
 
 #: Whether this file runs as the compiled ``_wire_c`` (its ``__file__`` is then the built
-#: extension): the one place where the two builds take different code, in :func:`mask`.
-_COMPILED = not __file__.endswith(".py")
+#: extension, as ``wire.py`` checks it): the one place where the two builds take
+#: different code, in :func:`mask`.
+_COMPILED = __file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 #: Close codes a client may send (RFC 6455 section 7.4): 1000-1003, 1007-1014, 3000-4999.
 _NO_CODE = -1
