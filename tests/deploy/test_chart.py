@@ -144,6 +144,10 @@ EXPECTED_KINDS: dict[str, tuple[set[str], set[str]]] = {
     "binderhub": ({"Deployment", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy",
                    "PrometheusRule"},
                   {"Ingress", "PersistentVolumeClaim"}),
+    # Several upstreams (secrets.upstreams), two replicas over the in-chart Redis.
+    "federation": ({"Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy",
+                    "PodDisruptionBudget"},
+                   {"Ingress", "HorizontalPodAutoscaler", "ServiceMonitor"}),
     "local": ({"Deployment", "Service", "ConfigMap", "Secret"},
               {"Ingress", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
                "ServiceMonitor"}),
@@ -379,6 +383,8 @@ NOTES_EXPECTED: dict[str, list[str]] = {
     "binderhub": ["Backend: binderhub", "Redis (in-chart valkey/valkey, not persistent",
                   "Replicas: 2-10 (HPA)", "must reach BinderHub"],
     "local": ["Backend: local", "Replicas: 1", "config.public_url is empty"],
+    "federation": ["Backend: federation of several upstreams", "Replicas: 2",
+                   "Store:   Redis"],
     "z2jh": ["Backend: jupyterhub (http://hub:8081)", "Redis (in-chart valkey/valkey, persistent)",
              "Hub token: key hub.services.session-broker.apiToken of Secret hub"],
 }

@@ -191,7 +191,8 @@ Included by the Deployment, so `helm lint`, `helm template` and
 */}}
 {{- define "broker.validate" -}}
 {{- $c := .Values.config }}
-{{- $backend := $c.backend | default "local" }}
+{{- /* secrets.upstreams (BROKER_UPSTREAMS) overrides config.backend in the broker */}}
+{{- $backend := ternary "federation" ($c.backend | default "local") (not (empty .Values.secrets.upstreams)) }}
 {{- $hasRedis := or .Values.redis.enabled .Values.redis.url .Values.redis.urlInExistingSecret }}
 {{- $scaled := or (gt (int .Values.replicas) 1) .Values.autoscaling.enabled }}
 {{- if and .Values.redis.enabled .Values.redis.url }}
@@ -201,7 +202,7 @@ Included by the Deployment, so `helm lint`, `helm template` and
 {{- fail "redis.urlInExistingSecret needs existingSecret (the Secret holding BROKER_REDIS_URL)" }}
 {{- end }}
 {{- if and $scaled (eq $backend "local") }}
-{{- fail "config.backend=local runs every session inside the broker pod, so it is single-replica only: set replicas: 1 and autoscaling.enabled: false, or use the jupyterhub or binderhub backend" }}
+{{- fail "config.backend=local runs every session inside the broker pod, so it is single-replica only: set replicas: 1 and autoscaling.enabled: false, or use the jupyterhub or binderhub backend, or several upstreams (secrets.upstreams)" }}
 {{- end }}
 {{- if and $scaled (not $hasRedis) }}
 {{- fail "more than one broker replica (replicas > 1 or autoscaling.enabled) needs a shared Redis: set redis.enabled: true or redis.url (each replica would otherwise keep its own sessions)" }}
