@@ -33,11 +33,11 @@ setup-test: $(VENV)/.test
 $(VENV)/.runtime: pyproject.toml setup.py src/broker/proxy/_wire_py.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[speed]'
+	$(BIN)/pip install -q -e '.[speed,local]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
-	$(BIN)/pip install -q -e '.[speed,test]'
+	$(BIN)/pip install -q -e '.[speed,local,test]'
 	touch $@
 
 clean:

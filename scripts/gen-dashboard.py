@@ -127,6 +127,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
          f"(rate(broker_event_loop_delay_seconds_bucket{sel()}[5m])))", "p99 {{pod}}"),
         (f"max by (pod) (max_over_time(broker_event_loop_lag_seconds{sel()}[5m]))",
          "max sampled {{pod}}")], 8),
+    ("Dependencies up (store, upstream)", "short", [
+        (f"min by (pod, dependency) (broker_dependency_up{sel()})", "{{pod}} {{dependency}}")],
+     8),
     ("CPU per pod", "short", [
         (f"rate(broker_process_cpu_seconds_total{sel()}[5m])", "{{pod}} cores")], 8),
     ("Memory per pod", "bytes", [

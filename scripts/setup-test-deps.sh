@@ -8,6 +8,8 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # The live page's test (tests/page) drives the system's Chromium through playwright.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The image's PID 1; tests/deploy/test_dockerfile.py runs the installed broker under it.
+command -v tini >/dev/null 2>&1 || need_apt+=(tini)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

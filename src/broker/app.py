@@ -26,7 +26,7 @@ from broker.backends.federation import FederationBackend
 from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.local import LocalBackend
 from broker.metrics import Metrics
-from broker.models import Clock, system_clock
+from broker.models import Clock, Readiness, system_clock
 from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
 from broker.policy.kernels import KernelGate
@@ -223,6 +223,7 @@ def create_app(
         settings, on_throttle=app[keys.METRICS].ws_throttled.inc,
         on_close=functools.partial(app[keys.METRICS].limit_refused, "ws_rate"))
     app[keys.CLOCK] = clock
+    app[keys.READINESS] = Readiness()
     app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
         app[keys.STORE] = store
@@ -233,11 +234,14 @@ def create_app(
     app.middlewares.append(deny_middleware(
         app[keys.DENY], app[keys.TRUSTED],
         lambda request: request.app[keys.MANAGER].metrics.limit_refused("denied")))
-    app.cleanup_ctx.extend([_http_client, _store, _sessions, execute.kernels_ctx])
-    app.on_shutdown.append(_drain)
+    app.cleanup_ctx.extend([_http_client, _store, _sessions, health.dependencies_ctx,
+                            execute.kernels_ctx])
+    app.on_shutdown.extend([health.start_draining, _drain])
     app.cleanup_ctx.append(_limits)
     app.on_response_prepare.append(prepare_response)
     app.add_routes(health.routes)
+    if settings.metrics_port is None:  # else only on their own port (cli, create_ops_app)
+        app.add_routes(health.ops_routes)
     app.add_routes(sessions.routes)
     app.add_routes(build_routes)
     app.add_routes(execute.routes)

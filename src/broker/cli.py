@@ -72,8 +72,17 @@ async def _run(settings: Settings) -> None:
     metrics = runner.app[keys.METRICS]
     edge = Edge(runner, settings, on_refusal=metrics.limit_refused,
                 access_log_class=AccessLogger)
+    ops: web.AppRunner | None = None
     try:
         host, port = await edge.listen(settings.host, settings.port)
+        if settings.metrics_port is not None:
+            # Scrapes are not visitors: a plain aiohttp site, no edge limits, no access log.
+            from broker.api.health import create_ops_app
+
+            ops = web.AppRunner(create_ops_app(runner.app), access_log=None)
+            await ops.setup()
+            await web.TCPSite(ops, settings.host, settings.metrics_port).start()
+            log.info("metrics and versions on %s:%s", settings.host, ops.addresses[0][1])
         base = open_url(settings, host, port)
         store = "Redis" if settings.redis_url else "in-memory store"
         log.info("session-broker %s listening on %s:%s (%s backend, %s)", __version__, host,
@@ -95,6 +104,8 @@ async def _run(settings: Settings) -> None:
         log.info("shutting down: draining for up to %g s", settings.shutdown_drain)
     finally:
         await edge.close()
+        if ops is not None:
+            await ops.cleanup()
         await runner.cleanup()
 
 
@@ -294,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"session-broker: invalid configuration:\n{problems}\n"
               "(session-broker config lists every setting and what it accepts)", file=sys.stderr)
         return 2
+    if settings.backend == "local":
+        from broker.backends.local import missing_packages, missing_packages_message
+
+        missing = missing_packages()
+        if missing:
+            print(f"session-broker: {missing_packages_message(missing)}", file=sys.stderr)
+            return 2
     _serve(settings)
     return 0
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from broker.backends.base import Backend
 from broker.metrics import Metrics
-from broker.models import Clock
+from broker.models import Clock, Readiness
 from broker.policy.denylist import DenyList
 from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
@@ -42,3 +42,5 @@ WS_BUDGETS = web.AppKey("ws_budgets", SessionWsBudgets)
 KERNELS = web.AppKey("agent_kernels", AgentKernels)
 #: The warm pools (without BROKER_POOL: none, but the admin drain still works).
 POOL = web.AppKey("warm_pool", WarmPool)
+#: What /ready reports (draining, dependency checks); see broker.api.health.
+READINESS = web.AppKey("readiness", Readiness)

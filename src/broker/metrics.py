@@ -62,6 +62,9 @@ Labels:
 ``outcome`` (federation spawns)
     ready, refused (429/503: passed to the next member), failed (passed on,
     or the session's failure when it was the last member).
+``dependency``
+    store (the session store: Redis or memory) or upstream (the backend's hub,
+    BinderHub or local working directory), as /ready checks them.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ STORE_OPS = ("create", "get", "save", "touch", "delete", "find_reusable", "list_
 POOL_CLAIM_OUTCOMES = ("hit", "miss", "dead")
 #: Why a pool refill failed.
 POOL_REFILL_FAILURES = ("refused", "failed", "timeout")
+
+DEPENDENCIES = ("store", "upstream")
 
 _SPAWN_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -241,6 +246,11 @@ class Metrics:
             "broker_pool_refill_failures_total",
             "Pool entries that could not be started, by reason (refused, failed, timeout).",
             ["pool", "reason"], registry=r)
+        self.dependency_up = Gauge(
+            "broker_dependency_up",
+            "1 while a dependency answered its latest check (every 5 s), 0 while it did not; "
+            "requests that need a down dependency get a 503 with Retry-After meanwhile.",
+            ["dependency"], registry=r)
         self._precreate()
 
     def add_members(self, names: list[str]) -> None:
@@ -296,6 +306,8 @@ class Metrics:
             self.spawn_queue_length.labels(kind)
             for outcome in QUEUE_OUTCOMES:
                 self.spawn_queue_wait.labels(kind, outcome)
+        for dependency in DEPENDENCIES:
+            self.dependency_up.labels(dependency)
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request's duration (route kept inside ROUTES)."""

@@ -224,3 +224,13 @@ class ProgressEvent:
         if self.reason:
             data["reason"] = self.reason
         return data
+
+
+@dataclasses.dataclass
+class Readiness:
+    """What ``/ready`` reports (see broker.api.health): whether this replica is
+    draining, and the latest check of each dependency."""
+
+    draining: bool = False
+    #: One entry per dependency: service, dependency (metric label), ok, since, error.
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
         "accepts connections from this machine.",
     )
     port: int = Field(8765, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="A second port, on BROKER_HOST, that serves /metrics and /versions only; "
+        "with it set, the public BROKER_PORT answers those two with 404, so an ingress in "
+        "front of the public port never exposes them (the chart sets 9090). 0 = any free "
+        "port. Empty: /metrics and /versions are served on BROKER_PORT with everything else.",
+    )
     public_url: str = Field(
         "",
         description="External base URL of the broker (e.g. https://broker.example.org), used in "
@@ -824,6 +833,8 @@ class Settings(BaseSettings):
         if self.jupyter_ui_terminals and not self.jupyter_ui:
             raise ValueError("BROKER_JUPYTER_UI_TERMINALS needs BROKER_JUPYTER_UI=true (terminals "
                              "are part of the proxied Jupyter UI)")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("BROKER_METRICS_PORT must differ from BROKER_PORT")
         if self.redis_url and not self.secret_key.get_secret_value():
             raise ValueError(
                 "BROKER_REDIS_URL needs BROKER_SECRET_KEY: every replica must decrypt the "

@@ -96,6 +96,16 @@ SCENARIOS: dict[str, Scenario] = {
         [series("broker_store_errors_total", OURS + ', op="get"', "0+0x40"),
          series("broker_store_errors_total", OTHER + ', op="get"', "0+5x40")],
         "30m"),
+    "SessionBrokerDependencyDown": (
+        [series("broker_dependency_up", OURS + ', dependency="store"', "0x40"),
+         series("broker_dependency_up", OURS + ', dependency="upstream"', "1x40")],
+        {"severity": "critical", "pod": "t-session-broker-1", "dependency": "store"},
+        {"{{ $labels.pod }}": "t-session-broker-1", "{{ $labels.dependency }}": "store"},
+        # Both up here; another release's store is down.
+        [series("broker_dependency_up", OURS + ', dependency="store"', "1x40"),
+         series("broker_dependency_up", OURS + ', dependency="upstream"', "1x40"),
+         series("broker_dependency_up", OTHER + ', dependency="store"', "0x40")],
+        "30m"),
     "SessionBrokerEventLoopLag": (
         # One tick a second, every one 2.5-5 s late.
         loop_delay(OURS, late_from=10),

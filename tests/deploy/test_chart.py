@@ -304,7 +304,8 @@ def test_broker_probes_use_health_and_ready(helm: Helm) -> None:
     container = one(helm.template(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
-    assert container["ports"] == [{"name": "http", "containerPort": 8765, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8765, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     # The broker gives each readiness check 3 s; the probe must wait longer.
     assert container["readinessProbe"]["timeoutSeconds"] > 3
 
@@ -342,8 +343,12 @@ def test_network_policy_allows_only_ingress_controller_dns_redis_and_upstream(he
     policy = one(manifests, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
-    [ingress] = policy["spec"]["ingress"]
+    ingress, metrics = policy["spec"]["ingress"]
     assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # The metrics port is Prometheus's alone (test_chart_ops.py has the details).
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert [p["podSelector"] for p in metrics["from"]] == [
+        {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}]
     peers = ingress["from"]
     assert {"podSelector": {"matchLabels": {"t-session-broker-client": "true"}}} in peers
     assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")

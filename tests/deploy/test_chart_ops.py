@@ -72,9 +72,10 @@ def test_binderhub_token_from_a_secret_key(helm: Helm) -> None:
 
 
 # -- network policy ---------------------------------------------------------------------------
-def ingress_rules(manifests: list[Manifest]) -> list[dict[str, Any]]:
+def ingress_rules(manifests: list[Manifest], port: str = "http") -> list[dict[str, Any]]:
+    """The broker NetworkPolicy's ingress rules for one container port."""
     rules: list[dict[str, Any]] = one(manifests, "NetworkPolicy")["spec"]["ingress"]
-    return rules
+    return [r for r in rules if [p["port"] for p in r["ports"]] == [port]]
 
 
 CLIENT = {"podSelector": {"matchLabels": {"t-session-broker-client": "true"}}}
@@ -111,15 +112,62 @@ def test_network_policy_anywhere_and_controller_namespace(helm: Helm, tmp_path: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_prometheus_is_admitted_when_the_service_monitor_is_on(helm: Helm) -> None:
-    prometheus = {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
-    [off] = ingress_rules(helm.template())
-    assert all(p.get("podSelector") != prometheus for p in off["from"])
-    [on] = ingress_rules(helm.template(sets={"serviceMonitor.enabled": True}))
-    assert {"namespaceSelector": {}, "podSelector": prometheus} in on["from"]
-    [binder] = ingress_rules(helm.template("binderhub"))  # its Prometheus lives in "monitoring"
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-            "podSelector": prometheus} in binder["from"]
+PROMETHEUS = {"namespaceSelector": {},
+              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+
+def public_metrics(tmp_path: Path) -> Path:
+    """Values that set config.metrics_port to null (--set cannot: it would be a string)."""
+    path = tmp_path / "public-metrics.yaml"
+    path.write_text("config:\n  metrics_port: null\n")
+    return path
+
+
+def test_prometheus_reaches_the_metrics_port_only(helm: Helm) -> None:
+    for sets in ({}, {"serviceMonitor.enabled": True},
+                 {"networkPolicy.ingress.controller": "anywhere"}):
+        manifests = helm.template(sets=sets)
+        [public] = ingress_rules(manifests)
+        assert PROMETHEUS not in public.get("from", []), sets
+        [metrics] = ingress_rules(manifests, "metrics")
+        assert metrics["from"] == [PROMETHEUS], sets  # no controller, no client, nobody else
+    [binder] = ingress_rules(helm.template("binderhub"), "metrics")  # Prometheus in "monitoring"
+    assert binder["from"] == [{**PROMETHEUS, "namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_public_metrics_admit_prometheus_when_the_service_monitor_is_on(
+        helm: Helm, tmp_path: Path) -> None:
+    """config.metrics_port null: metrics on the public port, as before the metrics port."""
+    [off] = ingress_rules(helm.template(public_metrics(tmp_path)))
+    assert PROMETHEUS not in off["from"]
+    on = helm.template(public_metrics(tmp_path), sets={"serviceMonitor.enabled": True})
+    assert PROMETHEUS in ingress_rules(on)[0]["from"]
+    assert ingress_rules(on, "metrics") == []
+    assert one(on, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
+    assert [p["name"] for p in one(on, "Service")["spec"]["ports"]] == ["http"]
+    assert [p["name"] for p in container(on)["ports"]] == ["http"]
+    assert "BROKER_METRICS_PORT" not in one(on, "ConfigMap")["data"]
+
+
+def test_metrics_port_is_served_scraped_and_never_routed(helm: Helm, tmp_path: Path) -> None:
+    text = helm.template_text("jupyterhub", sets={"serviceMonitor.enabled": True})
+    manifests = [d for d in yaml.safe_load_all(text) if d]
+    assert one(manifests, "ConfigMap")["data"]["BROKER_METRICS_PORT"] == "9090"
+    assert {p["name"]: p["containerPort"] for p in container(manifests)["ports"]} == \
+        {"http": 8765, "metrics": 9090}
+    ports = {p["name"]: p for p in one(manifests, "Service")["spec"]["ports"]}
+    assert ports["metrics"]["targetPort"] == "metrics" and ports["metrics"]["port"] == 9090
+    [endpoint] = one(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    [rule] = one(manifests, "Ingress")["spec"]["rules"]
+    assert [p["backend"]["service"]["port"] for p in rule["http"]["paths"]] == [{"name": "http"}]
+    # The probes stay on the public port, which serves /health and /ready.
+    assert container(manifests)["readinessProbe"]["httpGet"]["port"] == "http"
+    rendered = tmp_path / "metrics-port.yaml"
+    rendered.write_text(text)
+    proc = kubernetes_validate(rendered)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # -- extension points ---------------------------------------------------------------------------

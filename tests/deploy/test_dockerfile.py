@@ -3,9 +3,12 @@
 ``test_dockerfile_shape`` reads the Dockerfile's instructions;
 ``test_image_install_serves_health`` replays its build the way the image
 does it: build the wheel from a copy of what the build stage COPYs, install
-it with its runtime extras into a fresh pip-less virtual environment, then
-run ``session-broker serve`` from that environment, ask /health and /ready,
-run the image's HEALTHCHECK command, start a real session, and stop the
+it with the lean variant's extras into a fresh pip-less virtual environment
+(no Jupyter packages: the local backend refuses to start, naming the fix),
+add the local variant's extra, then run ``session-broker serve`` from that
+environment under tini as PID 1 of its own PID namespace (as in the image),
+ask /health and /ready, run the image's HEALTHCHECK command, start a real
+session, kill its server and see tini reap the orphaned kernel, and stop the
 process by its PID.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, marked_for
 from tests.deploy.conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -60,7 +63,11 @@ def test_dockerfile_shape() -> None:
     steps = instructions()
     froms = [rest for word, rest in steps if word == "FROM"]
     assert len(froms) >= 2, "multi-stage: a build stage and a runtime stage"
-    assert all(re.match(r"python:\$\{PYTHON_VERSION\}-slim AS \w+", f) for f in froms), froms
+    assert all(re.match(r"\$\{BASE_IMAGE\} AS \w+", f) for f in froms), froms
+    # The base: a tag here, which the release pipeline pins by digest (test_release.py).
+    args = dict(rest.split("=", 1) for word, rest in steps if word == "ARG" and "=" in rest)
+    assert re.fullmatch(r"python:3\.\d+-slim", args["BASE_IMAGE"]), args
+    assert args["VARIANT"] == "lean"
     final = final_stage()
     final_words = [word for word, _ in final]
     # Only the built environment reaches the runtime stage; no sources, no build steps.
@@ -74,20 +81,40 @@ def test_dockerfile_shape() -> None:
     # Health check on /health; entry point is `session-broker serve`; config by env.
     assert "/health" in " ".join(healthcheck_command())
     [entrypoint] = [rest for word, rest in final if word == "ENTRYPOINT"]
-    assert json.loads(entrypoint) == ["session-broker", "serve"]
+    assert json.loads(entrypoint) == ENTRYPOINT
+    final_run = " ".join(rest for word, rest in final if word == "RUN")
+    assert "apt-get install -y --no-install-recommends tini" in final_run
+    assert not any(word == "CMD" for word, _ in final)  # arguments append to `serve`
+    labels = " ".join(rest for word, rest in final if word == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "source",
+                "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
     env = " ".join(rest for word, rest in final if word == "ENV")
     assert "BROKER_HOST=0.0.0.0" in env
     # The install the test below replays.
     build = " ".join(rest for word, rest in steps if word == "RUN")
     assert "pip wheel --no-deps" in build
     assert "venv --without-pip /opt/broker" in build
-    assert "pip --python /opt/broker/bin/python install" in build and "[speed]" in build
+    assert "pip --python /opt/broker/bin/python install" in build
+    assert '"$(ls /wheels/*.whl)[$extras]"' in build
+    assert variant_extras(build) == VARIANT_EXTRAS
     assert "-c requirements.lock" in build  # the tested versions
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!setup.py", "!README.md",
                                                  "!src/"]
     assert "!requirements.lock" in ignore
     assert "gcc" in build  # the relay's module is compiled into the wheel
+
+
+#: The image's entry point; the test below runs the same command.
+ENTRYPOINT = ["tini", "--", "session-broker", "serve"]
+#: VARIANT build arg -> extras installed (the test below installs both, in turn).
+VARIANT_EXTRAS = {"lean": "speed", "local": "speed,local"}
+
+
+def variant_extras(build: str) -> dict[str, str]:
+    """The build stage's ``case "$VARIANT"`` arms: variant -> extras."""
+    return dict(re.findall(r"(\w+)\) extras=([\w,]+) ;;", build))
 
 
 def _get(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
@@ -123,9 +150,45 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([*pip, "--python", str(python), "install", "-c",
-                    str(context / "requirements.lock"), f"{wheel}[speed]"], check=True,
-                   timeout=500)
+
+    def install(variant: str) -> None:
+        subprocess.run([*pip, "--python", str(python), "install", "-c",
+                        str(context / "requirements.lock"),
+                        f"{wheel}[{VARIANT_EXTRAS[variant]}]"], check=True, timeout=500)
+
+    def importable(*modules: str) -> list[str]:
+        probe = subprocess.run(
+            [str(python), "-c", "import importlib.util as u, sys; "
+             "print([m for m in sys.argv[1:] if u.find_spec(m)])", *modules],
+            capture_output=True, text=True, check=True, cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin"})
+        found: list[str] = json.loads(probe.stdout.replace("'", '"'))
+        return found
+
+    # The lean variant: no Jupyter packages, and the local backend says what is missing.
+    install("lean")
+    assert importable("jupyter_server", "ipykernel", "jupyter_client") == []
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path)}
+    refused = subprocess.run([str(venv / "bin" / "session-broker"), "serve", "--host",
+                              "127.0.0.1", "--port", str(free_port())], env=env, cwd=home,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "jupyter-session-broker[local]" in refused.stderr and "-local" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    # The local variant adds the [local] extra.
+    install("local")
+    assert importable("jupyter_server", "ipykernel") == ["jupyter_server", "ipykernel"]
+    # requirements.lock is exactly what that install holds: no package missing, none stale.
+    frozen = subprocess.run([*pip, "--python", str(python), "freeze", "--exclude",
+                             "jupyter-session-broker"], capture_output=True, text=True,
+                            check=True, timeout=120).stdout
+    locked = [line for line in (context / "requirements.lock").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert sorted(frozen.split(), key=str.lower) == sorted(locked, key=str.lower)
 
     # Only runtime dependencies, no pip, and the package comes from the venv, not the tree.
     assert not (venv / "bin" / "pip").exists()
@@ -139,18 +202,18 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
     assert test_only == "[]"
     assert relay == "compiled"  # the wheel carries the compiled relay module
 
-    # ENV PATH=/opt/broker/bin:$PATH ... ; USER ; ENTRYPOINT ["session-broker", "serve"]
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path)}
+    # ENV PATH=/opt/broker/bin:$PATH ... ; USER ; ENTRYPOINT ["tini", "--", "session-broker", ...]
     config = subprocess.run([str(venv / "bin" / "session-broker"), "config"], env=env,
                             cwd=home, capture_output=True, text=True, timeout=60)
     assert config.returncode == 0 and "BROKER_HOST" in config.stdout
 
     port = free_port()
-    proc = subprocess.Popen(  # loopback only here; the image listens on 0.0.0.0
-        [str(venv / "bin" / "session-broker"), "serve", "--host", "127.0.0.1",
+    tini = shutil.which("tini")
+    assert tini, "tini is missing: scripts/setup-test-deps.sh installs it (Debian package)"
+    # PID 1 of its own PID namespace, as in a container; loopback only (the image: 0.0.0.0).
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", tini, "--",
+         str(venv / "bin" / ENTRYPOINT[2]), *ENTRYPOINT[3:], "--host", "127.0.0.1",
          "--port", str(port)],
         env={**env, "BROKER_MAX_SESSIONS_PER_OWNER": "0"}, cwd=home,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -184,17 +247,64 @@ def test_image_install_serves_health(tmp_path: Path) -> None:
         # The runtime dependencies are enough for a real session (local backend).
         status, session = _get(f"{base}/api/v1/sessions?wait=true", method="POST")
         assert status == 201 and session["status"] == "ready", session
-        status, specs = _get(f"{session['base_url']}api/kernelspecs",
-                             headers={"Authorization": f"token {session['token']}"})
+        auth = {"Authorization": f"token {session['token']}"}
+        status, specs = _get(f"{session['base_url']}api/kernelspecs", headers=auth)
         assert status == 200 and "python3" in specs["kernelspecs"]
+
+        # A kernel orphaned by its killed server exits, and PID 1 (tini) reaps it: it
+        # does not linger as a zombie (a PID 1 that never waits would leave one).
+        status, _ = _get(f"{session['base_url']}api/kernels", method="POST",
+                         headers={**auth, "Content-Type": "application/json"},
+                         data=b'{"name": "python3"}')
+        assert status == 201
+        server, kernel = _session_processes(session["id"])
+        os.kill(server, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{kernel}").exists():
+            assert time.monotonic() < deadline, f"kernel {kernel}: {_state(kernel)} after 30 s"
+            time.sleep(0.2)
+
         status, _ = _get(f"{base}/api/v1/sessions/{session['id']}", method="DELETE",
-                         headers={"Authorization": f"token {session['token']}"})
+                         headers=auth)
         assert status in (200, 204)
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+        _stop(proc)
+    assert proc.returncode in (0, 128 + signal.SIGTERM), proc.returncode  # tini passes it on
+
+
+def _session_processes(session_id: str) -> tuple[int, int]:
+    """(server, kernel) host PIDs of a local session, by the backend's marker."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and marked_for(int(entry.name), session_id):
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            for role, needle in (("server", b"jupyter_server"), ("kernel", b"ipykernel")):
+                if needle in cmdline:
+                    found[role] = int(entry.name)
+    assert set(found) == {"server", "kernel"}, found
+    return found["server"], found["kernel"]
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (Z: zombie), or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to tini (unshare's child) as a container runtime sends it to PID 1."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    os.kill(int(children[0]) if children else proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)  # --kill-child takes the namespace with it
+        proc.wait(10)

@@ -144,8 +144,9 @@ async def test_dashboard_and_alerts_on_a_real_prometheus_scraping_a_real_broker(
     rules.write_text(yaml.safe_dump({"groups": groups}))
     scrapes = f'count_over_time(up{{job="{TARGET["job"]}"}}[1m]) >= 3'
 
-    async with broker_process(tmp_path) as broker, \
-            prometheus(tmp_path, broker.port, rules) as prom:
+    metrics_port = free_port()  # scraped there, as the chart's ServiceMonitor does
+    async with broker_process(tmp_path, {"BROKER_METRICS_PORT": str(metrics_port)}) as broker, \
+            prometheus(tmp_path, metrics_port, rules) as prom:
         [up] = await prom.until(f'up{{job="{TARGET["job"]}"}} == 1')
         assert {k: up["metric"][k] for k in TARGET} == TARGET
         await prom.until(scrapes)

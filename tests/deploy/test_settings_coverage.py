@@ -24,6 +24,7 @@ REGENERATE = ".venv/bin/python scripts/gen-chart-reference.py"
 # Where the chart's default deliberately differs from the broker's.
 CHART_DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",  # a pod must listen beyond loopback
+    "metrics_port": 9090,  # metrics off the public port, which the ingress routes
 }
 
 

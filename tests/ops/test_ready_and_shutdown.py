@@ -1,4 +1,6 @@
-"""Readiness follows Redis; SIGTERM drains kernel sockets with 1001 and keeps sessions."""
+"""Readiness is the pod's: it stays while Redis is down (reported in its body and
+metrics, requests get the broker's 503); SIGTERM drains kernel sockets with 1001 and
+keeps sessions."""
 
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 
+from broker.api import health
 from broker.models import Status
 from broker.store.crypto import TokenCipher
 from broker.store.redis import RedisStore
-from tests.conftest import MakeBroker, free_port
+from tests.conftest import BrokerHarness, MakeBroker, eventually, free_port
 
 
 def start_redis(port: int) -> subprocess.Popen[str]:
@@ -45,23 +49,72 @@ def own_redis() -> Iterator[tuple[int, list[subprocess.Popen[str]]]]:
             proc.wait(10)
 
 
-async def test_ready_flips_with_redis(make_broker: MakeBroker, own_redis) -> None:
-    port, procs = own_redis
-    broker = await make_broker(redis_url=f"redis://127.0.0.1:{port}/0", secret_key="k")
+async def dependency_up(broker: BrokerHarness, dependency: str) -> float:
+    """broker_dependency_up{dependency=...} as this broker's /metrics shows it."""
+    async with broker.http.get(f"{broker.url}/metrics") as resp:
+        text = await resp.text()
+    [value] = [line.rsplit(" ", 1)[1] for line in text.splitlines()
+               if line.startswith(f'broker_dependency_up{{dependency="{dependency}"}}')]
+    return float(value)
+
+
+async def ready_checks(broker: BrokerHarness) -> dict[str, Any]:
+    """/ready must be 200 (the pod serves); its body's checks by dependency."""
     async with broker.http.get(f"{broker.url}/ready") as resp:
         assert resp.status == 200
+        body = await resp.json()
+    assert body["ok"] is True and body["draining"] is False
+    return {c["dependency"]: c for c in body["checks"]}
+
+
+async def test_ready_stays_while_redis_is_down_and_reports_it(
+        make_broker: MakeBroker, own_redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health, "DEPENDENCY_EVERY", 0.2)  # background checks, sped up
+    port, procs = own_redis
+    broker = await make_broker(redis_url=f"redis://127.0.0.1:{port}/0", secret_key="k",
+                               allowed_origins="https://book.example")
+    checks = await ready_checks(broker)
+    assert checks["store"]["ok"] and checks["upstream"]["ok"]
+    assert await dependency_up(broker, "store") == 1
     procs[0].terminate()
     procs[0].wait(10)
+
+    async def store_down() -> bool:
+        return not (await ready_checks(broker))["store"]["ok"]
+
+    await eventually(store_down, limit=10)  # the next background check
+    checks = await ready_checks(broker)
+    assert checks["store"]["error"] and checks["upstream"]["ok"]
+    assert await dependency_up(broker, "store") == 0
+    assert await dependency_up(broker, "upstream") == 1
+    # What needs the store is refused by the broker itself: JSON, Retry-After, CORS.
+    async with broker.http.post(f"{broker.url}/api/v1/sessions",
+                                headers={"Origin": "https://book.example"}) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["reason"] == "store_unavailable"
+        assert int(resp.headers["Retry-After"]) > 0
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://book.example"
+    async with broker.http.get(f"{broker.url}/health") as resp:
+        assert resp.status == 200
+
+    procs.append(start_redis(port))
+
+    async def store_up() -> bool:
+        return bool((await ready_checks(broker))["store"]["ok"])
+
+    await eventually(store_up, limit=10)
+    assert await dependency_up(broker, "store") == 1
+
+
+async def test_ready_fails_while_draining(make_broker: MakeBroker) -> None:
+    """on_shutdown marks the replica draining; a connection still open then sees 503."""
+    broker = await make_broker()
+    await ready_checks(broker)
+    await health.start_draining(broker.app)
     async with broker.http.get(f"{broker.url}/ready") as resp:
         assert resp.status == 503
-        body = await resp.json()
-    failing = [c["service"] for c in body["checks"] if not c["ok"]]
-    assert failing == ["store"]
-    async with broker.http.get(f"{broker.url}/health") as resp:
-        assert resp.status == 200  # liveness does not depend on Redis
-    procs.append(start_redis(port))
-    async with broker.http.get(f"{broker.url}/ready") as resp:
-        assert resp.status == 200
+        assert (await resp.json())["draining"] is True
+    assert health.start_draining in broker.app.on_shutdown
 
 
 async def test_sigterm_drains_websockets_and_keeps_sessions(redis_url: str, tmp_path) -> None:

@@ -57,7 +57,8 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end }}
 
 {{- define "broker.image" -}}
-{{- printf "%s:%s" .Values.image.name (.Values.image.tag | default .Chart.AppVersion) }}
+{{- $variant := ternary "-local" "" (eq .Values.config.backend "local") }}
+{{- printf "%s:%s" .Values.image.name (.Values.image.tag | default (printf "%s%s" .Chart.AppVersion $variant)) }}
 {{- end }}
 
 {{/*
@@ -228,4 +229,15 @@ Included by the Deployment, so `helm lint`, `helm template` and
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The NetworkPolicyPeer of the Prometheus pods (networkPolicy.prometheus):
+their labels, in the given namespace or any.
+*/}}
+{{- define "broker.prometheusPeer" -}}
+- namespaceSelector: {{ with .Values.networkPolicy.prometheus.namespace }}{{ dict "matchLabels" (dict "kubernetes.io/metadata.name" .) | toJson }}{{ else }}{}{{ end }}
+  podSelector:
+    matchLabels:
+      {{- toYaml .Values.networkPolicy.prometheus.podLabels | nindent 6 }}
 {{- end }}

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -208,6 +209,26 @@ def _broker_alive(broker: str) -> bool:
     return pid.isdigit() and bool(start) and _process_start(int(pid)) == start
 
 
+#: What the local backend runs in each session's subprocess: the ``[local]`` extra.
+LOCAL_PACKAGES = ("jupyter_server", "ipykernel")
+
+
+def missing_packages() -> list[str]:
+    """The ``[local]`` extra's packages this Python cannot import (empty: all there).
+
+    Hub and binder installs (and the lean image) leave them out, so the local
+    backend checks at start-up instead of failing at the first spawn.
+    """
+    return [name for name in LOCAL_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def missing_packages_message(missing: list[str]) -> str:
+    """The start-up refusal naming the fix."""
+    return (f"BROKER_BACKEND=local needs {' and '.join(missing)}, which this Python cannot "
+            "import: install the local extra (pip install 'jupyter-session-broker[local]', "
+            "or use the image's -local variant), or choose BROKER_BACKEND=jupyterhub/binderhub")
+
+
 class LocalBackend:
     """A :class:`~broker.backends.base.Backend` running servers as subprocesses."""
 
@@ -225,7 +246,12 @@ class LocalBackend:
     ) -> None:
         """``shared_store`` names the shared (Redis) store the sessions live in
         (URL and key prefix); empty for the memory store. See :meth:`sweep`.
-        ``terminals``: start servers with terminals enabled (BROKER_JUPYTER_UI_TERMINALS)."""
+        ``terminals``: start servers with terminals enabled (BROKER_JUPYTER_UI_TERMINALS).
+
+        Raises RuntimeError when the ``[local]`` extra is not installed."""
+        missing = missing_packages()
+        if missing:
+            raise RuntimeError(missing_packages_message(missing))
         self._http = http
         self._terminals = terminals
         self._own_root = not root_dir
