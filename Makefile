@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench fault-table setup setup-test clean
+.PHONY: run test lint bench bench-first-output fault-table setup setup-test clean
 
 ## run: start the broker on its embedded defaults (local backend, memory store)
 run: $(VENV)/.runtime
@@ -25,6 +25,10 @@ lint: setup-test
 ## bench: proxy benchmark, direct vs through the broker (prints a table)
 bench: setup-test
 	$(BIN)/python bench/ws_bench.py $(BENCH_ARGS)
+
+## bench-first-output: new visitors to print(1)'s first output, local and JupyterHub (prints a table)
+bench-first-output: setup-test
+	$(BIN)/python bench/bench_first_output.py $(BENCH_ARGS)
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test

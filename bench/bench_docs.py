@@ -10,6 +10,14 @@ in docs/benchmark.md, and the README's "Proxy speed" table is rebuilt from the
 same run's JSON with the report's own number format, so every figure in both
 places comes from that one run and nothing is typed by hand. The prose around
 them (which run, how loaded, the range of other runs) stays hand-written.
+
+The first-output benchmark (``make bench-first-output``, bench/bench_first_output.py)
+is copied the same way, recognised by its header: its report replaces the
+fenced block under "### First output of a new visitor: one run" and its JSON
+the README's "First output" table::
+
+    make -s bench-first-output BENCH_ARGS="--json /tmp/fo.json" > /tmp/fo.txt
+    .venv/bin/python bench/bench_docs.py /tmp/fo.txt /tmp/fo.json
 """
 
 from __future__ import annotations
@@ -40,6 +48,19 @@ ROWS = (
     ("execute_request p50 (ms)", "d2", "p50_ms"),
 )
 TARGETS = ("direct", "chp", "broker")
+FIRST_HEADER = "# first-output benchmark: "
+FIRST_HEADING = "### First output of a new visitor: one run"
+FIRST_TABLE_HEADER = "| new visitor to print(1)'s output | pool | served | p50 (ms) | p95 (ms) |"
+
+
+def first_output_table(run: dict[str, Any]) -> list[str]:
+    """The README's first-output rows, one per (backend, pool hit or miss, client)."""
+    lines = [FIRST_TABLE_HEADER, "|---|---|---:|---:|---:|"]
+    for r in run["results"]:
+        lines.append(f"| {r['backend']}, {r['client']} | {r['mode']} | "
+                     f"{r['served']}/{r['visitors']} | {fmt(r['p50_ms'])} | "
+                     f"{fmt(r['p95_ms'])} |")
+    return lines
 
 
 def readme_table(run: dict[str, Any]) -> list[str]:
@@ -66,18 +87,18 @@ def readme_table(run: dict[str, Any]) -> list[str]:
 
 def replace_table(text: str, table: Sequence[str]) -> str:
     lines = text.split("\n")
-    start = lines.index(TABLE_HEADER)
+    start = lines.index(table[0])
     end = start
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
     return "\n".join(lines[:start] + list(table) + lines[end:])
 
 
-def replace_run(text: str, report: str) -> str:
-    at = text.index(RUN_HEADING)
+def replace_run(text: str, report: str, heading: str = RUN_HEADING) -> str:
+    at = text.index(heading)
     match = re.compile(r"```\n.*?\n```", re.S).search(text, at)
     if match is None:
-        raise ValueError(f"no fenced block after {RUN_HEADING!r}")
+        raise ValueError(f"no fenced block after {heading!r}")
     return text[:match.start()] + "```\n" + report.strip("\n") + "\n```" + text[match.end():]
 
 
@@ -87,12 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("json", type=Path, help="the run's --json file")
     args = parser.parse_args(argv)
     text = args.report.read_text()
+    run = json.loads(args.json.read_text())
+    first = text.find(FIRST_HEADER)
+    if first >= 0:
+        DOC.write_text(replace_run(DOC.read_text(), text[first:], FIRST_HEADING))
+        README.write_text(replace_table(README.read_text(), first_output_table(run)))
+        return 0
     # `make bench` may print its set-up commands first: the report starts at its header.
     start = text.find("# proxy benchmark: ")
     if start < 0:
         parser.error(f"{args.report} is not a benchmark report")
     report = text[start:]
-    run = json.loads(args.json.read_text())
     DOC.write_text(replace_run(DOC.read_text(), report))
     README.write_text(replace_table(README.read_text(), readme_table(run)))
     return 0

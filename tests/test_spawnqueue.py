@@ -17,6 +17,9 @@ from broker.errors import SpawnQueueTimeout
 from broker.metrics import Metrics
 from broker.spawnqueue import QueueProgress, SpawnQueue, auto_slots
 
+#: Each test takes well under a second; a queue that never hands a slot over fails fast.
+pytestmark = pytest.mark.timeout(15)
+
 
 @dataclass
 class Holder:
