@@ -79,6 +79,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Warm pool refill failures", "short", [
         (f"sum by (pool, reason) (increase(broker_pool_refill_failures_total{sel()}[1h]))",
          "{{pool}} {{reason}}")], 8),
+    ("New visitor to first cell (request to first execute_reply)", "s", [
+        ("histogram_quantile(0.5, sum by (le) (rate(broker_session_first_reply_seconds_bucket"
+         + sel() + '[10m])))', "p50"),
+        ("histogram_quantile(0.95, sum by (le) (rate(broker_session_first_reply_seconds_bucket"
+         + sel() + '[10m])))', "p95")], 12),
     ("Open kernel WebSockets", "short", [
         (f"sum(broker_websocket_connections{sel()})", "all selected pods"),
         (f"broker_websocket_connections{sel()}", "{{pod}}")], 8),

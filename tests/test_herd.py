@@ -7,6 +7,7 @@ visitor who leaves while queued leaves the line. The queue's own ordering
 rules (FIFO, the pool's share) are in tests/test_spawnqueue.py; the tests
 here that are about leaving and the queue's bound hold the only slot
 themselves, through the queue's API, so no server needs to start for them.
+The herd's servers also serve the first-cell metric's test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import aiohttp
 from broker.models import Status
 from tests.binder.eventsource import event_source
 from tests.conftest import MakeBroker, eventually
+from tests.kernelproto import execute
 
 
 async def test_a_herd_larger_than_the_slots_is_served_in_full(make_broker: MakeBroker) -> None:
@@ -45,6 +47,27 @@ async def test_a_herd_larger_than_the_slots_is_served_in_full(make_broker: MakeB
                                        {"kind": "visitor", "outcome": "granted"})
     assert granted == 4
     assert broker.manager.spawn_queue.waiting() == broker.manager.spawn_queue.running() == 0
+
+    # Each visitor's first cell is measured from the request, once per session: two
+    # cells on a kernel WebSocket of one session, one through the execute API of another.
+    def first_replies() -> float | None:
+        return metrics.get_sample_value("broker_session_first_reply_seconds_count")
+
+    assert first_replies() == 0
+    one, two = launches[0].ready, launches[1].ready
+    session = {"base_url": one["url"], "token": one["token"]}
+    kernel = await broker.start_kernel(session)
+    async with broker.http.ws_connect(f"ws{one['url'][4:]}api/kernels/{kernel}/channels",
+                                      params={"token": one["token"]}) as ws:
+        for _ in range(2):
+            assert (await execute(ws, "print(1)")).stdout == "1\n"
+    assert first_replies() == 1
+    two_id = two["url"].rstrip("/").rsplit("/", 1)[1]
+    async with broker.http.post(f"{broker.url}/api/v1/sessions/{two_id}/execute",
+                                json={"code": "print(1)"},
+                                headers={"Authorization": f"token {two['token']}"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert first_replies() == 2
 
 
 async def test_a_queued_visitor_who_leaves_leaves_the_line(make_broker: MakeBroker) -> None:

@@ -251,6 +251,12 @@ class Metrics:
             "1 while a dependency answered its latest check (every 5 s), 0 while it did not; "
             "requests that need a down dependency get a 503 with Retry-After meanwhile.",
             ["dependency"], registry=r)
+        self.first_reply = Histogram(
+            "broker_session_first_reply_seconds",
+            "Time from a session's creation request (or its claim from a warm pool) to the "
+            "first execute_reply of its kernel, seen on a kernel WebSocket or by the execute "
+            "API: what a new visitor waits for their first cell. Once per session and replica.",
+            buckets=_QUEUE_BUCKETS, registry=r)
         self._precreate()
 
     def add_members(self, names: list[str]) -> None:

@@ -171,6 +171,8 @@ class SessionManager:
         self._queued: set[str] = set()
         #: session id -> clients following its launch on this replica (see following()).
         self._followers: dict[str, int] = {}
+        #: Sessions (id@created_at) whose first execute_reply this replica measured.
+        self._replied: set[str] = set()
 
     # -- creation and reuse --------------------------------------------------------
     async def create(
@@ -759,6 +761,23 @@ class SessionManager:
     ) -> AsyncIterator[dict[str, Any] | None]:
         """The session's progress events, replayed then followed."""
         return self.store.subscribe(session_id, keepalive=keepalive)
+
+    def first_reply(self, session: Session) -> None:
+        """A kernel of ``session`` answered an execute_request: measure its first one.
+
+        From the creation request (a pool claim's ``created_at`` is the claim)
+        to the first reply this replica saw, once per session; the set is
+        bounded, so a session forgotten by a busy replica may count again.
+        """
+        # Keyed with created_at too: a warm pool entry keeps its id when claimed, and
+        # a reply to its warm-up before the claim must not stand for the visitor's.
+        key = f"{session.id}@{session.created_at}"
+        if key in self._replied:
+            return
+        if len(self._replied) >= _READY_CACHE_SIZE:
+            self._replied.clear()
+        self._replied.add(key)
+        self.metrics.first_reply.observe(max(0.0, self.clock() - session.created_at))
 
     # -- activity ------------------------------------------------------------------
     def note_activity(self, session_id: str) -> None:

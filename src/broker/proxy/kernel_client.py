@@ -594,6 +594,7 @@ class AgentKernels:
                 if collector.replied and not measured:
                     measured = True
                     metrics.execution_duration.observe(loop.time() - sent)
+                    self._manager.first_reply(session)
         except asyncio.CancelledError:
             # The caller went away mid-run: do not leave the kernel busy for the next one.
             await asyncio.shield(self._interrupt(session, conn.kernel_id))

@@ -92,10 +92,11 @@ class KernelHooks(Hooks):
     """
 
     __slots__ = ("_flush_timer", "_note_activity", "executions", "limiter", "loop", "metrics",
-                 "tap")
+                 "on_first_reply", "tap")
 
     def __init__(self, metrics: Metrics, note_activity: Callable[[], None],
-                 limiter: Limiter | None = None, module: ModuleType | None = None) -> None:
+                 limiter: Limiter | None = None, module: ModuleType | None = None,
+                 on_first_reply: Callable[[], None] | None = None) -> None:
         self.metrics = metrics
         self.tap: Any = (module if module is not None else wire.select()).Tap()
         self.loop = asyncio.get_running_loop()
@@ -104,6 +105,8 @@ class KernelHooks(Hooks):
         self._note_activity = note_activity
         self.limiter = limiter
         self._flush_timer: asyncio.TimerHandle | None = None
+        #: Called at this connection's first execute_reply (the session's first-reply metric).
+        self.on_first_reply = on_first_reply
 
     def on_event(self, flags: int) -> None:
         if flags & EXEC_START:
@@ -113,6 +116,9 @@ class KernelHooks(Hooks):
             self.metrics.executions.inc()
         if flags & EXEC_END and self.executions:
             self.metrics.execution_duration.observe(self.loop.time() - self.executions.popleft())
+            if self.on_first_reply is not None:
+                self.on_first_reply()
+                self.on_first_reply = None
         if flags & ACTIVITY:
             if self._flush_timer is not None:  # already ticking: its next flush writes it
                 self.tap.dirty = True
@@ -220,7 +226,8 @@ async def _bridge(request: web.Request, session: Session, remainder: str, key: s
         raise
     module = wire.select(settings.ws_relay_compiled)
     hooks = KernelHooks(metrics, lambda: manager.note_activity(session.id),
-                        limiter=_limiter_for(request, shared), module=module)
+                        limiter=_limiter_for(request, shared), module=module,
+                        on_first_reply=lambda: manager.first_reply(session))
     connection = _Connection(manager, session.id, loop.time(), slot)
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
                   heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
