@@ -25,7 +25,7 @@ Clients, each timed from its first request to the first ``stream`` output:
 Per backend: ``local`` (a broker with the local backend) and ``jupyterhub`` (a
 real JupyterHub with configurable-http-proxy, started with the test suite's
 own set-up, tests/hubfixture.py). That hub starts its servers as processes on
-this machine, so its broker gets the local rule's spawn slots (the CPUs)
+this machine, so its broker gets the local rule's spawn slots (2 per CPU)
 rather than the hub default of 20, unless ``--broker-env`` says otherwise.
 Each backend runs as a miss (no pool); when the broker under test has
 ``BROKER_POOL``, a second broker per backend runs with a pool big enough for

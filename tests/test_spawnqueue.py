@@ -160,5 +160,5 @@ async def test_estimate_comes_from_recent_spawns() -> None:
 
 def test_auto_slots_rule() -> None:
     assert auto_slots("local", cpus=1) == 2
-    assert auto_slots("local", cpus=8) == 8
+    assert auto_slots("local", cpus=8) == 16
     assert auto_slots("jupyterhub") == auto_slots("binderhub") == 20

@@ -275,8 +275,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Spawns this replica runs at once; more wait in a first-come, first-served "
         "queue and hear their place in line and an estimated wait as 'waiting' progress "
-        "events. 0 picks per backend: local, the CPUs the broker may use (at least 2: a server "
-        "start is CPU-bound, more at once only slows every one); jupyterhub and binderhub, 20 "
+        "events. 0 picks per backend: local, twice the CPUs the broker may use (a server start "
+        "is half CPU, half waiting; more at once only slows every one); jupyterhub and "
+        "binderhub, 20 "
         "per replica (JupyterHub's concurrent_spawn_limit defaults to 100; 5 replicas stay "
         "below it). With R replicas the upstream sees up to R times this many.",
     )
