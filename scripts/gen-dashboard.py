@@ -38,6 +38,9 @@ def sel(extra: str = "") -> str:
 #: Their latency is plotted apart so it does not drown REST latency.
 LONG_ROUTES = "build|sessions_create|session_events|execute"
 REST = sel(f'route!~"{LONG_ROUTES}"')
+#: Sessions that hold a server (pending or ready).
+LIVE = 'status=~"pending|ready"'
+UPSTREAM_DEP = 'dependency="upstream"'
 LONG = sel(f'route=~"{LONG_ROUTES}"')
 
 # (title, unit, [(expr, legend)], width)
@@ -103,12 +106,21 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Upstream errors", "reqps", [
         (f"sum by (backend, kind) (rate(broker_upstream_errors_total{sel()}[5m]))",
          "{{backend}}: {{kind}}")], 12),
-    ("Federation: members' sessions and health (BROKER_UPSTREAMS)", "short", [
-        (f"max by (member) (broker_upstream_sessions{sel()})", "{{member}} sessions"),
-        (f"min by (member) (broker_upstream_up{sel()})", "{{member}} up (all pods)")], 12),
-    ("Federation: spawn attempts by member and outcome", "reqps", [
-        (f"sum by (member, outcome) (rate(broker_upstream_spawns_total{sel()}[5m]))",
-         "{{member}}: {{outcome}}")], 12),
+    # A broker with one upstream (no BROKER_UPSTREAMS) is shown as a federation of one
+    # member named after its backend, from the series every broker exports: `or on()`
+    # takes the right-hand side only when the federation's own series are absent.
+    ("Upstream members: sessions and health", "short", [
+        (f"max by (member) (broker_upstream_sessions{sel()}) or on() label_replace("
+         f"max by (backend) (sum by (pod, backend) (broker_sessions{sel(LIVE)})),"
+         ' "member", "$1", "backend", "(.*)")', "{{member}} sessions"),
+        (f"min by (member) (broker_upstream_up{sel()}) or on() label_replace("
+         f"min by (backend) (broker_dependency_up{sel(UPSTREAM_DEP)} * on(namespace, job, pod) "
+         f'group_left(backend) broker_info{sel()}), "member", "$1", "backend", "(.*)")',
+         "{{member}} up (all pods)")], 12),
+    ("Upstream members: spawn attempts by outcome", "reqps", [
+        (f"sum by (member, outcome) (rate(broker_upstream_spawns_total{sel()}[5m])) or on() "
+         f"label_replace(sum by (backend, outcome) (rate(broker_spawn_duration_seconds_count"
+         f'{sel()}[5m])), "member", "$1", "backend", "(.*)")', "{{member}}: {{outcome}}")], 12),
     ("REST latency p95 by route", "s", [
         ("histogram_quantile(0.95, sum by (le, route) "
          "(rate(broker_http_request_duration_seconds_bucket" + REST +

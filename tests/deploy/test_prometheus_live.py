@@ -1,7 +1,7 @@
 """A real Prometheus scrapes a real broker under traffic: the dashboard and the alert
 rules work on the series it actually exports (issue #16).
 
-``session-broker serve`` (local backend) is scraped every second by the
+``session-broker serve`` (local backend, an empty warm pool) is scraped every second by the
 ``prometheus`` binary (``scripts/setup.d/prometheus.sh``), with the target
 labels a ServiceMonitor gives (``namespace``, ``job``, ``pod``). After a
 launch, a proxied REST call and a delete, every dashboard expression, with
@@ -145,7 +145,11 @@ async def test_dashboard_and_alerts_on_a_real_prometheus_scraping_a_real_broker(
     scrapes = f'count_over_time(up{{job="{TARGET["job"]}"}}[1m]) >= 3'
 
     metrics_port = free_port()  # scraped there, as the chart's ServiceMonitor does
-    async with broker_process(tmp_path, {"BROKER_METRICS_PORT": str(metrics_port)}) as broker, \
+    # A warm pool configured but empty (no extra server), so the pool panels have their
+    # pre-created series and the launch is a miss that spawns; the
+    # federation panels fall back to the single upstream's own series.
+    env = {"BROKER_METRICS_PORT": str(metrics_port), "BROKER_POOL": "default=0"}
+    async with broker_process(tmp_path, env) as broker, \
             prometheus(tmp_path, metrics_port, rules) as prom:
         [up] = await prom.until(f'up{{job="{TARGET["job"]}"}} == 1')
         assert {k: up["metric"][k] for k in TARGET} == TARGET
