@@ -50,15 +50,16 @@ ROWS = (
 TARGETS = ("direct", "chp", "broker")
 FIRST_HEADER = "# first-output benchmark: "
 FIRST_HEADING = "### First output of a new visitor: one run"
-FIRST_TABLE_HEADER = "| new visitor to print(1)'s output | pool | served | p50 (ms) | p95 (ms) |"
+FIRST_TABLE_HEADER = ("| new visitor to print(1)'s output | pool | served | hits | p50 (ms) "
+                      "| p95 (ms) |")
 
 
 def first_output_table(run: dict[str, Any]) -> list[str]:
     """The README's first-output rows, one per (backend, pool hit or miss, client)."""
-    lines = [FIRST_TABLE_HEADER, "|---|---|---:|---:|---:|"]
+    lines = [FIRST_TABLE_HEADER, "|---|---|---:|---:|---:|---:|"]
     for r in run["results"]:
         lines.append(f"| {r['backend']}, {r['client']} | {r['mode']} | "
-                     f"{r['served']}/{r['visitors']} | {fmt(r['p50_ms'])} | "
+                     f"{r['served']}/{r['visitors']} | {r['hits']} | {fmt(r['p50_ms'])} | "
                      f"{fmt(r['p95_ms'])} |")
     return lines
 

@@ -29,7 +29,9 @@ this machine, so its broker gets the local rule's spawn slots (2 per CPU)
 rather than the hub default of 20, unless ``--broker-env`` says otherwise.
 Each backend runs as a miss (no pool); when the broker under test has
 ``BROKER_POOL``, a second broker per backend runs with a pool big enough for
-the herd, waits until it is full before each client, and measures hits.
+the herd (and one for the spec ``js-build`` launches, as large as ``--count``:
+``/build`` always names a spec), waits until the pool is full before each
+visitor, and measures hits.
 Targets are printed beside the results.
 
 Usage::
@@ -70,6 +72,8 @@ from broker.settings import Settings  # noqa: E402
 from broker.spawnqueue import auto_slots  # noqa: E402
 
 SCRIPT = JS_DIR / "first_output.mjs"
+#: The spec first_output.mjs launches through /build (it has its own pool in hit mode).
+BUILD_SPEC = "gh/bench/first-output/HEAD"
 CLIENTS = ("js-native", "js-build", "py-client")
 #: Targets from the issue: a pool hit, and a herd against a pool that holds it.
 TARGETS = {"hit_p50_ms": 250.0, "hit_p95_ms": 1000.0, "herd_p95_ms": 2000.0}
@@ -183,18 +187,19 @@ async def counts(url: str) -> tuple[float, float]:
     granted = dict(kind="visitor", outcome="granted")
     waited = (sample(m, "broker_spawn_queue_wait_seconds_count", **granted)
               - sample(m, "broker_spawn_queue_wait_seconds_bucket", le="0.01", **granted))
-    return waited, sample(m, "broker_pool_claims_total", pool="default", outcome="hit")
+    hits = sum(value for (name, labels), value in m.items()
+               if name == "broker_pool_claims_total" and ("outcome", "hit") in labels)
+    return waited, hits
 
 
-async def pool_ready(url: str) -> int:
-    """Ready entries of the default pool, from /metrics (broker_pool_entries)."""
-    return int(sample(await samples(url), "broker_pool_entries", pool="default",
-                      state="ready"))
+async def pool_ready(url: str, pool: str) -> int:
+    """Ready entries of one pool, from /metrics (broker_pool_entries)."""
+    return int(sample(await samples(url), "broker_pool_entries", pool=pool, state="ready"))
 
 
-async def wait_pool(proc: Proc, url: str, size: int) -> None:
+async def wait_pool(proc: Proc, url: str, size: int, pool: str = "default") -> None:
     deadline = time.monotonic() + POOL_FILL_LIMIT
-    while await pool_ready(url) < size:
+    while await pool_ready(url, pool) < size:
         proc.check()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the pool did not reach {size} ready entries within "
@@ -210,7 +215,9 @@ async def measure(node: str, backend: str, mode: str, url: str, proc: Proc, coun
         series = Series(backend, mode, client)
         before = await counts(url)
         for _ in range(count):
-            if pool:
+            if pool and client == "js-build":  # /build always names a spec: its own pool
+                await wait_pool(proc, url, count, BUILD_SPEC)
+            elif pool:
                 await wait_pool(proc, url, pool)
             try:
                 if client == "py-client":
@@ -266,7 +273,9 @@ async def run_backend(node: str, backend: str, tmp: Path, count: int, herd: int,
     try:
         modes = [("miss", 0)] + ([("hit", max(herd, 1))] if hits and has_pool() else [])
         for mode, pool in modes:
-            env = settings | ({"BROKER_POOL": f"default={pool}"} if pool else {})
+            pools = f"default={pool}" + (f",{BUILD_SPEC}={max(count, 1)}"
+                                         if "js-build" in clients else "")
+            env = settings | ({"BROKER_POOL": pools} if pool else {})
             proc, url = await start_broker(tmp, f"broker-{backend}-{mode}", env)
             try:
                 results += await measure(node, backend, mode, url, proc, count, herd, pool,

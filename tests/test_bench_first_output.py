@@ -10,38 +10,19 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.test_bench_smoke import tables
+from tests.test_bench_smoke import run_bench, tables
 
-ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 240
 
 
 def test_first_output_benchmark_serves_every_visitor_and_reports_it() -> None:
     if shutil.which("node") is None:
         pytest.fail("node is not installed: run `make test`, which installs the node clients")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "bench_first_output.py"), "--backend", "local",
-         "--count", "0", "--herd", "2", "--misses-only",
-         "--broker-env", "BROKER_SPAWN_SLOTS=1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=LIMIT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the benchmark then stops what it started
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"the benchmark did not finish in {LIMIT} s:\n{out}\n{err}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    out = run_bench("bench_first_output.py", "--backend", "local", "--count", "0", "--herd",
+                    "2", "--misses-only", "--broker-env", "BROKER_SPAWN_SLOTS=1", limit=LIMIT)
     assert out.startswith("# first-output benchmark: machine "), out
     [rows] = tables(out)
     misses = {row["client"]: row for row in rows if row["pool"] == "miss"}

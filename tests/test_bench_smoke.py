@@ -29,13 +29,14 @@ CELL_TARGETS = ["direct", "broker"]
 CELL_PROTOCOLS = ["v1", "json"]
 
 
-def run_quick_bench() -> str:
+def run_bench(script: str, *args: str, limit: float = 120) -> str:
+    """Run ``bench/<script> args``; its stdout once it exited 0 (the test fails otherwise)."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "ws_bench.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         # SIGTERM first: the benchmark then stops every process it started.
         proc.send_signal(signal.SIGTERM)
@@ -44,7 +45,7 @@ def run_quick_bench() -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        pytest.fail(f"the benchmark did not finish in 120 s:\n{out}\n{err}")
+        pytest.fail(f"the benchmark did not finish in {limit:g} s:\n{out}\n{err}")
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     return out
 
@@ -78,7 +79,7 @@ def bench_output() -> str:
         pytest.fail("redis-server is not installed: run `make test`, which installs it")
     if shutil.which("node") is None:
         pytest.fail("node is not installed: run `make test`, which installs the node clients")
-    return run_quick_bench()
+    return run_bench("ws_bench.py", "--quick")
 
 
 def test_header_says_how_loaded_the_machine_was_and_which_relay_ran(bench_output: str) -> None:
