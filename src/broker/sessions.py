@@ -723,14 +723,17 @@ class SessionManager:
         return session
 
     async def wait_outcome(
-        self, session_id: str, limit: float
+        self, session_id: str, limit: float, spawning: Session | None = None
     ) -> tuple[Session | None, dict[str, Any] | None]:
         """Like :meth:`wait`, also returning the final event (None on timeout).
 
         A failed spawn's event carries what the session record does not: the
         refusal's HTTP ``status_code`` and ``retry_after``. A store outage does
         not end the wait early: the session is None if the store is still away
-        at the end.
+        at the end, unless ``spawning`` (the object this replica's spawn updates,
+        as :meth:`create` returned it) has reached its outcome meanwhile: then
+        the wait ends there. ``limit`` allows for a wait in the spawn queue, so
+        without that a store outage would hold the caller for the whole bound.
         """
         final: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
@@ -747,8 +750,11 @@ class SessionManager:
                         if exc.reason != "store_unavailable":
                             raise
                         # The store is away: the outcome may still come. Look again
-                        # until the limit (the caller answers 504 with the session id).
+                        # until the limit (the caller answers 504 with the session id),
+                        # or until this replica's own spawn has its outcome.
                         await asyncio.sleep(1)
+                        if spawning is not None and spawning.status is not Status.PENDING:
+                            break
         try:
             return await self.store.get(session_id, include_expired=True), final
         except Unavailable as exc:
