@@ -717,6 +717,23 @@ class SessionManager:
             pending.add_done_callback(forget)
         return await asyncio.shield(pending)
 
+    def wait_limit(self, session_id: str, spawned_here: bool) -> float:
+        """How long POST ?wait=true waits for a pending session's outcome.
+
+        A spawn this replica runs, or that waits in this replica's queue, may
+        first wait its turn: the whole :attr:`Settings.spawn_deadline` (the
+        wait ends earlier when the spawn's outcome arrives). A spawn this
+        replica does not know is running elsewhere, or was lost with a replica
+        that died: its outcome is due within the spawn timeout, and a waiter
+        held for the queue's bound too would outlive the request's client (a
+        spawn still queued on another replica answers 504 wait_timeout naming
+        the session, which the client may follow through its events).
+        """
+        settings = self.settings
+        if spawned_here or session_id in self._queued:
+            return settings.spawn_deadline + 5
+        return settings.spawn_timeout + 5
+
     async def wait(self, session_id: str, limit: float) -> Session | None:
         """Wait until the session's spawn reached a final phase (or ``limit`` seconds)."""
         session, _ = await self.wait_outcome(session_id, limit)
