@@ -748,8 +748,8 @@ class SessionManager:
         refusal's HTTP ``status_code`` and ``retry_after``. A store outage does
         not end the wait early: the session is None if the store is still away
         at the end, unless ``spawning`` (the object this replica's spawn updates,
-        as :meth:`create` returned it) has reached its outcome meanwhile: then
-        the wait ends there. ``limit`` allows for a wait in the spawn queue, so
+        as :meth:`create` returned it) has failed meanwhile: then the wait ends
+        there. ``limit`` allows for a wait in the spawn queue, so
         without that a store outage would hold the caller for the whole bound.
         """
         final: dict[str, Any] | None = None
@@ -768,9 +768,12 @@ class SessionManager:
                             raise
                         # The store is away: the outcome may still come. Look again
                         # until the limit (the caller answers 504 with the session id),
-                        # or until this replica's own spawn has its outcome.
+                        # or until this replica's own spawn has failed. A server that is
+                        # ready but not yet recorded is no outcome: the spawn may still
+                        # fail to record it (and then stops it), so "ready" is only
+                        # answered once the store has it.
                         await asyncio.sleep(1)
-                        if spawning is not None and spawning.status is not Status.PENDING:
+                        if spawning is not None and spawning.status.terminal:
                             break
         try:
             return await self.store.get(session_id, include_expired=True), final
