@@ -39,7 +39,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.app import create_app
 from broker.logs import AccessLogger
 from broker.settings import Settings
@@ -126,11 +126,11 @@ class BrokerHarness:
 
     @property
     def manager(self) -> Any:
-        return self.app[keys.MANAGER]
+        return self.app[appkeys.MANAGER]
 
     @property
     def store(self) -> Any:
-        return self.app[keys.STORE]
+        return self.app[appkeys.STORE]
 
     async def create(self, wait: bool = True, token: str | None = None,
                      **body: Any) -> tuple[int, dict[str, Any]]:

@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import WSMsgType
 
-from broker import keys
+from broker import appkeys
 from broker.models import Status
 from tests.conftest import BrokerHarness, MakeBroker, ManualClock, pid_alive, wait_for_exit
 from tests.kernelproto import execute, make_message
@@ -74,7 +74,7 @@ async def test_session_expires_at_max_age(make_broker: MakeBroker, clock: Manual
 async def test_dead_upstream_is_replaced_on_reuse(broker: BrokerHarness) -> None:
     session = await broker.ready_session()
     pid = await _server_pid(broker, session["id"])
-    backend = broker.app[keys.BACKEND]
+    backend = broker.app[appkeys.BACKEND]
     reported = asyncio.Event()
     original = backend.on_lost
 
@@ -155,7 +155,7 @@ async def test_failed_spawn_reports_an_error(make_broker: MakeBroker) -> None:
     status, body = await broker.create()
     assert status == 502
     assert body["error"] == "upstream_failed" and "exited" in body["message"]
-    assert broker.app[keys.BACKEND].pids() == {}
+    assert broker.app[appkeys.BACKEND].pids() == {}
     stored = await broker.store.get(body["id"], include_expired=True)
     assert stored.status is Status.FAILED
 
@@ -230,7 +230,7 @@ async def test_a_crashed_server_takes_its_kernels_and_directory_with_it(
         result = await execute(ws, "import subprocess; p = subprocess.Popen(['sleep', '600']);"
                                    " print(p.pid)")
     orphan = int(result.stdout)
-    backend = broker.app[keys.BACKEND]
+    backend = broker.app[appkeys.BACKEND]
     reported = asyncio.Event()
     original = backend.on_lost
 

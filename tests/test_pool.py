@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from broker import keys
+from broker import appkeys
 from broker.settings import Settings, parse_pools
 from tests.conftest import BrokerHarness, MakeBroker, eventually
 
@@ -142,7 +142,7 @@ async def test_a_dead_or_claimed_entry_is_never_handed_out_again(
 
 
 def _pid(broker: BrokerHarness, session_id: str) -> int:
-    return int(broker.app[keys.BACKEND].pids()[session_id])
+    return int(broker.app[appkeys.BACKEND].pids()[session_id])
 
 
 async def test_local_pools_are_per_replica_over_one_redis(
@@ -157,5 +157,5 @@ async def test_local_pools_are_per_replica_over_one_redis(
     assert mine != theirs  # each replica keeps its own entry (a local server lives beside it)
     # A visitor on the second replica gets the second replica's server, never the first's.
     _, data = await second.create(wait=False)
-    assert data["id"] == theirs and theirs in second.app[keys.BACKEND].pids()
+    assert data["id"] == theirs and theirs in second.app[appkeys.BACKEND].pids()
     assert (await first.store.get(mine)).pooled  # still waiting on the first replica

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from broker import keys
+from broker import appkeys
 from tests.conftest import BrokerHarness, MakeBroker
 from tests.kernelproto import execute, make_message
 
@@ -227,7 +227,7 @@ async def test_upstream_token_never_leaves_the_broker(
         result = await execute(ws, "import os; print(sorted(k for k in os.environ))")
         seen.append(result.stdout)
         seen.extend(json.dumps(m) for m in result.messages)
-    stored = await broker.app[keys.STORE].get(session["id"])
+    stored = await broker.app[appkeys.STORE].get(session["id"])
     secret = stored.upstream_token
     assert secret and len(secret) > 20
     everything = "\n".join(seen) + "\n".join(r.getMessage() for r in caplog.records)

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from broker import keys
-from broker.api import admin, execute, files, gauges, health, openapi, sessions
+from broker import appkeys
+from broker.agent import execute, files
+from broker.api import admin, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.api.page import add_page, ui_routes
@@ -109,7 +110,7 @@ def make_backend(
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    app[keys.HTTP] = aiohttp.ClientSession(
+    app[appkeys.HTTP] = aiohttp.ClientSession(
         # Upstream cookies must never be replayed to another session's server
         # (local servers share 127.0.0.1, and cookies ignore ports).
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -117,51 +118,51 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
     )
-    app[keys.UPSTREAM] = UpstreamPool(connect_timeout=10.0)
+    app[appkeys.UPSTREAM] = UpstreamPool(connect_timeout=10.0)
     yield
-    await app[keys.UPSTREAM].close()
-    await app[keys.HTTP].close()
+    await app[appkeys.UPSTREAM].close()
+    await app[appkeys.HTTP].close()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
-    if keys.STORE not in app:
-        inner = make_store(app[keys.SETTINGS], app[keys.CLOCK])
-        app[keys.STORE] = InstrumentedStore(inner, app[keys.METRICS])
+    if appkeys.STORE not in app:
+        inner = make_store(app[appkeys.SETTINGS], app[appkeys.CLOCK])
+        app[appkeys.STORE] = InstrumentedStore(inner, app[appkeys.METRICS])
     yield
-    await app[keys.STORE].close()
+    await app[appkeys.STORE].close()
 
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
-    backend = app.get(keys.BACKEND_FACTORY, make_backend)(settings, app[keys.HTTP],
-                                                         app[keys.CLOCK])
-    manager = SessionManager(settings, app[keys.STORE], backend, clock=app[keys.CLOCK],
-                             metrics=app[keys.METRICS])
+    settings = app[appkeys.SETTINGS]
+    backend = app.get(appkeys.BACKEND_FACTORY, make_backend)(settings, app[appkeys.HTTP],
+                                                         app[appkeys.CLOCK])
+    manager = SessionManager(settings, app[appkeys.STORE], backend, clock=app[appkeys.CLOCK],
+                             metrics=app[appkeys.METRICS])
     backend.on_lost = manager.on_upstream_lost
-    locks = ClusterLocks(app[keys.STORE])  # per-user creation on a hub, across replicas
+    locks = ClusterLocks(app[appkeys.STORE])  # per-user creation on a hub, across replicas
     if isinstance(backend, JupyterHubBackend):
         backend.locks = locks
     if isinstance(backend, FederationBackend):
-        backend.attach(manager.store.list_live, app[keys.METRICS])
+        backend.attach(manager.store.list_live, app[appkeys.METRICS])
         for member in backend.members:
             if isinstance(member.backend, JupyterHubBackend):
                 member.backend.locks = locks
-    http = app[keys.HTTP]
+    http = app[appkeys.HTTP]
     manager.busy_check = functools.partial(kernels_busy, http)
-    app[keys.BACKEND] = backend
-    app[keys.MANAGER] = manager
+    app[appkeys.BACKEND] = backend
+    app[appkeys.MANAGER] = manager
     tasks = [
         asyncio.create_task(manager.run_reaper(), name="session-reaper"),
         asyncio.create_task(manager.follow_ends(), name="session-ends"),
         asyncio.create_task(gauges.track_sessions(manager), name="session-gauge"),
-        asyncio.create_task(gauges.track_loop_lag(app[keys.METRICS]), name="loop-lag"),
+        asyncio.create_task(gauges.track_loop_lag(app[appkeys.METRICS]), name="loop-lag"),
     ]
     if isinstance(backend, FederationBackend):
         tasks.append(asyncio.create_task(backend.watch(), name="upstream-health"))
     # A local server lives beside its broker: with a shared store, each replica keeps a
     # pool of its own; other backends' pools are shared by all replicas. Without pools
     # it only serves the admin API's drain (entries left by an earlier BROKER_POOL).
-    pool = app[keys.POOL] = WarmPool(
+    pool = app[appkeys.POOL] = WarmPool(
         manager, http, per_replica=settings.backend == "local" and bool(settings.redis_url))
     if pool.pools:
         manager.pool = pool
@@ -177,21 +178,21 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
 
 async def _drain(app: web.Application) -> None:
     """on_shutdown (after the listener closed): drain kernel WebSockets."""
-    if keys.MANAGER in app:
-        await app[keys.MANAGER].drain(app[keys.SETTINGS].shutdown_drain)
+    if appkeys.MANAGER in app:
+        await app[appkeys.MANAGER].drain(app[appkeys.SETTINGS].shutdown_drain)
 
 
 async def _limits(app: web.Application) -> AsyncIterator[None]:
     """The kernels-per-session gate and the deny list's reload loop."""
-    settings = app[keys.SETTINGS]
+    settings = app[appkeys.SETTINGS]
     if settings.max_kernels_per_session:
-        app[keys.KERNEL_GATE] = KernelGate(
-            settings.max_kernels_per_session, app[keys.STORE], app[keys.HTTP],
+        app[appkeys.KERNEL_GATE] = KernelGate(
+            settings.max_kernels_per_session, app[appkeys.STORE], app[appkeys.HTTP],
             timeout=settings.upstream_timeout,
-            on_refusal=lambda: app[keys.MANAGER].metrics.limit_refused("kernels_per_session"))
+            on_refusal=lambda: app[appkeys.MANAGER].metrics.limit_refused("kernels_per_session"))
     watcher = None
     if settings.deny_list_file:
-        watcher = asyncio.create_task(app[keys.DENY].watch(settings.deny_list_reload),
+        watcher = asyncio.create_task(app[appkeys.DENY].watch(settings.deny_list_reload),
                                       name="deny-list-reload")
     yield
     if watcher is not None:
@@ -215,25 +216,25 @@ def create_app(
     app = web.Application(
         middlewares=[observe, errors_and_origin], client_max_size=settings.max_request_body
     )
-    app[keys.SETTINGS] = settings
-    app[keys.METRICS] = Metrics("federation" if settings.upstreams.get_secret_value()
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.METRICS] = Metrics("federation" if settings.upstreams.get_secret_value()
                                 else settings.backend,
                                 relay=wire.mode(settings.ws_relay_compiled))
-    app[keys.WS_BUDGETS] = SessionWsBudgets.from_settings(
-        settings, on_throttle=app[keys.METRICS].ws_throttled.inc,
-        on_close=functools.partial(app[keys.METRICS].limit_refused, "ws_rate"))
-    app[keys.CLOCK] = clock
-    app[keys.READINESS] = Readiness()
-    app[keys.TRUSTED] = parse_networks(settings.trusted_proxies)
+    app[appkeys.WS_BUDGETS] = SessionWsBudgets.from_settings(
+        settings, on_throttle=app[appkeys.METRICS].ws_throttled.inc,
+        on_close=functools.partial(app[appkeys.METRICS].limit_refused, "ws_rate"))
+    app[appkeys.CLOCK] = clock
+    app[appkeys.READINESS] = Readiness()
+    app[appkeys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
-        app[keys.STORE] = store
+        app[appkeys.STORE] = store
     if backend is not None:
-        app[keys.BACKEND_FACTORY] = backend
-    app[keys.DENY] = DenyList(settings.deny_networks, settings.deny_list_file)
+        app[appkeys.BACKEND_FACTORY] = backend
+    app[appkeys.DENY] = DenyList(settings.deny_networks, settings.deny_list_file)
     # Inside errors_and_origin, so a refusal is the usual JSON error with CORS headers.
     app.middlewares.append(deny_middleware(
-        app[keys.DENY], app[keys.TRUSTED],
-        lambda request: request.app[keys.MANAGER].metrics.limit_refused("denied")))
+        app[appkeys.DENY], app[appkeys.TRUSTED],
+        lambda request: request.app[appkeys.MANAGER].metrics.limit_refused("denied")))
     app.cleanup_ctx.extend([_http_client, _store, _sessions, health.dependencies_ctx,
                             execute.kernels_ctx])
     app.on_shutdown.extend([health.start_draining, _drain])

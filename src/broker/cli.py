@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from aiohttp import web
 from pydantic import ValidationError
 
-from broker import __version__, keys
+from broker import __version__, appkeys
 from broker.logs import AccessLogger, configure
 from broker.settings import Settings, describe_errors, settings_reference, unknown_variables
 
@@ -69,7 +69,7 @@ async def _run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     # The edge listens instead of a web.TCPSite: header/body timeouts and the
     # connection cap live in its connection protocol (see broker.edge).
-    metrics = runner.app[keys.METRICS]
+    metrics = runner.app[appkeys.METRICS]
     edge = Edge(runner, settings, on_refusal=metrics.limit_refused,
                 access_log_class=AccessLogger)
     ops: web.AppRunner | None = None

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker import keys
+from broker import appkeys
 from broker.backends.binderhub import failure_error, public_message
 from tests.binder.conftest import BOOK, BinderBroker
 from tests.binder.eventsource import event_source
@@ -173,7 +173,7 @@ async def test_health_follows_binderhub(
     standin: BinderStandin, binder_broker: BinderBroker
 ) -> None:
     broker = await binder_broker()
-    backend = broker.app[keys.BACKEND]
+    backend = broker.app[appkeys.BACKEND]
     await backend.health()  # the stand-in answers ok
     await standin.close()
     with pytest.raises(aiohttp.ClientConnectionError):

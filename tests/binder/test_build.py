@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker import keys
+from broker import appkeys
 from broker.backends.local import LocalBackend
 from broker.models import MAX_EXTRA_TOKENS
 from tests.binder.conftest import BOOK, OTHER_BOOK, BinderBroker
@@ -37,7 +37,7 @@ async def launch(broker: BrokerHarness, spec: str = SPEC, *, origin: str | None 
 
 def local_pids(broker: BrokerHarness) -> dict[str, int]:
     """Server processes of the local backend, by session id."""
-    backend = broker.app[keys.BACKEND]
+    backend = broker.app[appkeys.BACKEND]
     assert isinstance(backend, LocalBackend)
     return backend.pids()
 
@@ -185,7 +185,7 @@ async def test_reuse_checks_the_upstream_is_alive_first(make_broker: MakeBroker)
     session_id = session_id_of(first)
     session = await broker.store.get(session_id)
     # The server goes away without the broker noticing (no exit report).
-    await broker.app[keys.BACKEND].stop(session)
+    await broker.app[appkeys.BACKEND].stop(session)
     assert (await broker.store.get(session_id)).status.value == "ready"
 
     fresh = (await launch(broker, headers={"Authorization": f"token {first['token']}"})).ready

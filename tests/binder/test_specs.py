@@ -1,11 +1,11 @@
-"""Launch spec parsing (:mod:`broker.policy.specs`): every provider form of docs/protocols.md."""
+"""Launch spec parsing (:mod:`broker.specs`): every provider form of docs/protocols.md."""
 
 from __future__ import annotations
 
 import pytest
 
 from broker.errors import BadRequest
-from broker.policy.specs import MAX_SPEC, parse_spec
+from broker.specs import MAX_SPEC, parse_spec
 
 
 @pytest.mark.parametrize(

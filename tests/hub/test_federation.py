@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from broker import keys
+from broker import appkeys
 from tests.binderstandin import BinderStandin
 from tests.conftest import BrokerHarness, MakeBroker, eventually
 from tests.hubfixture import RunningHub
@@ -56,7 +56,7 @@ async def delete(broker: BrokerHarness, session: dict[str, Any]) -> None:
 
 
 def spawns(broker: BrokerHarness, name: str, outcome: str) -> float:
-    value = broker.app[keys.METRICS].registry.get_sample_value(
+    value = broker.app[appkeys.METRICS].registry.get_sample_value(
         "broker_upstream_spawns_total", {"member": name, "outcome": outcome})
     return float(value or 0)
 

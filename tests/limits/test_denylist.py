@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import keys
+from broker import appkeys
 from broker.policy.denylist import DenyList
 from tests.limits.conftest import ORIGIN, MakeLimited, post_session
 
@@ -58,7 +58,7 @@ async def test_the_file_is_reloaded_without_a_restart(
     deny_file = tmp_path / "deny.txt"
     set_file(deny_file, "# nobody yet\n", 1_000_000_000)
     broker = await make_limited(deny_list_file=str(deny_file), trusted_proxies=["127.0.0.1/32"])
-    deny = broker.app[keys.DENY]
+    deny = broker.app[appkeys.DENY]
     client = {"X-Forwarded-For": "198.51.100.5"}
     assert (await post_session(broker, headers=client, spec="a"))[0] == 201
 
@@ -97,7 +97,7 @@ async def test_the_broker_watches_the_file_by_itself(
     deny_file = tmp_path / "deny.txt"
     set_file(deny_file, "", 1_000_000_000)
     broker = await make_limited(deny_list_file=str(deny_file), deny_list_reload=0.02)
-    deny = broker.app[keys.DENY]
+    deny = broker.app[appkeys.DENY]
     set_file(deny_file, "127.0.0.1\n", 2_000_000_000)
     # The reload loop has no event to await: poll its observable effect, bounded.
     loop = asyncio.get_running_loop()

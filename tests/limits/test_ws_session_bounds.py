@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import WSServerHandshakeError
 
-from broker import keys
+from broker import appkeys
 from broker.policy.wsrate import CLOSE, SessionWsBudgets, WsLimits
 from broker.settings import Settings
 from tests.conftest import ManualClock
@@ -95,7 +95,7 @@ async def test_one_kernel_websocket_too_many_is_refused_with_429(
     extra = await kernel_ws(broker, other)
     await open_ones.pop().close()
     deadline = asyncio.get_running_loop().time() + 10
-    while broker.app[keys.WS_BUDGETS].connections(session["id"]) > 1:
+    while broker.app[appkeys.WS_BUDGETS].connections(session["id"]) > 1:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.02)  # the relay's end reaches the count on the loop's next turns
     again = await kernel_ws(broker, session)

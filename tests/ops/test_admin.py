@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker import keys
+from broker import appkeys
 from tests.conftest import MakeBroker, pid_alive
 
 ADMIN = {"Authorization": "token admin-secret-token"}
@@ -35,7 +35,7 @@ async def test_admin_lists_inspects_and_stops(make_broker: MakeBroker) -> None:
     assert usage["sessions_live"] == 2 and usage["limits"]["max_sessions"] == 10
     assert usage["capacity_used"] == 0.2
     assert usage["top_owners"] == [{"owner": "127.0.0.1", "sessions": 2}]
-    settings = broker.app[keys.SETTINGS]
+    settings = broker.app[appkeys.SETTINGS]
     assert usage["limits"]["max_kernels_per_session"] == settings.max_kernels_per_session
     assert usage["top_specs"] == []  # both sessions were created without a spec
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import keys
+from broker import appkeys
 from tests.conftest import BrokerHarness, MakeBroker
 from tests.kernelproto import execute
 
@@ -81,7 +81,7 @@ async def test_counters_follow_real_traffic(make_broker: MakeBroker) -> None:
     assert value(after, "broker_store_operation_duration_seconds_count", op="create") == 2
     # Cluster-wide session gauge, refreshed from the store.
     from broker.api.gauges import refresh_sessions
-    await refresh_sessions(broker.app[keys.MANAGER])
+    await refresh_sessions(broker.app[appkeys.MANAGER])
     gauged = await scrape(broker)
     assert value(gauged, "broker_sessions", backend="local", status="ready") == 2
     # No label carries a session id, IP or path.

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from broker.proxy.paths import check_ui_remainder
+from broker.paths import check_ui_remainder
 from broker.proxy.ui import COOKIE, NO_CREDENTIAL, rewrite_page
 from broker.settings import Settings
 from tests.conftest import BrokerHarness, MakeBroker

@@ -1,1 +1,2 @@
-"""What agents use: the MCP server (see docs/agents.md)."""
+"""What agents use: the execute and files API, the kernel client behind it, the Python client
+and the MCP server (see docs/agents.md)."""

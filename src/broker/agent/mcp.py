@@ -2,7 +2,7 @@
 
 Agent frameworks plug tools in through MCP. This server speaks MCP (stdio by
 default, streamable HTTP with ``--http PORT``) on one side and the broker's
-public agent API on the other, through :class:`broker.client.AgentSession`;
+public agent API on the other, through :class:`broker.agent.client.AgentSession`;
 it holds no credentials but the optional API key and the session tokens it
 was given, and it can run anywhere that reaches the broker.
 
@@ -36,7 +36,7 @@ from typing import Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from broker.client import AgentSession, BrokerClientError, ExecutionResult
+from broker.agent.client import AgentSession, BrokerClientError, ExecutionResult
 
 log = logging.getLogger(__name__)
 

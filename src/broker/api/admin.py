@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.api.sessions import _iso
 from broker.backends.federation import FederationBackend
 from broker.errors import Forbidden, NotFound, Unauthorized
@@ -24,7 +24,7 @@ routes = web.RouteTableDef()
 
 
 def _require_admin(request: web.Request) -> None:
-    expected = request.app[keys.SETTINGS].admin_token.get_secret_value()
+    expected = request.app[appkeys.SETTINGS].admin_token.get_secret_value()
     if not expected:
         raise NotFound("The admin API is not enabled", reason="not_found")
     token = request_token(request)
@@ -38,7 +38,7 @@ def _require_admin(request: web.Request) -> None:
 async def _find(request: web.Request) -> Session:
     """The session named in the path, live or recently ended (admin only)."""
     _require_admin(request)
-    session = await request.app[keys.MANAGER].store.get(request.match_info["sid"],
+    session = await request.app[appkeys.MANAGER].store.get(request.match_info["sid"],
                                                         include_expired=True)
     if session is None:
         raise NotFound("No such session", reason="unknown_session")
@@ -69,7 +69,7 @@ def _admin_view(session: Session, now: float) -> dict[str, Any]:
 async def list_sessions(request: web.Request) -> web.Response:
     """Every live session (``?owner=`` to filter), newest first."""
     _require_admin(request)
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     owner = request.query.get("owner")
     now = manager.clock()
     sessions = await manager.store.list_live()
@@ -85,7 +85,7 @@ async def stop_owner_sessions(request: web.Request) -> web.Response:
     owner = request.query.get("owner")
     if not owner:
         raise NotFound("Name the owner: ?owner=<client IP or IPv6 /64>", reason="bad_request")
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     stopped = 0
     for session in await manager.store.list_live():
         if session.owner == owner:
@@ -98,14 +98,14 @@ async def stop_owner_sessions(request: web.Request) -> web.Response:
 async def get_session(request: web.Request) -> web.Response:
     """One session, live or recently ended."""
     session = await _find(request)
-    return web.json_response(_admin_view(session, request.app[keys.MANAGER].clock()))
+    return web.json_response(_admin_view(session, request.app[appkeys.MANAGER].clock()))
 
 
 @routes.delete("/api/v1/admin/sessions/{sid}", name="admin_stop_session")
 async def stop_session(request: web.Request) -> web.Response:
     """Stop one session now (its clients see ``ended_reason: admin``)."""
     session = await _find(request)
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     if not session.status.terminal:
         await manager.stop(session, "admin")
     return web.Response(status=204)
@@ -115,8 +115,8 @@ async def stop_session(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """Live usage against the configured limits; the busiest owners first."""
     _require_admin(request)
-    manager = request.app[keys.MANAGER]
-    settings = request.app[keys.SETTINGS]
+    manager = request.app[appkeys.MANAGER]
+    settings = request.app[appkeys.SETTINGS]
     now = manager.clock()
     live = [s for s in await manager.store.list_live() if not s.expired(now)]
     owners = collections.Counter(s.owner for s in live)
@@ -156,11 +156,11 @@ async def upstreams(request: web.Request) -> web.Response:
     BROKER_UPSTREAMS the list is empty: there is one upstream, BROKER_BACKEND.
     """
     _require_admin(request)
-    backend = request.app[keys.BACKEND]
+    backend = request.app[appkeys.BACKEND]
     if not isinstance(backend, FederationBackend):
         return web.json_response({"federation": False, "backend": backend.name,
                                   "members": []})
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     return web.json_response({
         "federation": True,
         "affinity": settings.upstreams_affinity,
@@ -173,7 +173,7 @@ async def upstreams(request: web.Request) -> web.Response:
 async def pools(request: web.Request) -> web.Response:
     """The warm pools (BROKER_POOL): size, aim, entries; an empty list without pools."""
     _require_admin(request)
-    return web.json_response({"pools": await request.app[keys.POOL].describe()})
+    return web.json_response({"pools": await request.app[appkeys.POOL].describe()})
 
 
 @routes.delete("/api/v1/admin/pools", name="admin_drain_pools")
@@ -182,4 +182,4 @@ async def drain_pools(request: web.Request) -> web.Response:
     sessions stay. Refills go on while BROKER_POOL names pools: empty it first.
     """
     _require_admin(request)
-    return web.json_response({"stopped": await request.app[keys.POOL].drain()})
+    return web.json_response({"stopped": await request.app[appkeys.POOL].drain()})

@@ -46,16 +46,16 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.api.sessions import SSE_HEADERS
 from broker.backends.binderhub import PUBLIC_PREFIX
 from broker.errors import BadRequest, BrokerError, Unavailable
 from broker.models import Session, Status, new_token
 from broker.policy.auth import public_base, request_owner, request_token
 from broker.policy.identity import client_ip, forwarded_proto_host
-from broker.policy.specs import BuildSpec, parse_spec
 from broker.sessions import SessionManager, SessionRequest
 from broker.settings import Settings
+from broker.specs import BuildSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def ready_event(
         "binder_launch_host": f"{base}/",
         "binder_request": spec.binder_request,
         "binder_persistent_request": known("binder_persistent_request", spec.binder_request),
-        "binder_client_ip": client_ip(request, request.app[keys.TRUSTED]),
+        "binder_client_ip": client_ip(request, request.app[appkeys.TRUSTED]),
     }
     return {name: value for name, value in fields.items() if value}
 
@@ -178,7 +178,7 @@ async def _follow(
     spec: BuildSpec,
 ) -> bool:
     """Relay one session's launch to the stream; False if it must be retried afresh."""
-    keepalive = request.app[keys.SETTINGS].build_keepalive
+    keepalive = request.app[appkeys.SETTINGS].build_keepalive
     with manager.following(session.id):
         return await _relay(request, stream, manager, session, token, spec, keepalive)
 
@@ -213,8 +213,8 @@ async def _relay(request: web.Request, stream: _Stream, manager: SessionManager,
 async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
                   spec: BuildSpec, *, cookie_proof: bool) -> None:
     """Reuse on proof (a token, else the visitor cookie), or start a new session."""
-    manager = request.app[keys.MANAGER]
-    settings = request.app[keys.SETTINGS]
+    manager = request.app[appkeys.MANAGER]
+    settings = request.app[appkeys.SETTINGS]
     presented = request_token(request) if settings.build_reuse else None
     for _attempt in range(_ATTEMPTS):
         token: str | None
@@ -238,11 +238,11 @@ async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
 @routes.get("/build/{provider}/{spec:.+}", name="build", allow_head=False)
 async def build(request: web.Request) -> web.StreamResponse:
     """Launch a session for a spec (on proof, the visitor's own again) as BinderHub's stream."""
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     response = web.StreamResponse(headers=SSE_HEADERS)
     visitor, new_cookie = visitor_identity(request, settings)
     if new_cookie:
-        scheme, _host = forwarded_proto_host(request, request.app[keys.TRUSTED])
+        scheme, _host = forwarded_proto_host(request, request.app[appkeys.TRUSTED])
         response.set_cookie(VISITOR_COOKIE, new_cookie, path="/build", httponly=True,
                             samesite="Lax", secure=scheme == "https",
                             max_age=settings.session_max_age)

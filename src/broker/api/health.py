@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import __version__, keys
+from broker import __version__, appkeys
 from broker.proxy import wire
 
 routes = web.RouteTableDef()
@@ -43,8 +43,8 @@ DEPENDENCY_EVERY = 5.0
 async def check_dependencies(app: web.Application) -> None:
     """Probe the store and the backend once; update ``/ready``'s body and the gauge."""
     probes = (
-        ("store", "store", app[keys.STORE].ping),
-        (f"backend:{app[keys.BACKEND].name}", "upstream", app[keys.BACKEND].health),
+        ("store", "store", app[appkeys.STORE].ping),
+        (f"backend:{app[appkeys.BACKEND].name}", "upstream", app[appkeys.BACKEND].health),
     )
 
     async def one(probe: Any) -> str | None:
@@ -55,7 +55,7 @@ async def check_dependencies(app: web.Application) -> None:
         return None
 
     errors = await asyncio.gather(*(one(probe) for _, _, probe in probes))
-    readiness, metrics = app[keys.READINESS], app[keys.METRICS]
+    readiness, metrics = app[appkeys.READINESS], app[appkeys.METRICS]
     previous = {c["service"]: c for c in readiness.checks}
     checks = []
     for (service, dependency, _), error in zip(probes, errors, strict=True):
@@ -88,7 +88,7 @@ async def dependencies_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def start_draining(app: web.Application) -> None:
     """on_shutdown: /ready turns 503 for whoever still asks on an open connection."""
-    app[keys.READINESS].draining = True
+    app[appkeys.READINESS].draining = True
 
 
 @routes.get("/health", name="health")
@@ -100,7 +100,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/ready", name="ready")
 async def ready(request: web.Request) -> web.Response:
     """Readiness: 200 unless draining; dependency states (latest check) in the body."""
-    readiness = request.app[keys.READINESS]
+    readiness = request.app[appkeys.READINESS]
     ok = not readiness.draining
     return web.json_response(
         {"ok": ok, "draining": readiness.draining,
@@ -114,18 +114,18 @@ async def versions(request: web.Request) -> web.Response:
     """What is running, for support requests and dashboards."""
     return web.json_response({
         "broker": __version__,
-        "backend": request.app[keys.BACKEND].name,  # "federation" with BROKER_UPSTREAMS
+        "backend": request.app[appkeys.BACKEND].name,  # "federation" with BROKER_UPSTREAMS
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         # Whether the kernel WebSocket relay runs compiled (Cython) or as Python.
-        "relay": wire.mode(request.app[keys.SETTINGS].ws_relay_compiled),
+        "relay": wire.mode(request.app[appkeys.SETTINGS].ws_relay_compiled),
     })
 
 
 @ops_routes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this replica's registry."""
-    body = generate_latest(request.app[keys.METRICS].registry)
+    body = generate_latest(request.app[appkeys.METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -133,8 +133,8 @@ def create_ops_app(main: web.Application) -> web.Application:
     """The BROKER_METRICS_PORT listener's app: /metrics and /versions of ``main``, a
     started broker app (its backend exists once its cleanup contexts have run)."""
     app = web.Application()
-    app[keys.SETTINGS] = main[keys.SETTINGS]
-    app[keys.METRICS] = main[keys.METRICS]
-    app[keys.BACKEND] = main[keys.BACKEND]
+    app[appkeys.SETTINGS] = main[appkeys.SETTINGS]
+    app[appkeys.METRICS] = main[appkeys.METRICS]
+    app[appkeys.BACKEND] = main[appkeys.BACKEND]
     app.add_routes(ops_routes)
     return app

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from broker import keys
+from broker import appkeys
 from broker.edge import EdgeHandler
 from broker.errors import BrokerError, Forbidden, PayloadTooLarge
 from broker.logs import new_request_id, request_id_var
@@ -60,14 +60,14 @@ def origin_allowed(request: web.Request, origin: str) -> bool:
     domain name), or a host a trusted proxy vouches for (X-Forwarded-Host /
     the Host it passed on: an ingress routes by host name).
     """
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     wanted = origin.rstrip("/").lower()
     allowed = settings.allowed_origins
     if "*" in allowed or wanted in allowed:
         return True
     if settings.public_url:
         return wanted == str(URL(settings.public_url).origin()).lower()
-    scheme, host = forwarded_proto_host(request, request.app[keys.TRUSTED])
+    scheme, host = forwarded_proto_host(request, request.app[appkeys.TRUSTED])
     if wanted != f"{scheme}://{host}".lower():
         return False
     return _unforgeable_host(URL(wanted).host or "") or _from_trusted_proxy(request)
@@ -86,7 +86,7 @@ def _unforgeable_host(host: str) -> bool:
 
 
 def _from_trusted_proxy(request: web.Request) -> bool:
-    trusted = request.app[keys.TRUSTED]
+    trusted = request.app[appkeys.TRUSTED]
     try:
         peer = ipaddress.ip_address(request.remote or "")
     except ValueError:
@@ -246,7 +246,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(response, web.WebSocketResponse) and not upgraded:
             status = response.status if response is not None else 500
             name = request.match_info.route.name or "other"
-            request.app[keys.METRICS].observe_http(
+            request.app[appkeys.METRICS].observe_http(
                 "admin" if name.startswith("admin_") else name, status, loop.time() - started)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.errors import NotFound
 from broker.settings import Settings
 
@@ -55,7 +55,7 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def limits(request: web.Request) -> web.Response:
     """What a visitor may do: the limits the page states, straight from the settings."""
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     return web.json_response({
         "max_sessions_per_visitor": settings.max_sessions_per_owner,
         "max_creations_per_visitor": settings.max_creations_per_owner,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session, Status
 from broker.policy.apikeys import OWNER_PREFIX
@@ -142,7 +142,7 @@ async def parse_session_request(request: web.Request) -> SessionRequest:
     for field in ("profile", "kernel_name"):
         if values[field] and not NAME.match(values[field]):
             raise BadRequest(f"'{field}' may only contain letters, digits, '.', '_' and '-'")
-    key = request.app[keys.MANAGER].limiter.api_keys.from_request(request)
+    key = request.app[appkeys.MANAGER].limiter.api_keys.from_request(request)
     owner = key.owner if key is not None else request_owner(request)
     return SessionRequest(owner=owner, **values)
 
@@ -154,7 +154,7 @@ def _flag(request: web.Request, name: str) -> bool:
 @routes.post("/api/v1/sessions", name="sessions_create")
 async def create_session(request: web.Request) -> web.Response:
     """Create a session, or reuse the caller's live one for the same spec."""
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     wanted = await parse_session_request(request)
     # An API key holder's Authorization is the key: its session token comes as ?token=.
     presented = (request.query.get("token") if wanted.owner.startswith(OWNER_PREFIX)
@@ -208,7 +208,7 @@ def _failure_status(reason: str, final: dict[str, Any] | None = None) -> int:
 @routes.get("/api/v1/sessions/{sid}", name="session_get")
 async def get_session(request: web.Request) -> web.Response:
     """Describe a session (its status tells a client whether and why it ended)."""
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
     return web.json_response(session_body(request, session))
 
@@ -216,7 +216,7 @@ async def get_session(request: web.Request) -> web.Response:
 @routes.delete("/api/v1/sessions/{sid}", name="session_delete")
 async def delete_session(request: web.Request) -> web.Response:
     """Stop a session now; its server and kernels go away."""
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
     if not session.status.terminal:
         await manager.stop(session, "deleted")
@@ -226,7 +226,7 @@ async def delete_session(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sessions/{sid}/events", name="session_events")
 async def session_events(request: web.Request) -> web.StreamResponse:
     """Progress of a session's spawn as server-sent events, ending at ready/failed."""
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)

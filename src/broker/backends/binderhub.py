@@ -51,7 +51,7 @@ from broker.backends.base import MAX_MESSAGE, LostCallback, public_message, serv
 from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import ProgressEvent, Session
-from broker.policy.specs import parse_spec
+from broker.specs import parse_spec
 
 log = logging.getLogger(__name__)
 

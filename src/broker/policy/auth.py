@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.policy.identity import client_ip, forwarded_proto_host, owner_key
 
 
@@ -24,13 +24,13 @@ def request_token(request: web.BaseRequest) -> str | None:
 
 def request_owner(request: web.Request) -> str:
     """The owner identity (client IP, IPv6 /64) of a request."""
-    return owner_key(client_ip(request, request.app[keys.TRUSTED]))
+    return owner_key(client_ip(request, request.app[appkeys.TRUSTED]))
 
 
 def public_base(request: web.Request) -> str:
     """The broker's external base URL, without a trailing slash."""
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     if settings.public_url:
         return settings.public_url
-    scheme, host = forwarded_proto_host(request, request.app[keys.TRUSTED])
+    scheme, host = forwarded_proto_host(request, request.app[appkeys.TRUSTED])
     return f"{scheme}://{host}"

@@ -31,7 +31,7 @@ import aiohttp
 
 from broker.errors import RateLimited, Unavailable, UpstreamFailed
 from broker.models import Session
-from broker.proxy.paths import join
+from broker.paths import join
 from broker.store.base import SessionStore
 from broker.store.locks import ClusterLocks
 

@@ -33,11 +33,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker import keys
+from broker import appkeys
 from broker.errors import UpstreamFailed
 from broker.models import KERNEL_ALIASES, Session
+from broker.paths import check_rest, check_ui, join
 from broker.policy.kernels import KERNEL_STARTS
-from broker.proxy.paths import check_rest, check_ui, join
 from broker.proxy.ui import KERNELSPECS, PAGES, UI_CSP, rewrite_kernelspecs, rewrite_page
 from broker.proxy.upstream_http import UpstreamError, UpstreamResponse
 
@@ -126,16 +126,16 @@ async def forward(request: web.Request, session: Session, remainder: str,
     :mod:`broker.policy.kernels`), so concurrent starts cannot overshoot.
     """
     restart = _RESTART.fullmatch(remainder) if request.method == "POST" else None
-    kernels = request.app.get(keys.KERNELS)
+    kernels = request.app.get(appkeys.KERNELS)
     if restart is not None and kernels is not None:
         # Before forwarding, so before the client hears "restarted": the execute API's
         # next call on this kernel must wait for the new process (AgentKernels.restarting).
         kernels.restarting(session.id, restart.group(1))
     starts = request.method == "POST" and remainder in KERNEL_STARTS
-    pool = request.app.get(keys.POOL)
+    pool = request.app.get(appkeys.POOL)
     warm = pool.take_warm_kernel(session, remainder, await request.read()) \
         if starts and pool is not None else ""
-    gate = request.app.get(keys.KERNEL_GATE)
+    gate = request.app.get(appkeys.KERNEL_GATE)
     if gate is not None and starts and not warm:
         async with gate.starting(session, remainder, await request.read()):
             return await _forward(request, session, remainder, ui_token)
@@ -146,7 +146,7 @@ async def _forward(request: web.Request, session: Session, remainder: str,
                    ui_token: str | None, warm: str = "") -> web.StreamResponse:
     """Forward one REST request; ``warm``: a warm pool kernel this kernel start takes over."""
     method = request.method
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     if ui_token is None:
         check_rest(remainder, method)
     else:
@@ -168,7 +168,7 @@ async def _forward(request: web.Request, session: Session, remainder: str,
             # The warm kernel's model answers the start (201, as a started kernel's).
             method, body, url = "GET", None, join(session.upstream_url, f"api/kernels/{warm}")
     try:
-        upstream = await request.app[keys.UPSTREAM].request(
+        upstream = await request.app[appkeys.UPSTREAM].request(
             method, url, headers, body, query=forward_query(request),
             read_timeout=settings.upstream_timeout)
         async with upstream:
@@ -177,7 +177,7 @@ async def _forward(request: web.Request, session: Session, remainder: str,
     except (UpstreamError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
                     remainder, exc if isinstance(exc, UpstreamError) else type(exc).__name__)
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
 
@@ -200,7 +200,7 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
     if upstream.content_type == "text/html" and ui_token is not None and method == "GET":
         return await _ui_page(request, session, upstream, remainder, ui_token, out)
     if upstream.content_type == "text/html":
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
         return _withheld(upstream.status, "The session's server answered with a page, "
                          "not an API response")
     length = upstream.content_length
@@ -211,7 +211,7 @@ async def _respond(request: web.Request, session: Session, upstream: UpstreamRes
         if session.upstream_token.encode() in body:
             log.error("withheld a response of session %s that carried its upstream "
                       "token (%s %s)", session.id, method, remainder)
-            request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+            request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
             return _withheld(502, "The session's server sent a response that cannot "
                              "be forwarded")
         if ui_token is not None and KERNELSPECS.fullmatch(remainder) and upstream.status == 200:
@@ -236,7 +236,7 @@ async def _ui_page(request: web.Request, session: Session, upstream: UpstreamRes
     """
     length = upstream.content_length
     if length is None or length > _BUFFER_LIMIT:
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
         return _withheld(502, "The session's server sent a page too large to forward")
     # jupyter_server's pages are UTF-8 (its templates declare it).
     text = (await upstream.read()).decode("utf-8", errors="replace")
@@ -245,7 +245,7 @@ async def _ui_page(request: web.Request, session: Session, upstream: UpstreamRes
     if session.upstream_token in text:
         log.error("withheld a page of session %s that still carried its upstream token (%s)",
                   session.id, remainder)
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
         return _withheld(502, "The session's server sent a page that cannot be forwarded")
     headers.pop("Content-Encoding", None)
     if PAGES.fullmatch(remainder):

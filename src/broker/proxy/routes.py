@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session
-from broker.policy.auth import request_token
-from broker.proxy import ui
-from broker.proxy.paths import (
+from broker.paths import (
     CHANNELS,
     TERMINAL_SOCKETS,
     UI_SOCKETS,
     check_remainder,
     check_ui_remainder,
 )
+from broker.policy.auth import request_token
+from broker.proxy import ui
 from broker.proxy.rest import forward
 from broker.proxy.wsbridge import bridge
 
@@ -32,10 +32,10 @@ routes = web.RouteTableDef()
 async def jupyter(request: web.Request) -> web.StreamResponse:
     """Everything a Jupyter client sends to the session's ``base_url``."""
     sid = request.match_info["sid"]
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     if settings.jupyter_ui:
         return await _with_ui(request, sid, settings.jupyter_ui_terminals)
-    session = await request.app[keys.MANAGER].ready_session(sid, request_token(request))
+    session = await request.app[appkeys.MANAGER].ready_session(sid, request_token(request))
     remainder = check_remainder(_raw_remainder(request, sid))
     if CHANNELS.fullmatch(remainder):
         return await _socket(request, session, remainder)
@@ -60,7 +60,7 @@ async def _with_ui(request: web.Request, sid: str, terminals: bool) -> web.Strea
     """The route when the session's Jupyter UI is proxied too."""
     try:
         token = ui.ui_token(request)
-        session = await request.app[keys.MANAGER].ready_session(sid, token)
+        session = await request.app[appkeys.MANAGER].ready_session(sid, token)
         remainder = check_ui_remainder(_raw_remainder(request, sid))
     except BrokerError as error:
         if ui.is_navigation(request):

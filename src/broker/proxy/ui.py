@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from broker import keys
+from broker import appkeys
 from broker.errors import BrokerError
 from broker.policy.auth import request_token
 from broker.policy.identity import forwarded_proto_host
@@ -82,7 +82,7 @@ def login(request: web.Request, session_id: str, token: str, remainder: str) -> 
     target = URL.build(path=f"/s/{session_id}/{remainder or 'lab'}", query=query)
     response = web.Response(status=302, headers={"Location": str(target),
                                                  "Cache-Control": "no-store"})
-    scheme, _ = forwarded_proto_host(request, request.app[keys.TRUSTED])
+    scheme, _ = forwarded_proto_host(request, request.app[appkeys.TRUSTED])
     response.set_cookie(COOKIE, token, path=f"/s/{session_id}/", httponly=True,
                         samesite="Lax", secure=scheme == "https")
     return response

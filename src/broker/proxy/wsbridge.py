@@ -43,14 +43,14 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from broker import keys
+from broker import appkeys
 from broker.errors import BadRequest, NotFound, RateLimited, UpstreamFailed
 from broker.metrics import CHANNELS, Direction, Metrics
 from broker.models import Session
+from broker.paths import join
 from broker.policy.wsrate import Limiter, SessionWsBudgets, WsLimiter, WsLimits
 from broker.proxy import wire
 from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START
-from broker.proxy.paths import join
 from broker.proxy.relay import (
     ClientLeg,
     HandshakeRefused,
@@ -153,13 +153,13 @@ class KernelHooks(Hooks):
 
 async def bridge(request: web.Request, session: Session, remainder: str) -> web.StreamResponse:
     """Connect the client's kernel WebSocket to the session's upstream kernel."""
-    settings = request.app[keys.SETTINGS]
-    manager = request.app[keys.MANAGER]
+    settings = request.app[appkeys.SETTINGS]
+    manager = request.app[appkeys.MANAGER]
     metrics = manager.metrics
     loop = asyncio.get_running_loop()
     started = loop.time()
     key = _check_upgrade(request)
-    budgets = request.app[keys.WS_BUDGETS]
+    budgets = request.app[appkeys.WS_BUDGETS]
     admitted, shared = budgets.open(session.id)
     if not admitted:
         metrics.limit_refused("ws_rate")
@@ -193,8 +193,8 @@ async def _bridge(request: web.Request, session: Session, remainder: str, key: s
                   shared: WsLimiter | None, slot: _Slot, started: float
                   ) -> web.StreamResponse:
     """:func:`bridge` once the connection is admitted (its slot is released on failure)."""
-    settings = request.app[keys.SETTINGS]
-    manager = request.app[keys.MANAGER]
+    settings = request.app[appkeys.SETTINGS]
+    manager = request.app[appkeys.MANAGER]
     metrics = manager.metrics
     loop = asyncio.get_running_loop()
     offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
@@ -363,9 +363,9 @@ def _limiter_for(request: web.Request, shared: WsLimiter | None = None) -> Limit
     module for the contract), charging ``shared`` (the session's aggregate
     budget) too. Metrics are touched on its slow path only.
     """
-    limits = WsLimits.from_settings(request.app[keys.SETTINGS])
+    limits = WsLimits.from_settings(request.app[appkeys.SETTINGS])
     if limits is None:
         return shared  # the session's budget alone, or nothing on the hot path
-    metrics = request.app[keys.MANAGER].metrics
+    metrics = request.app[appkeys.MANAGER].metrics
     return limits.new(on_throttle=metrics.ws_throttled.inc,
                       on_close=lambda: metrics.limit_refused("ws_rate"), parent=shared)

@@ -44,8 +44,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from broker import keys
-from broker.api.execute import agent_session
+from broker import appkeys
+from broker.agent.execute import agent_session
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -56,7 +56,7 @@ from broker.errors import (
     UpstreamFailed,
 )
 from broker.models import Session
-from broker.proxy.paths import join
+from broker.paths import join
 
 routes = web.RouteTableDef()
 
@@ -163,9 +163,9 @@ async def _contents(
 ) -> tuple[int, bytes]:
     """One contents API call upstream: (status, body), the body read up to ``limit``."""
     url = join(session.upstream_url, "api/contents/" + _api_path(segments))
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[appkeys.SETTINGS]
     try:
-        async with request.app[keys.HTTP].request(
+        async with request.app[appkeys.HTTP].request(
             method, url, params=params, json=body,
             headers={"Authorization": f"token {session.upstream_token}"},
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
@@ -182,11 +182,11 @@ async def _contents(
                 chunks.append(chunk)
             data = b"".join(chunks)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc
     if resp.status >= 500:
-        request.app[keys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
+        request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "bad_response")
     if resp.status >= 400:
         raise _refusal(resp.status, data)
     return resp.status, data
@@ -221,11 +221,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     session = await agent_session(request)
     tail = _raw_tail(request, session.id)
     segments = parse_path(tail)
-    request.app[keys.MANAGER].note_activity(session.id)
+    request.app[appkeys.MANAGER].note_activity(session.id)
     if not segments or tail.endswith("/"):
         return await _listing(request, session, segments)
     await _confined(session, segments)
-    cap = request.app[keys.SETTINGS].max_download_size
+    cap = request.app[appkeys.SETTINGS].max_download_size
     _, raw = await _contents(request, session, "GET", segments,
                              params={"type": "file", "format": "base64", "content": "1"},
                              limit=cap * 37 // 27 + _CHUNK)  # base64 with newlines, JSON
@@ -270,8 +270,8 @@ async def put_file(request: web.Request) -> web.Response:
     if not segments or tail.endswith("/"):
         raise BadRequest("Name a file to upload, not a directory", reason="bad_path")
     await _confined(session, segments)
-    data = await _read_upload(request, request.app[keys.SETTINGS].max_upload_size)
-    request.app[keys.MANAGER].note_activity(session.id)
+    data = await _read_upload(request, request.app[appkeys.SETTINGS].max_upload_size)
+    request.app[appkeys.MANAGER].note_activity(session.id)
     for depth in range(1, len(segments)):
         await _contents(request, session, "PUT", segments[:depth], body={"type": "directory"})
     status, raw = await _contents(
@@ -289,6 +289,6 @@ async def delete_file(request: web.Request) -> web.Response:
     if not segments:
         raise BadRequest("The working directory itself cannot be deleted", reason="bad_path")
     await _confined(session, segments)
-    request.app[keys.MANAGER].note_activity(session.id)
+    request.app[appkeys.MANAGER].note_activity(session.id)
     await _contents(request, session, "DELETE", segments)
     return web.Response(status=204)

@@ -3,7 +3,7 @@
 Code-interpreter style: JSON in (``code``, optional ``timeout`` and
 ``kernel_name``), JSON out (``status``, ``stdout``, ``stderr``, ``result``,
 ``display``, ``error``, ...), on the session's default kernel, whose state
-persists across calls. The kernel work is :mod:`broker.proxy.kernel_client`;
+persists across calls. The kernel work is :mod:`broker.agent.kernel_client`;
 this module is the HTTP face: who may call, what the body means, and the two
 answer shapes.
 
@@ -28,12 +28,12 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import keys
+from broker import appkeys
+from broker.agent.kernel_client import AgentKernels
 from broker.api.sessions import NAME, SSE_HEADERS, json_object
 from broker.errors import BadRequest, BrokerError
 from broker.models import Session
 from broker.policy.auth import request_token
-from broker.proxy.kernel_client import AgentKernels
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
 
     Closed before the manager and backend, so kernel sockets end before servers stop.
     """
-    app[keys.KERNELS] = AgentKernels(app[keys.HTTP], app[keys.SETTINGS], app[keys.MANAGER],
-                                     gate=lambda: app.get(keys.KERNEL_GATE))
+    app[appkeys.KERNELS] = AgentKernels(
+        app[appkeys.HTTP], app[appkeys.SETTINGS], app[appkeys.MANAGER],
+        gate=lambda: app.get(appkeys.KERNEL_GATE))
     yield
-    await app[keys.KERNELS].close()
+    await app[appkeys.KERNELS].close()
 
 
 async def agent_session(request: web.Request) -> Session:
@@ -64,7 +65,7 @@ async def agent_session(request: web.Request) -> Session:
     today the session's own token. API keys (a later limits issue) slot in
     here: a key maps to an owner, and the session's ``owner`` must match.
     """
-    manager = request.app[keys.MANAGER]
+    manager = request.app[appkeys.MANAGER]
     return await manager.ready_session(request.match_info["sid"], request_token(request))
 
 
@@ -98,9 +99,9 @@ def _sse(event: dict[str, Any]) -> bytes:
 async def execute(request: web.Request) -> web.StreamResponse:
     """Run code on the session's default kernel and answer with its outputs."""
     session = await agent_session(request)
-    code, timeout, kernel_name = parse_execute(await request.read(), request.app[keys.SETTINGS])
+    code, timeout, kernel_name = parse_execute(await request.read(), request.app[appkeys.SETTINGS])
     kernel_name = kernel_name or session.kernel_name
-    kernels = request.app[keys.KERNELS]
+    kernels = request.app[appkeys.KERNELS]
     if not _wants_stream(request):
         result = await kernels.execute(session, code, time_limit=timeout, kernel_name=kernel_name)
         return web.json_response(result.body())

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from broker.agent.kernel_client import AgentKernels
 from broker.backends.base import Backend
 from broker.metrics import Metrics
 from broker.models import Clock, Readiness
@@ -15,7 +16,6 @@ from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
 from broker.policy.wsrate import SessionWsBudgets
 from broker.pool import WarmPool
-from broker.proxy.kernel_client import AgentKernels
 from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
 from broker.settings import Settings

@@ -1,6 +1,6 @@
 """The broker's own kernel client: run code on a session's default kernel.
 
-The execute API (``api/execute.py``) does what a notebook frontend does --
+The execute API (``agent/execute.py``) does what a notebook frontend does --
 send an ``execute_request``, collect outputs until the kernel is idle -- so an
 AI agent does not have to speak the wire protocol. It talks to the session's
 upstream Jupyter server with the upstream token, over the same REST and
@@ -59,8 +59,8 @@ from aiohttp import WSMsgType
 
 from broker.errors import BadRequest, Conflict, UpstreamFailed
 from broker.models import DEFAULT_KERNEL_PATH, KERNEL_ALIASES, Session
+from broker.paths import join
 from broker.policy.kernels import KernelGate
-from broker.proxy.paths import join
 from broker.proxy.relay import quickack_for as _quickack_for
 from broker.sessions import SessionManager
 from broker.settings import Settings
