@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
-from broker.app import make_backend
+from broker.backends import federation as federation_backend
 from broker.backends.federation import FederationBackend
 from broker.errors import Unavailable
 from broker.models import Session
@@ -33,7 +33,7 @@ def session(spec: str = "") -> Session:
 async def federation(members: list[dict[str, Any]], **settings: Any) -> FederationBackend:
     values = Settings(upstreams=json.dumps(members), **settings)
     async with aiohttp.ClientSession() as http:  # nothing is sent: choosing is local
-        backend = make_backend(values, http)
+        backend = federation_backend.create(values, http)
     assert isinstance(backend, FederationBackend)
     return backend
 

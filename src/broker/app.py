@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -21,11 +21,9 @@ from broker.api import admin, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.api.page import add_page, ui_routes
-from broker.backends.base import Backend
-from broker.backends.binderhub import BinderHubBackend
 from broker.backends.federation import FederationBackend
 from broker.backends.jupyterhub import JupyterHubBackend
-from broker.backends.local import LocalBackend
+from broker.backends.registry import BackendFactory, backend_factory
 from broker.metrics import Metrics
 from broker.models import Clock, Readiness, system_clock
 from broker.policy.denylist import DenyList, deny_middleware
@@ -45,7 +43,6 @@ from broker.store.instrumented import InstrumentedStore
 from broker.store.locks import ClusterLocks
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
-from broker.upstreams import UpstreamMember, parse_upstreams
 
 
 def make_store(settings: Settings, clock: Clock) -> SessionStore:
@@ -56,57 +53,6 @@ def make_store(settings: Settings, clock: Clock) -> SessionStore:
                           wait_replicas=settings.redis_wait_replicas,
                           wait_timeout=settings.redis_wait_timeout)
     return MemoryStore(cipher, clock=clock)
-
-
-def upstream_backend(kind: str, config: Settings | UpstreamMember, http: aiohttp.ClientSession,
-                     settings: Settings, clock: Clock = system_clock) -> Backend:
-    """A JupyterHub or BinderHub backend from the single-upstream settings, or from one
-    BROKER_UPSTREAMS member (which has the same fields without the prefix)."""
-    if kind == "jupyterhub":
-        return JupyterHubBackend(
-            http,
-            hub_url=config.hub_url,
-            api_token=config.hub_api_token.get_secret_value(),
-            public_url=config.hub_public_url,
-            user_prefix=config.hub_user_prefix,
-            named_servers=config.hub_named_servers,
-            request_timeout=settings.upstream_timeout,
-            clock=clock,  # token lifetimes follow the sessions' clock
-        )
-    return BinderHubBackend(
-        http,
-        binder_url=config.binder_url,
-        hub_url=config.binder_hub_url,
-        hub_api_token=config.binder_hub_api_token.get_secret_value(),
-        connect_timeout=config.binder_connect_timeout,
-        read_timeout=config.binder_read_timeout,
-        request_timeout=settings.upstream_timeout,
-    )
-
-
-def make_backend(
-    settings: Settings, http: aiohttp.ClientSession, clock: Clock = system_clock
-) -> Backend:
-    """The federation of BROKER_UPSTREAMS when set, else the backend named by BROKER_BACKEND."""
-    members = parse_upstreams(settings.upstreams.get_secret_value())
-    if members:
-        interval = settings.upstreams_health_interval
-        return FederationBackend(
-            [(m, upstream_backend(m.backend, m, http, settings, clock)) for m in members],
-            # A check may take the interval, at least 5 s (a busy hub is slow, not down).
-            http, interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
-            affinity=settings.upstreams_affinity, clock=clock)
-    if settings.backend == "local":
-        return LocalBackend(
-            http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args,
-            # Replicas sharing this store may stop each other's leftovers (LocalBackend.sweep).
-            shared_store=f"{settings.redis_url}\0{settings.redis_prefix}" if settings.redis_url
-            else "",
-            terminals=settings.jupyter_ui_terminals,
-        )
-    if settings.backend in ("jupyterhub", "binderhub"):
-        return upstream_backend(settings.backend, settings, http, settings, clock)
-    raise RuntimeError(f"BROKER_BACKEND={settings.backend} is not available in this version")
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
@@ -134,8 +80,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    backend = app.get(appkeys.BACKEND_FACTORY, make_backend)(settings, app[appkeys.HTTP],
-                                                         app[appkeys.CLOCK])
+    backend = app[appkeys.BACKEND_FACTORY](settings, app[appkeys.HTTP], app[appkeys.CLOCK])
     manager = SessionManager(settings, app[appkeys.STORE], backend, clock=app[appkeys.CLOCK],
                              metrics=app[appkeys.METRICS])
     backend.on_lost = manager.on_upstream_lost
@@ -163,7 +108,7 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     # pool of its own; other backends' pools are shared by all replicas. Without pools
     # it only serves the admin API's drain (entries left by an earlier BROKER_POOL).
     pool = app[appkeys.POOL] = WarmPool(
-        manager, http, per_replica=settings.backend == "local" and bool(settings.redis_url))
+        manager, http, per_replica=backend.name == "local" and bool(settings.redis_url))
     if pool.pools:
         manager.pool = pool
         tasks.append(asyncio.create_task(pool.run(), name="warm-pool"))
@@ -205,12 +150,14 @@ def create_app(
     *,
     clock: Clock = system_clock,
     store: SessionStore | None = None,
-    backend: Callable[[Settings, aiohttp.ClientSession, Clock], Backend] | None = None,
+    backend: BackendFactory | None = None,
 ) -> web.Application:
     """Build the broker application; resources are created when it starts.
 
-    ``store`` and ``backend`` (a factory like :func:`make_backend`) replace the
-    configured ones, for tests and embedding.
+    ``store`` and ``backend`` (a factory, see :mod:`broker.backends.registry`)
+    replace the configured ones, for tests and embedding. The configured backend
+    is looked up here, so an unknown BROKER_BACKEND fails before anything starts
+    (:class:`~broker.backends.registry.UnknownBackend`, naming the known ones).
     """
     settings = settings or Settings()
     app = web.Application(
@@ -228,8 +175,7 @@ def create_app(
     app[appkeys.TRUSTED] = parse_networks(settings.trusted_proxies)
     if store is not None:
         app[appkeys.STORE] = store
-    if backend is not None:
-        app[appkeys.BACKEND_FACTORY] = backend
+    app[appkeys.BACKEND_FACTORY] = backend or backend_factory(settings)
     app[appkeys.DENY] = DenyList(settings.deny_networks, settings.deny_list_file)
     # Inside errors_and_origin, so a refusal is the usual JSON error with CORS headers.
     app.middlewares.append(deny_middleware(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import aiohttp
 from aiohttp import web
 
 from broker.agent.kernel_client import AgentKernels
 from broker.backends.base import Backend
+from broker.backends.registry import BackendFactory
 from broker.metrics import Metrics
 from broker.models import Clock, Readiness
 from broker.policy.denylist import DenyList
@@ -30,9 +29,9 @@ UPSTREAM = web.AppKey("upstream_pool", UpstreamPool)
 STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)
-#: Builds the backend (create_app(backend=...); default app.make_backend).
-BACKEND_FACTORY: web.AppKey[Callable[[Settings, aiohttp.ClientSession, Clock], Backend]] = (
-    web.AppKey("backend_factory"))
+#: Builds the backend: create_app(backend=...), else the one the settings name in the
+#: backend registry (broker.backends.registry).
+BACKEND_FACTORY: web.AppKey[BackendFactory] = web.AppKey("backend_factory")
 DENY = web.AppKey("deny_list", DenyList)
 #: Set only when BROKER_MAX_KERNELS_PER_SESSION is on.
 KERNEL_GATE = web.AppKey("kernel_gate", KernelGate)

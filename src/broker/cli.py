@@ -263,6 +263,14 @@ async def try_broker(broker_url: str, code: str, out: TextIO = sys.stdout,
                     print(f"Session {session['id']} deleted", file=out, flush=True)
 
 
+def _refuse(problems: list[str]) -> int:
+    """Print why the configuration cannot run; the exit status of a configuration error."""
+    lines = "\n".join(f"  {line}" for line in problems)
+    print(f"session-broker: invalid configuration:\n{lines}\n"
+          "(session-broker config lists every setting and what it accepts)", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = argparse.ArgumentParser(prog="session-broker", description=__doc__)
@@ -300,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "\n".join(f"  {line}" for line in
-                              describe_errors(exc) + unknown_variables(os.environ))
-        print(f"session-broker: invalid configuration:\n{problems}\n"
-              "(session-broker config lists every setting and what it accepts)", file=sys.stderr)
-        return 2
+        return _refuse(describe_errors(exc) + unknown_variables(os.environ))
+    from broker.backends.registry import backend_factory
+
+    try:
+        backend_factory(settings)  # an unknown name, or an installed one that does not import
+    except ValueError as exc:
+        return _refuse([str(exc)])
     if settings.backend == "local":
         from broker.backends.local import missing_packages, missing_packages_message
 

@@ -123,11 +123,18 @@ class Settings(BaseSettings):
         "Required with BROKER_REDIS_URL so every replica can read every session. Empty with "
         "the memory store: a random key per process.",
     )
-    backend: Literal["local", "jupyterhub", "binderhub"] = Field(
+    backend: str = Field(
         "local",
-        description="Where sessions run: 'local' starts one `jupyter server` process per "
-        "session on this machine (single replica, development and small sites); "
-        "'jupyterhub' and 'binderhub' spawn through BROKER_HUB_URL / BROKER_BINDER_URL.",
+        # The name's shape only: which names exist is the backend registry's to say
+        # (broker.backends.registry; built-ins plus installed packages), checked when
+        # the app is built, since the settings import nothing of the backends.
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Where sessions run, by backend name: 'local' starts one `jupyter "
+        "server` process per session on this machine (single replica, development and small "
+        "sites); 'jupyterhub' and 'binderhub' spawn through BROKER_HUB_URL / "
+        "BROKER_BINDER_URL. An installed package may add more (entry-point group "
+        "jupyter_session_broker.backends, see docs/architecture.md); an unknown name stops "
+        "the broker at start-up with the list of known ones.",
     )
     hub_url: str = Field("", description="JupyterHub base URL (jupyterhub backend).")
     hub_api_token: SecretStr = Field(

@@ -41,7 +41,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -50,8 +50,12 @@ from yarl import URL
 from broker.backends.base import MAX_MESSAGE, LostCallback, public_message, server_answers
 from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
-from broker.models import ProgressEvent, Session
+from broker.models import Clock, ProgressEvent, Session, system_clock
 from broker.specs import parse_spec
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
+    from broker.upstreams import UpstreamMember
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +261,26 @@ def _forwardable_ip(owner: str) -> str:
         return str(ipaddress.ip_address(owner))
     except ValueError:
         return ""
+
+
+def create(settings: Settings, http: aiohttp.ClientSession,
+           clock: Clock = system_clock) -> BinderHubBackend:
+    """BROKER_BACKEND=binderhub, from the BROKER_BINDER_* settings (the registry's factory).
+
+    BinderHub keeps no token with a lifetime, so the clock is not needed."""
+    return configured(settings, http, settings.upstream_timeout)
+
+
+def configured(config: Settings | UpstreamMember, http: aiohttp.ClientSession,
+               request_timeout: float) -> BinderHubBackend:
+    """A backend from the BROKER_BINDER_* settings or a federation member's same fields
+    (without the prefix)."""
+    return BinderHubBackend(
+        http,
+        binder_url=config.binder_url,
+        hub_url=config.binder_hub_url,
+        hub_api_token=config.binder_hub_api_token.get_secret_value(),
+        connect_timeout=config.binder_connect_timeout,
+        read_timeout=config.binder_read_timeout,
+        request_timeout=request_timeout,
+    )

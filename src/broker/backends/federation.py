@@ -46,15 +46,19 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 
+from broker.backends import binderhub, jupyterhub
 from broker.backends.base import Backend, Liveness, LostCallback, probe, probe_server
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.metrics import Metrics
 from broker.models import Clock, ProgressEvent, Session, Status, system_clock
-from broker.upstreams import UpstreamMember
+from broker.upstreams import UpstreamMember, parse_upstreams
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -389,3 +393,25 @@ class FederationBackend:
             "max_sessions": m.config.max_sessions,
             "full": m.full,
         } for m in self._members]
+
+
+def member_backend(member: UpstreamMember, http: aiohttp.ClientSession, settings: Settings,
+                   clock: Clock = system_clock) -> Backend:
+    """The hub backend serving one BROKER_UPSTREAMS member (members are hubs: they
+    carry the hub settings, so they are not drawn from the registry)."""
+    if member.backend == "jupyterhub":
+        return jupyterhub.configured(member, http, settings.upstream_timeout, clock)
+    return binderhub.configured(member, http, settings.upstream_timeout)
+
+
+def create(settings: Settings, http: aiohttp.ClientSession,
+           clock: Clock = system_clock) -> FederationBackend:
+    """The federation of the BROKER_UPSTREAMS members (chosen by that setting, not by
+    BROKER_BACKEND; see :func:`broker.backends.registry.backend_factory`)."""
+    members = parse_upstreams(settings.upstreams.get_secret_value())
+    interval = settings.upstreams_health_interval
+    return FederationBackend(
+        [(m, member_backend(m, http, settings, clock)) for m in members],
+        # A check may take the interval, at least 5 s (a busy hub is slow, not down).
+        http, interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
+        affinity=settings.upstreams_affinity, clock=clock)

@@ -50,7 +50,7 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from yarl import URL
@@ -60,6 +60,10 @@ from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import Clock, ProgressEvent, Session, system_clock
 from broker.store.locks import ClusterLocks
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
+    from broker.upstreams import UpstreamMember
 
 log = logging.getLogger(__name__)
 
@@ -391,3 +395,25 @@ def _seconds(value: str) -> int:
         return max(1, math.ceil(float(value)))
     except ValueError:
         return _SPAWN_LIMIT_DEFAULT
+
+
+def create(settings: Settings, http: aiohttp.ClientSession,
+           clock: Clock = system_clock) -> JupyterHubBackend:
+    """BROKER_BACKEND=jupyterhub, from the BROKER_HUB_* settings (the registry's factory)."""
+    return configured(settings, http, settings.upstream_timeout, clock)
+
+
+def configured(config: Settings | UpstreamMember, http: aiohttp.ClientSession,
+               request_timeout: float, clock: Clock = system_clock) -> JupyterHubBackend:
+    """A backend from the BROKER_HUB_* settings or a federation member's same fields
+    (without the prefix)."""
+    return JupyterHubBackend(
+        http,
+        hub_url=config.hub_url,
+        api_token=config.hub_api_token.get_secret_value(),
+        public_url=config.hub_public_url,
+        user_prefix=config.hub_user_prefix,
+        named_servers=config.hub_named_servers,
+        request_timeout=request_timeout,
+        clock=clock,  # token lifetimes follow the sessions' clock
+    )

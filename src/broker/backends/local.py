@@ -57,12 +57,16 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from broker.backends.base import Liveness, LostCallback, probe_server, server_answers
 from broker.errors import UpstreamFailed
-from broker.models import ProgressEvent, Session, new_token
+from broker.models import Clock, ProgressEvent, Session, new_token, system_clock
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -543,3 +547,15 @@ class LocalBackend:
         await asyncio.gather(*(self._terminate(sid) for sid in list(self._servers)))
         if self._own_root:
             await asyncio.to_thread(shutil.rmtree, self._root, True)
+
+
+def create(settings: Settings, http: aiohttp.ClientSession,
+           clock: Clock = system_clock) -> LocalBackend:
+    """BROKER_BACKEND=local, from the BROKER_LOCAL_* settings (the registry's factory)."""
+    return LocalBackend(
+        http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args,
+        # Replicas sharing this store may stop each other's leftovers (LocalBackend.sweep).
+        shared_store=f"{settings.redis_url}\0{settings.redis_prefix}" if settings.redis_url
+        else "",
+        terminals=settings.jupyter_ui_terminals,
+    )
