@@ -1,7 +1,7 @@
 """A BinderHub stand-in for the broker's tests, written from docs/protocols.md.
 
 BinderHub needs Kubernetes and a registry, which cannot run here, so this is
-its launch API as docs/protocols.md ("BinderHub launch API") describes it, with
+its launch API as docs/protocols.md#binderhub-launch-api describes it, with
 *real* user servers behind it: every launch starts a local ``jupyter
 server`` under ``/user/{name}/`` with a token of its own, so whatever the
 broker does with the ready event (proxying REST, kernel WebSockets) runs

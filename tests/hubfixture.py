@@ -5,7 +5,7 @@
 starts ``jupyterhub`` as a subprocess and returns once the hub logged that it
 runs. The hub is configured the way an operator would configure it for the
 broker (see docs/jupyterhub.md): a ``session-broker`` service whose token has
-exactly the scopes docs/protocols.md names, named servers allowed, the null
+exactly the scopes docs/protocols.md#jupyterhub-rest-api names, named servers allowed, the null
 authenticator (API use only), ``cleanup_servers``. The spawner is
 :class:`tests.hubspawner.ProfileSpawner` (a SimpleLocalProcessSpawner with
 behaviour profiles: a real server, one that exits, one that never answers,
@@ -42,7 +42,8 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 #: Where scripts/setup.d/chp.sh installs configurable-http-proxy.
 CHP_BINARY = REPO / ".tools" / "chp" / "node_modules" / ".bin" / "configurable-http-proxy"
-#: The broker's service role, as docs/protocols.md prescribes (and docs/jupyterhub.md documents).
+#: The broker's service role, as docs/protocols.md#jupyterhub-rest-api prescribes (and
+#: docs/jupyterhub.md documents).
 BROKER_SCOPES = ("admin:users", "servers", "tokens")
 #: The fixture's own service, for checking the hub's state behind the broker's back.
 ADMIN_SCOPES = ("admin:users", "admin:servers", "tokens", "read:hub")

@@ -2,7 +2,8 @@
 
 ``v1.kernel.websocket.jupyter.org`` frames (binary): a little-endian u64
 count of offsets, the offsets, then channel name, header, parent header,
-metadata, content and buffers back to back.
+metadata, content and buffers back to back (docs/protocols.md#kernel-websocket-protocols;
+the messages themselves: docs/protocols.md#kernel-messages).
 """
 
 from __future__ import annotations

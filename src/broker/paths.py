@@ -1,12 +1,13 @@
 """Which Jupyter paths the proxy forwards, and how it joins them safely.
 
 Only the Jupyter Server REST subset a kernel client needs is forwarded, each
-path with its methods. The remainder of the request path after ``/s/{id}/``
-is checked in its raw, still-encoded form: no percent-escapes at all (Jupyter
-ids and kernelspec names never need one, and ``%2F``/``%2e`` are how path
-escapes are smuggled), no empty, ``.`` or ``..`` segments. After joining, the
-upstream URL is re-checked to start with the session's own upstream base, so
-nothing can be proxied outside the session's server.
+path with its methods (docs/protocols.md#jupyter-server-rest-api). The
+remainder of the request path after ``/s/{id}/`` is checked in its raw,
+still-encoded form: no percent-escapes at all (Jupyter ids and kernelspec
+names never need one, and ``%2F``/``%2e`` are how path escapes are
+smuggled), no empty, ``.`` or ``..`` segments. After joining, the upstream
+URL is re-checked to start with the session's own upstream base, so nothing
+can be proxied outside the session's server.
 
 With BROKER_JUPYTER_UI on, the session's own JupyterLab is forwarded too
 (:data:`_UI`, a superset of the REST subset). Its paths carry file names,

@@ -1,5 +1,7 @@
 """Warm pools: servers started ahead of demand, handed to new sessions at once.
 
+Why (and the herd that a pool alone does not solve): docs/protocols.md#warm-pools-and-herds.
+
 ``BROKER_POOL`` names pools by the spec they serve (``default``: sessions
 without a spec), each with a MIN and a MAX size. An entry is an ordinary
 session record owned by ``pool:<name>`` (:data:`~broker.models.POOL_OWNER_PREFIX`),

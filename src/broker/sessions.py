@@ -8,7 +8,8 @@ Invariants:
 
 * A session's broker token is returned exactly once, at creation; afterwards
   only its hash exists. Reuse therefore requires proof: the client presents
-  a token the session was issued (as thebe's saved sessions do), or, on the
+  a token the session was issued (as thebe's saved sessions do:
+  docs/protocols.md#thebe-and-myst-pages), or, on the
   ``/build`` door (:meth:`SessionManager.launch`), the visitor secret the
   broker itself issued (its cookie); then a fresh token is minted for the
   live session and only its hash is stored beside the first. An address or

@@ -9,7 +9,7 @@ what the page asked for, minus a trailing slash (BinderHub strips it too).
 Validation is stricter than "whatever some provider might accept": a spec
 becomes part of an upstream URL, a hub's ``user_options`` and a reuse key,
 so anything malformed is refused (400, reason ``bad_spec``) before a spawn
-starts. The forms accepted are those of docs/protocols.md ("BinderHub launch API"):
+starts. The forms accepted are those of docs/protocols.md#binderhub-launch-api:
 
 =============================  ================================================
 ``gh/{user}/{repo}/{ref}``     ref may contain ``/``; ``HEAD`` = default branch

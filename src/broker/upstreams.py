@@ -50,7 +50,8 @@ class UpstreamMember(BaseModel):
 
     def health_url(self) -> str:
         """What the federation asks every health interval: the hub API's root, or
-        BinderHub's ``/versions`` (both answer 200 without a token when up)."""
+        BinderHub's ``/versions`` (both answer 200 without a token when up; see
+        docs/protocols.md#jupyterhub-rest-api and docs/protocols.md#binderhub-launch-api)."""
         if self.backend == "jupyterhub":
             return f"{self.hub_url.rstrip('/')}/hub/api/"
         return f"{self.binder_url.rstrip('/')}/versions"

@@ -2,8 +2,8 @@
 
 ``standin``
     A running :class:`~tests.binderstandin.BinderStandin` (BinderHub's launch
-    API from docs/protocols.md, real ``jupyter server`` processes behind it) with
-    BinderHub's defaults: keepalive every 25 s, stream held 60 s after a
+    API from docs/protocols.md#binderhub-launch-api, real ``jupyter server``
+    processes behind it) with BinderHub's defaults: keepalive every 25 s, stream held 60 s after a
     build, 10 launches per IP per hour. Tests change its knobs directly.
 ``binder_broker``
     A broker (``make_broker``) with ``BROKER_BACKEND=binderhub`` pointed at

@@ -1,4 +1,5 @@
-"""Launch spec parsing (:mod:`broker.specs`): every provider form of docs/protocols.md."""
+"""Launch spec parsing (:mod:`broker.specs`): every provider form of
+docs/protocols.md#binderhub-launch-api."""
 
 from __future__ import annotations
 

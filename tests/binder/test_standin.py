@@ -1,4 +1,5 @@
-"""The BinderHub stand-in against docs/protocols.md, so the broker's tests test something real.
+"""The BinderHub stand-in against docs/protocols.md#binderhub-launch-api, so the broker's tests
+test something real.
 
 Each test quotes the protocol fact it checks. A client here is a plain
 aiohttp reader of the event stream (:mod:`tests.binder.eventsource`), not

@@ -5,6 +5,10 @@ send an ``execute_request``, collect outputs until the kernel is idle -- so an
 AI agent does not have to speak the wire protocol. It talks to the session's
 upstream Jupyter server with the upstream token, over the same REST and
 WebSocket routes every Jupyter client uses, so it works for every backend.
+The protocol facts it relies on (the sessions API's answer for a known path,
+restart notices, what ends a call, ``kernel_info_request``) are in
+docs/protocols.md#jupyter-server-rest-api, docs/protocols.md#kernel-websocket-protocols
+and docs/protocols.md#kernel-messages.
 
 Invariants:
 

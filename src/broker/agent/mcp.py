@@ -6,6 +6,8 @@ public agent API on the other, through :class:`broker.agent.client.AgentSession`
 it holds no credentials but the optional API key and the session tokens it
 was given, and it can run anywhere that reaches the broker.
 
+The SDK's API as used here: docs/protocols.md#model-context-protocol.
+
 Invariants:
 
 * One broker session per MCP client session, created on the first tool call

@@ -15,6 +15,10 @@ headers. The answer is BinderHub's event stream, whatever the backend:
   ``url`` = the broker's ``/s/{id}/`` and ``token`` = a broker token, plus
   BinderHub's other ready fields where they are known.
 
+The stream's format is docs/protocols.md#binderhub-launch-api; what a thebe
+page needs from it (and from the server behind ``url``) is
+docs/protocols.md#thebe-and-myst-pages.
+
 Reuse needs proof, never an address or an Origin, which everyone behind
 one NAT shares (a classroom would otherwise share one kernel):
 

@@ -4,7 +4,7 @@
 spec, still percent-encoded) with ``Accept: text/event-stream`` and relays
 BinderHub's phases as the session's progress; the final ``ready`` event's
 ``url`` and ``token`` become the session's upstream, which only the broker
-ever sees.
+ever sees. What BinderHub sends, and when: docs/protocols.md#binderhub-launch-api.
 
 Invariants:
 

@@ -3,7 +3,8 @@
 Each member of ``BROKER_UPSTREAMS`` is an ordinary single-upstream backend
 (:class:`~broker.backends.jupyterhub.JupyterHubBackend` or
 :class:`~broker.backends.binderhub.BinderHubBackend`); this module only
-chooses among them, remembers the choice and watches their health.
+chooses among them, remembers the choice and watches their health, much as
+mybinder.org's federation does (docs/protocols.md#federation).
 
 Invariants:
 

@@ -10,6 +10,9 @@ noticed. A hub that cannot be reached (connection refused, timeout, or a
 :class:`~broker.errors.Unavailable` with ``Retry-After``: the caller may
 try again later, nothing is wrong with its request.
 
+The API's facts (routes, answers, the 8 s keepalive):
+docs/protocols.md#jupyterhub-rest-api.
+
 Hub messages pass through :func:`broker.logs.scrub` before anyone sees them:
 a spawner's error text is not ours and could quote a token.
 """

@@ -16,6 +16,9 @@ The broker acts as a JupyterHub service (BROKER_HUB_API_TOKEN; scopes
    ``{public url}/user/{name}/[{server}/]`` with it in the Authorization
    header (the hub ignores ``?token=`` on REST calls).
 
+The hub's calls, answers, scopes and refusals this relies on are in
+docs/protocols.md#jupyterhub-rest-api.
+
 Invariants:
 
 * The hub user and server names are in the first progress event's

@@ -8,7 +8,9 @@ in both directions: client frames are masked and the upstream expects masked
 frames from us (its client); upstream frames are unmasked and the browser
 expects exactly that.
 
-The per-chunk work (frame boundaries, the RFC 6455 checks of client frames,
+The per-chunk work (frame boundaries, the RFC 6455 checks of client frames
+(docs/protocols.md#websocket-framing-rfc-6455), the peeks into kernel messages
+(docs/protocols.md#kernel-websocket-protocols),
 peeks, tallies, reply tracking, the rate limiter's charge, quick ACKs) is one
 :class:`~broker.proxy._wire_py.Pump` per direction, from the module
 :mod:`broker.proxy.wire` selects (compiled by Cython where it was built, else

@@ -8,10 +8,11 @@ CORS headers and anything hop-by-hop are dropped, and ``Location`` is
 rewritten into the broker's ``/s/{id}/`` space. Bodies pass through as bytes
 (``auto_decompress`` is off on the shared client), except the creation bodies
 of kernels and sessions, where thebe's default kernel name ``python`` is
-mapped to the session's kernel.
+mapped to the session's kernel (docs/protocols.md#thebe-and-myst-pages).
 
 Upstream HTML is never forwarded as it came: jupyter_server's HTML pages
-(its error pages included) embed the server's token for its own frontend.
+(its error pages included) embed the server's token for its own frontend
+(docs/protocols.md#jupyter-server-rest-api).
 For the REST API, which is JSON only, such a response becomes a broker JSON
 error with the upstream's status. With the Jupyter UI proxied
 (BROKER_JUPYTER_UI, ``ui_token`` given), the UI's paths are forwarded too and

@@ -3,7 +3,8 @@
 All policy happens on the upgrade request (authentication, origin, path,
 rate admission); then the upstream WebSocket is opened *first*, so the
 client's handshake is answered with the subprotocol the upstream chose
-(``v1.kernel.websocket.jupyter.org`` binary frames, or none for JSON text)
+(``v1.kernel.websocket.jupyter.org`` binary frames, or none for JSON text;
+docs/protocols.md#kernel-websocket-protocols)
 and an upstream refusal (unknown kernel) is still an ordinary JSON HTTP
 error. The broker answers the client's upgrade through aiohttp (a plain 101
 response) and then takes the connection over with public APIs only: a

@@ -12,7 +12,8 @@ always used, and means the same):
   is the Redis servers' own; sentinels that require one of their own take
   ``?sentinel_password=``. The other query options are the same as above.
 
-Discovery and failover handling are redis-py's (``redis.asyncio.sentinel``):
+Discovery and failover handling are redis-py's (``redis.asyncio.sentinel``,
+docs/protocols.md#redis-sentinel):
 each new connection asks the sentinels for the current primary, and a
 connection to a primary that was demoted is dropped (a ``ReadOnlyError``
 becomes a connection error). So the broker follows a failover without a
