@@ -61,9 +61,10 @@ async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
 async def agent_session(request: web.Request) -> Session:
     """The ready session an agent request acts on, or the refusal.
 
-    The one place the agent surfaces (execute, files) check credentials:
-    today the session's own token. API keys (a later limits issue) slot in
-    here: a key maps to an owner, and the session's ``owner`` must match.
+    The one place the agent surfaces (execute, files) check credentials: the
+    session's own token, for API key holders too. A key (:mod:`broker.policy.apikeys`)
+    only names the owner a session is created for; the token that creation
+    returns is what opens the session afterwards, as for everyone else.
     """
     manager = request.app[appkeys.MANAGER]
     return await manager.ready_session(request.match_info["sid"], request_token(request))
