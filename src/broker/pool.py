@@ -47,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from broker.backends.base import Liveness, probe
+from broker.backoff import Backoff, retry_after_seconds
 from broker.errors import BrokerError, UpstreamFailed
 from broker.models import (
     DEFAULT_KERNEL_PATH,
@@ -117,6 +118,9 @@ class WarmPool:
         self._replica = uuid.uuid4().hex[:12] if per_replica else ""
         self._wake = asyncio.Event()
         self._refills = asyncio.Semaphore(self.settings.pool_refill_concurrency)
+        #: Pauses of a pool's refills after refusals or failures in a row (the backend's
+        #: Retry-After, when longer, wins).
+        self._backoff = Backoff(start=self.settings.pool_check_interval, cap=MAX_BACKOFF)
         #: Claimed sessions whose warm kernel this replica handed to a client already.
         self._handed: set[str] = set()
         #: Stops of entries discarded at claim time, in flight.
@@ -289,10 +293,8 @@ class WarmPool:
                                                                   "spec_capacity")
         reason = "refused" if refused else ("timeout" if error.status == 504 else "failed")
         self.manager.metrics.pool_refill_failures.labels(pool.name, reason).inc()
-        pool.backoff = min(MAX_BACKOFF, max(self.settings.pool_check_interval,
-                                            pool.backoff * 2))
-        retry_after = error.headers.get("Retry-After", "")
-        wait = max(pool.backoff, float(retry_after) if retry_after.isdigit() else 0.0)
+        pool.backoff = self._backoff.after(pool.backoff)
+        wait = max(pool.backoff, retry_after_seconds(error.headers.get("Retry-After")) or 0.0)
         pool.paused_until = loop.time() + wait
         log.warning("warm pool %s: an entry could not be started (%s: %s); next try in %.0f s",
                     pool.name, error.reason, error.message, wait)

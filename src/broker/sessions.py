@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from broker.backends.base import Backend
+from broker.backoff import Backoff, retry
 from broker.errors import (
     BrokerError,
     Forbidden,
@@ -88,10 +89,15 @@ Closer = Callable[[int, str], Awaitable[None]]
 #: Seconds a ready session is served from this replica's memory (see ready_session).
 READY_CACHE_SECONDS = 2.0
 _READY_CACHE_SIZE = 10_000
-#: Longest pause between attempts to record a spawn's outcome while the store is away.
-_RECORD_BACKOFF_MAX = 5.0
+#: Pauses between attempts to record a spawn's outcome while the store is away.
+_RECORD_BACKOFF = Backoff(start=0.25, cap=5.0)
 
 T = TypeVar("T")
+
+
+def _store_away(exc: BaseException) -> bool:
+    """A store outage (a failover, say), which passes; any other error is an answer."""
+    return isinstance(exc, Unavailable) and exc.reason == "store_unavailable"
 
 
 def _forget_in(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
@@ -566,17 +572,7 @@ class SessionManager:
 
         Only ``store_unavailable`` is retried; anything else is the caller's.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        delay = 0.25
-        while True:
-            try:
-                return await call()
-            except Unavailable as exc:
-                if exc.reason != "store_unavailable" or loop.time() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)  # backoff towards an external service, not a sync
-            delay = min(delay * 2, _RECORD_BACKOFF_MAX)
+        return await retry(call, _RECORD_BACKOFF, retry_on=_store_away, limit=limit)
 
     async def _fail(self, session: Session, error: BrokerError) -> None:
         reason = label_or_other(error.reason, FAILURE_REASONS, "upstream_failed")

@@ -60,6 +60,7 @@ from yarl import URL
 
 from broker.backends.base import Liveness, LostCallback, probe_server, public_message
 from broker.backends.hubapi import HubAPI, HubReply, path_part
+from broker.backoff import Backoff, poll, retry_after_seconds
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import Clock, ProgressEvent, Session, system_clock
 from broker.store.locks import ClusterLocks
@@ -76,6 +77,8 @@ CAPACITY_RETRY_AFTER = 60
 _SPAWN_LIMIT_DEFAULT = 30
 #: How long ``stop`` waits for the hub to finish stopping a server (202).
 _STOP_LIMIT = 60.0
+#: Pauses between looks at the user model while a stop finishes.
+_STOP_BACKOFF = Backoff(start=0.1, cap=1.0)
 
 
 def user_options(session: Session) -> dict[str, str]:
@@ -226,9 +229,10 @@ class JupyterHubBackend:
         if reply.status in (201, 202):  # started, or pending: the progress stream tells
             return
         if reply.status == 429:
-            retry_after = reply.headers.get("Retry-After")
-            if retry_after is not None:  # concurrent_spawn_limit: the hub suggests a delay
-                seconds = _seconds(retry_after)
+            if "Retry-After" in reply.headers:  # concurrent_spawn_limit: the hub suggests a delay
+                suggested = retry_after_seconds(reply.headers["Retry-After"])
+                seconds = (_SPAWN_LIMIT_DEFAULT if suggested is None
+                           else max(1, math.ceil(suggested)))
                 raise RateLimited(
                     f"JupyterHub is starting too many servers at once; try again in "
                     f"{seconds} seconds", retry_after=seconds)
@@ -324,15 +328,17 @@ class JupyterHubBackend:
         The hub has no event for a finished stop (its progress stream covers
         spawns only), so this polls the user model with backoff, bounded.
         """
-        delay = 0.1
+
+        async def gone() -> bool | None:
+            entry = (await self._servers(user)).get(server)
+            if entry is None or (not server and not entry.get("pending")
+                                 and not entry.get("ready")):
+                return True
+            return None
+
+        # The timeout also cuts a request in flight: the hub may hang rather than answer.
         async with asyncio.timeout(_STOP_LIMIT):
-            while True:
-                entry = (await self._servers(user)).get(server)
-                if entry is None or (not server and not entry.get("pending")
-                                     and not entry.get("ready")):
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            await poll(gone, _STOP_BACKOFF)
 
     async def sweep(self, live_sessions: Callable[[], Awaitable[list[Session]]]) -> int:
         """Remove this broker's hub users (named servers) that no live session owns.
@@ -390,14 +396,6 @@ class JupyterHubBackend:
 
 #: Users per page when the sweep lists the hub's users.
 _SWEEP_PAGE = 200
-
-
-def _seconds(value: str) -> int:
-    """A Retry-After header's delay in whole seconds (the hub sends an integer)."""
-    try:
-        return max(1, math.ceil(float(value)))
-    except ValueError:
-        return _SPAWN_LIMIT_DEFAULT
 
 
 def create(settings: Settings, http: aiohttp.ClientSession,

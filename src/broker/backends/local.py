@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from broker.backends.base import Liveness, LostCallback, probe_server, server_answers
+from broker.backoff import Backoff, poll
 from broker.errors import UpstreamFailed
 from broker.models import Clock, ProgressEvent, Session, new_token, system_clock
 
@@ -83,6 +84,8 @@ _BROKER_ENV = "JSB_STARTED_BY"
 _SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Longest wait for a started server to answer api/status.
 _ANSWER_LIMIT = 90.0
+#: Pauses between those checks: the socket usually accepts within milliseconds.
+_ANSWER_BACKOFF = Backoff(start=0.02, cap=0.25)
 _STOP_GRACE = 5.0
 _PORT_ATTEMPTS = 3
 
@@ -389,16 +392,13 @@ class LocalBackend:
         connections, and offers no event for that; retry briefly with backoff
         while the process lives.
         """
-        delay = 0.02
-        deadline = asyncio.get_running_loop().time() + _ANSWER_LIMIT
-        while asyncio.get_running_loop().time() < deadline:
+
+        async def answered() -> bool | None:
             if server.proc.returncode is not None:
                 return False
-            if await self._answers(url, token):
-                return True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-        return False
+            return True if await self._answers(url, token) else None
+
+        return bool(await poll(answered, _ANSWER_BACKOFF, limit=_ANSWER_LIMIT))
 
     async def _answers(self, url: str, token: str) -> bool:
         return await server_answers(self._http, url, token, limit=5)

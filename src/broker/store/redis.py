@@ -62,6 +62,7 @@ from typing import Any, ParamSpec, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
+from broker.backoff import Backoff
 from broker.errors import Unavailable
 from broker.models import Clock, Session, system_clock
 from broker.store.base import EXPIRY_GRACE, FINAL_PHASES, MAX_EVENTS, TERMINAL_RETENTION
@@ -240,8 +241,8 @@ _MAX_CONNECTIONS = 200
 _BLOCK_MS = 4000
 #: WAIT's timeout while replicas are known to be short (see RedisStore._acked).
 _SHORT_WAIT_MS = 10
-#: Longest pause between attempts to subscribe to session ends again.
-_RESUBSCRIBE_MAX = 2.0
+#: Pauses between attempts to subscribe to session ends again.
+_RESUBSCRIBE = Backoff(start=0.1, cap=2.0)
 
 
 class RedisStore:
@@ -540,13 +541,13 @@ class RedisStore:
         follows the primary; a lost connection is resubscribed with backoff
         (through the sentinels: to the current primary).
         """
-        delay = 0.1
+        pauses = _RESUBSCRIBE.delays()
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._k("ended"))
                 yield None
-                delay = 0.1
+                pauses = _RESUBSCRIBE.delays()  # subscribed: the next loss starts over
                 while True:
                     # Blocks on the socket until a message or the timeout: no polling.
                     message = await pubsub.get_message(timeout=_BLOCK_MS / 1000)
@@ -563,8 +564,7 @@ class RedisStore:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-            await asyncio.sleep(delay)  # backoff towards Redis, not a synchronisation
-            delay = min(delay * 2, _RESUBSCRIBE_MAX)
+            await asyncio.sleep(next(pauses))  # backoff towards Redis, not a synchronisation
 
     @_retried
     async def ping(self) -> None:
