@@ -28,13 +28,11 @@ from broker.metrics import Metrics
 from broker.models import Clock, Readiness, system_clock
 from broker.policy.denylist import DenyList, deny_middleware
 from broker.policy.identity import parse_networks
-from broker.policy.kernels import KernelGate
+from broker.policy.kernels import KernelGate, kernels_busy
 from broker.policy.wsrate import SessionWsBudgets
 from broker.pool import WarmPool
 from broker.proxy import routes as proxy_routes
 from broker.proxy import wire
-from broker.proxy.rest import kernels_busy
-from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
@@ -43,6 +41,7 @@ from broker.store.instrumented import InstrumentedStore
 from broker.store.locks import ClusterLocks
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
+from broker.upstream.session import UpstreamAccess
 
 
 def make_store(settings: Settings, clock: Clock) -> SessionStore:
@@ -64,7 +63,9 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
     )
-    app[appkeys.UPSTREAM] = UpstreamPool(connect_timeout=10.0)
+    # Every request and WebSocket to a session's own server (see broker/upstream/).
+    app[appkeys.UPSTREAM] = UpstreamAccess(
+        connect_timeout=10.0, read_timeout=app[appkeys.SETTINGS].upstream_timeout)
     yield
     await app[appkeys.UPSTREAM].close()
     await app[appkeys.HTTP].close()
@@ -93,7 +94,7 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
             if isinstance(member.backend, JupyterHubBackend):
                 member.backend.locks = locks
     http = app[appkeys.HTTP]
-    manager.busy_check = functools.partial(kernels_busy, http)
+    manager.busy_check = functools.partial(kernels_busy, app[appkeys.UPSTREAM])
     app[appkeys.BACKEND] = backend
     app[appkeys.MANAGER] = manager
     tasks = [
@@ -132,7 +133,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     if settings.max_kernels_per_session:
         app[appkeys.KERNEL_GATE] = KernelGate(
-            settings.max_kernels_per_session, app[appkeys.STORE], app[appkeys.HTTP],
+            settings.max_kernels_per_session, app[appkeys.STORE], app[appkeys.UPSTREAM],
             timeout=settings.upstream_timeout,
             on_refusal=lambda: app[appkeys.MANAGER].metrics.limit_refused("kernels_per_session"))
     watcher = None

@@ -15,17 +15,17 @@ from broker.policy.identity import Network
 from broker.policy.kernels import KernelGate
 from broker.policy.wsrate import SessionWsBudgets
 from broker.pool import WarmPool
-from broker.proxy.upstream_http import UpstreamPool
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.store.base import SessionStore
+from broker.upstream.session import UpstreamAccess
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TRUSTED = web.AppKey("trusted_networks", list[Network])
 HTTP = web.AppKey("http_client", aiohttp.ClientSession)
-#: The REST proxy's keep-alive client to session upstreams (see proxy/upstream_http.py).
-UPSTREAM = web.AppKey("upstream_pool", UpstreamPool)
+#: Every request and WebSocket to a session's own server (see broker/upstream/).
+UPSTREAM = web.AppKey("upstream", UpstreamAccess)
 STORE = web.AppKey("store", SessionStore)
 BACKEND = web.AppKey("backend", Backend)
 MANAGER = web.AppKey("manager", SessionManager)

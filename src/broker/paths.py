@@ -147,8 +147,26 @@ def check_rest(remainder: str, method: str) -> None:
         raise NotFound(f"{method} is not forwarded for this path", reason="not_proxied")
 
 
+#: What a remainder may never hold, in any caller's hands: whitespace and controls,
+#: a backslash, a query or fragment, an encoded dot, slash or backslash.
+_OUTSIDE = re.compile(r"[\x00-\x20\x7f\\?#]|%(?:2[eEfF]|5[cC])")
+
+
 def join(base: str, remainder: str) -> URL:
-    """The upstream URL for a checked remainder, guaranteed inside ``base``."""
+    """The upstream URL for ``remainder``, guaranteed inside ``base``.
+
+    The one rule every access to a session's server goes through
+    (:class:`broker.upstream.session.SessionUpstream`), whether its
+    remainder came from a client (checked above already) or from an
+    upstream's own answer (a kernel id): no ``.`` or ``..`` segment, no
+    empty segment but a trailing one (so no leading ``/`` and no ``//``),
+    no escape that decodes to a dot or separator, no query or fragment
+    (those are passed apart), and the joined URL keeps ``base``'s origin and
+    path prefix.
+    """
+    if (_OUTSIDE.search(remainder) or remainder.startswith("/") or "//" in remainder
+            or ("." in remainder and any(seg in (".", "..") for seg in remainder.split("/")))):
+        raise BadRequest("The path leaves the session's server", reason="bad_path")
     url = URL(base + remainder, encoded=True)
     base_url = URL(base, encoded=True)
     if url.origin() != base_url.origin() or not url.raw_path.startswith(base_url.raw_path):

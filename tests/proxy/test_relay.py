@@ -14,7 +14,8 @@ from types import ModuleType
 from typing import Any
 
 from broker.proxy._wire_py import mask
-from broker.proxy.relay import ClientLeg, Hooks, Relay, Upstream, UpstreamLeg
+from broker.proxy.relay import ClientLeg, Hooks, Relay, UpstreamLeg
+from broker.upstream.websocket import UpstreamSocket
 
 
 class Recorder(asyncio.Transport):
@@ -99,7 +100,7 @@ def make_relay(module: ModuleType, *, max_message: int = 1 << 20, hooks: Hooks |
     upstream = Recorder()
     leg.connection_made(upstream)
     client = Recorder()
-    relay = Relay(client, Upstream(upstream, leg, None, leftover), max_message=max_message,
+    relay = Relay(client, UpstreamSocket(upstream, leg, None, leftover), max_message=max_message,
                   heartbeat=0, hooks=hooks or Hooks(), module=module)
     return relay, client, upstream
 
@@ -119,7 +120,7 @@ async def test_bytes_after_the_handshake_reach_the_client_before_the_relay_attac
     client_leg.connection_made(client)
     early = client_frame(b'{"c": 3}')
     client_leg.data_received(early)  # the client's first frame, before the relay attached
-    relay = Relay(client, Upstream(upstream_transport, leg, None, leftover),
+    relay = Relay(client, UpstreamSocket(upstream_transport, leg, None, leftover),
                   max_message=1 << 20, heartbeat=0, hooks=Hooks(), client_leg=client_leg,
                   module=wire_module)
     assert bytes(client.written) == first + second

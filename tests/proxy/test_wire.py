@@ -23,8 +23,9 @@ import broker.proxy.relay as relay_module
 from broker.metrics import Metrics
 from broker.proxy import wire
 from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START, MID_REPLY, SHELL, mask
-from broker.proxy.relay import Relay, Upstream, UpstreamLeg
+from broker.proxy.relay import Relay, UpstreamLeg
 from broker.proxy.wsbridge import KernelHooks
+from broker.upstream.websocket import UpstreamSocket
 from tests.kernelproto import encode_v1, make_message
 from tests.proxy.test_relay import Recorder
 
@@ -179,7 +180,7 @@ class Side:
         self.upstream = Recorder()
         leg = UpstreamLeg()
         leg.connection_made(self.upstream)
-        self.relay = Relay(self.client, Upstream(self.upstream, leg, None, b""),
+        self.relay = Relay(self.client, UpstreamSocket(self.upstream, leg, None, b""),
                            max_message=max_message, heartbeat=0, hooks=self.hooks, module=module)
 
     def feed(self, to_kernel: bool, chunk: bytes) -> None:

@@ -18,6 +18,10 @@ see room for one more: first on this replica (an ``asyncio.Lock`` per
 session), then across replicas (the store's expiring lock,
 :class:`~broker.store.locks.ClusterLocks`), held until the upstream answered the POST, so the next
 check sees the kernel it started. A refusal is 429 ``kernels_per_session``.
+
+The same kernel list answers the idle reaper's question, whether a kernel
+is busy (:func:`kernels_busy`). Both ask through the session's
+:class:`~broker.upstream.session.SessionUpstream`, as every caller does.
 """
 
 from __future__ import annotations
@@ -27,13 +31,12 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
-
 from broker.errors import RateLimited, Unavailable, UpstreamFailed
 from broker.models import Session
-from broker.paths import join
 from broker.store.base import SessionStore
 from broker.store.locks import ClusterLocks
+from broker.upstream.http import UpstreamError
+from broker.upstream.session import UpstreamAccess
 
 #: Remainders of the POSTs that may start a kernel.
 KERNEL_STARTS = frozenset({"api/kernels", "api/sessions"})
@@ -63,14 +66,14 @@ class KernelGate:
         self,
         cap: int,
         store: SessionStore,
-        http: aiohttp.ClientSession,
+        upstreams: UpstreamAccess,
         *,
         timeout: float = 30.0,
         on_refusal: Callable[[], None] | None = None,
     ) -> None:
         self.cap = cap
         self._store = store
-        self._http = http
+        self._upstreams = upstreams
         self._timeout = timeout
         self._on_refusal = on_refusal
         self._locks = ClusterLocks(store)
@@ -114,16 +117,29 @@ class KernelGate:
     async def _list(self, session: Session, what: str) -> list[dict[str, Any]]:
         """The upstream's own list of kernels or sessions."""
         try:
-            async with self._http.get(
-                str(join(session.upstream_url, what)),
-                headers={"Authorization": f"token {session.upstream_token}"},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-            ) as resp:
-                if resp.status != 200:
-                    raise UpstreamFailed(f"The session's server could not list {what[4:]} "
-                                         f"({resp.status})", reason="upstream_response")
-                items = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            status, items = await self._upstreams.for_session(session).json(
+                "GET", what, limit=self._timeout)
+        except (UpstreamError, TimeoutError) as exc:
             raise UpstreamFailed("The session's Jupyter server did not answer",
                                  reason="upstream_unreachable") from exc
+        if status != 200:
+            raise UpstreamFailed(f"The session's server could not list {what[4:]} "
+                                 f"({status})", reason="upstream_response")
         return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+async def kernels_busy(upstreams: UpstreamAccess, session: Session) -> bool:
+    """Whether any kernel of the session is executing right now, per its server.
+
+    The idle reaper asks this before culling: a long computation that prints
+    nothing, with its tab closed, shows no WebSocket traffic but is work.
+    An unreachable server counts as not busy.
+    """
+    try:
+        status, kernels = await upstreams.for_session(session).json(
+            "GET", "api/kernels", limit=5)
+    except (UpstreamError, TimeoutError):
+        return False
+    if status != 200 or not isinstance(kernels, list):
+        return False
+    return any(k.get("execution_state") == "busy" for k in kernels if isinstance(k, dict))

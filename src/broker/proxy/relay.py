@@ -14,8 +14,9 @@ The per-chunk work (frame boundaries, the RFC 6455 checks of client frames
 peeks, tallies, reply tracking, the rate limiter's charge, quick ACKs) is one
 :class:`~broker.proxy._wire_py.Pump` per direction, from the module
 :mod:`broker.proxy.wire` selects (compiled by Cython where it was built, else
-the same code as Python). This module owns the connection's life: the
-upstream handshake, heartbeats, flow control and closing.
+the same code as Python). This module owns the connection's life once both
+handshakes are done (the upstream's is :func:`broker.upstream.websocket.connect`):
+heartbeats, flow control and closing.
 
 Flow control: when one leg's write buffer passes the transport's high-water
 mark, the other leg stops reading until it drains, so a slow client cannot
@@ -25,90 +26,42 @@ make the broker buffer a kernel's output without bound.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import os
 import socket
-import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
-
-from yarl import URL
 
 from broker.policy.wsrate import Limiter
 from broker.proxy import wire
 from broker.proxy._wire_py import close_frame, ping_frame
+from broker.upstream.websocket import Handshaking, UpstreamSocket
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_HANDSHAKE = 64 * 1024
 #: Seconds a client that broke the protocol is still read (and its bytes dropped) after
 #: its close frame and our FIN went out, so that unread data does not make the kernel
 #: reset the connection and the client lose the close frame.
 LINGER = 2.0
 
 
-def accept_key(key: str) -> str:
-    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()  # noqa: S324
-
-
-# -- the upstream handshake -------------------------------------------------------------
-
-
-class HandshakeRefused(Exception):
-    """The upstream answered the upgrade with something other than 101."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"upstream answered {status}")
-        self.status = status
-
-
-class _Leg(asyncio.Protocol):
-    """A transport's protocol that hands every event to its relay."""
-
-    def __init__(self) -> None:
-        self.relay: Relay | None = None
-        self.transport: asyncio.Transport | None = None
-        self._handshake: asyncio.Future[tuple[bytes, bytes]] | None = None
-        self._buffer = b""
-        self._lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-
-class UpstreamLeg(_Leg):
-    """The broker's connection to the upstream kernel WebSocket."""
+class UpstreamLeg(Handshaking):
+    """The broker's connection to the upstream kernel WebSocket: opened by
+    :func:`broker.upstream.websocket.connect`, then handed to its relay."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._handshake = asyncio.get_running_loop().create_future()
+        self.relay: Relay | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:  # (the relay normally replaces this method)
             self.relay.to_client.feed(data)
-            return
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        fut = self._handshake
-        if fut is None or fut.done():
-            return
-        if end >= 0:
-            fut.set_result((self._buffer[:end], self._buffer[end + 4:]))
-            self._buffer = b""
-        elif len(self._buffer) > _MAX_HANDSHAKE:
-            fut.set_exception(ConnectionError("oversized upstream handshake"))
+        else:
+            super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.relay is not None:
             self.relay.leg_lost(self, exc)
-            return
-        self._lost = True
-        if self._handshake is not None and not self._handshake.done():
-            self._handshake.set_exception(ConnectionError("upstream closed during handshake"))
+        else:
+            super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self.relay is not None:
@@ -118,26 +71,22 @@ class UpstreamLeg(_Leg):
         if self.relay is not None:
             self.relay.resume(self)
 
-    def take_buffered(self) -> bytes:
-        """Bytes that arrived after the handshake, before a relay took the leg over."""
-        data, self._buffer = self._buffer, b""
-        return data
 
-    async def handshake(self) -> tuple[bytes, bytes]:
-        """The upstream's response head and whatever frame bytes followed it."""
-        assert self._handshake is not None
-        try:
-            return await self._handshake
-        finally:
-            self._handshake = None  # not kept (with the response head) for the connection's life
-
-
-class ClientLeg(_Leg):
+class ClientLeg(asyncio.Protocol):
     """The client's side of a relayed connection, on the broker's own transport.
 
     Bytes that arrive before the relay attaches (a client may send its first
     frames as soon as it has the 101) are kept for it.
     """
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:  # (the relay normally replaces this method)
@@ -163,66 +112,6 @@ class ClientLeg(_Leg):
         """Bytes that arrived before the relay took the leg over."""
         data, self._buffer = self._buffer, b""
         return data
-
-
-@dataclass
-class Upstream:
-    """An upstream WebSocket ready for relaying."""
-
-    transport: asyncio.Transport
-    leg: UpstreamLeg
-    protocol: str | None
-    leftover: bytes
-
-
-async def connect_upstream(url: URL, headers: dict[str, str], protocols: list[str],
-                           limit: float) -> Upstream:
-    """Open the upstream WebSocket ourselves: a plain HTTP/1.1 upgrade, no extensions."""
-    loop = asyncio.get_running_loop()
-    secure = url.scheme in ("wss", "https")
-    host = url.raw_host or "127.0.0.1"
-    port = url.port or (443 if secure else 80)
-    context = ssl.create_default_context() if secure else None
-    async with asyncio.timeout(limit):
-        transport, leg = await loop.create_connection(
-            UpstreamLeg, host, port, ssl=context, server_hostname=host if secure else None)
-        try:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            key = base64.b64encode(os.urandom(16)).decode()
-            default_port = port == (443 if secure else 80)
-            lines = [
-                f"GET {url.raw_path_qs} HTTP/1.1",
-                f"Host: {host if default_port else f'{host}:{port}'}",
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                f"Sec-WebSocket-Key: {key}",
-                "Sec-WebSocket-Version: 13",
-            ]
-            if protocols:
-                lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
-            lines += [f"{name}: {value}" for name, value in headers.items()]
-            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            head, leftover = await leg.handshake()
-        except BaseException:
-            transport.abort()
-            raise
-    status_line, _, rest = head.decode("latin-1").partition("\r\n")
-    parts = status_line.split(" ", 2)
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    if status != 101:
-        transport.abort()
-        raise HandshakeRefused(status)
-    answer: dict[str, str] = {}
-    for line in rest.split("\r\n"):
-        name, _, value = line.partition(":")
-        answer[name.strip().lower()] = value.strip()
-    if (answer.get("sec-websocket-accept") != accept_key(key)
-            or answer.get("sec-websocket-extensions")):
-        transport.abort()
-        raise ConnectionError("upstream WebSocket handshake is invalid")
-    return Upstream(transport, leg, answer.get("sec-websocket-protocol") or None, leftover)
 
 
 # -- the relay itself -------------------------------------------------------------------
@@ -286,8 +175,8 @@ class Relay:
         "upstream_leg",
     )
 
-    def __init__(self, client: asyncio.Transport, upstream: Upstream, *, max_message: int,
-                 heartbeat: float, hooks: Hooks,
+    def __init__(self, client: asyncio.Transport, upstream: UpstreamSocket[UpstreamLeg], *,
+                 max_message: int, heartbeat: float, hooks: Hooks,
                  on_done: Callable[[], None] | None = None,
                  max_client_message: int = 0, client_leg: ClientLeg | None = None,
                  module: ModuleType | None = None) -> None:
@@ -377,11 +266,11 @@ class Relay:
             else:
                 transport.resume_reading()
 
-    def pause(self, leg: _Leg) -> None:
+    def pause(self, leg: ClientLeg | UpstreamLeg) -> None:
         """``leg``'s write buffer is full: stop reading from the other side."""
         self._set_paused(leg is not self.client_leg, _BACKPRESSURE, True)
 
-    def resume(self, leg: _Leg) -> None:
+    def resume(self, leg: ClientLeg | UpstreamLeg) -> None:
         self._set_paused(leg is not self.client_leg, _BACKPRESSURE, False)
 
     # -- heartbeat ---------------------------------------------------------------------
@@ -412,7 +301,7 @@ class Relay:
 
     # -- ending ------------------------------------------------------------------------
 
-    def leg_lost(self, leg: _Leg, exc: BaseException | None) -> None:
+    def leg_lost(self, leg: ClientLeg | UpstreamLeg, exc: BaseException | None) -> None:
         if leg is self.client_leg:
             self.finish(1000 if self.to_upstream.scanner.closed else 1001, "client closed")
         else:

@@ -6,7 +6,7 @@ upstream token is added in their place. Response headers come back from an
 allowlist too: upstream cookies (jupyter_server sets a login cookie), its
 CORS headers and anything hop-by-hop are dropped, and ``Location`` is
 rewritten into the broker's ``/s/{id}/`` space. Bodies pass through as bytes
-(``auto_decompress`` is off on the shared client), except the creation bodies
+(the upstream client never decompresses), except the creation bodies
 of kernels and sessions, where thebe's default kernel name ``python`` is
 mapped to the session's kernel (docs/protocols.md#thebe-and-myst-pages).
 
@@ -29,7 +29,6 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -37,10 +36,10 @@ from yarl import URL
 from broker import appkeys
 from broker.errors import UpstreamFailed
 from broker.models import KERNEL_ALIASES, Session
-from broker.paths import check_rest, check_ui, join
+from broker.paths import check_rest, check_ui
 from broker.policy.kernels import KERNEL_STARTS
 from broker.proxy.ui import KERNELSPECS, PAGES, UI_CSP, rewrite_kernelspecs, rewrite_page
-from broker.proxy.upstream_http import UpstreamError, UpstreamResponse
+from broker.upstream.http import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +151,13 @@ async def _forward(request: web.Request, session: Session, remainder: str,
         check_rest(remainder, method)
     else:
         check_ui(remainder, method, settings.jupyter_ui_terminals)
-    url = join(session.upstream_url, remainder)
+    upstream = request.app[appkeys.UPSTREAM].for_session(session)
+    target = remainder
     request_headers = request.headers
     headers = [(h, request_headers[h]) for h in REQUEST_HEADERS if h in request_headers
                # UI pages are rewritten, and every buffered body is searched for the
                # upstream token: both need the bytes as they are, not compressed.
                and not (ui_token is not None and h == "Accept-Encoding")]
-    headers.append(("Authorization", f"token {session.upstream_token}"))
     # body_exists, not can_read_body: the kernel gate may have read (and cached) it already.
     body: bytes | None = await request.read() if request.body_exists else None
     if method == "POST" and remainder in ("api/kernels", "api/sessions"):
@@ -167,13 +166,13 @@ async def _forward(request: web.Request, session: Session, remainder: str,
         headers.append(("Content-Type", "application/json"))
         if warm and remainder == "api/kernels":
             # The warm kernel's model answers the start (201, as a started kernel's).
-            method, body, url = "GET", None, join(session.upstream_url, f"api/kernels/{warm}")
+            method, body, target = "GET", None, f"api/kernels/{warm}"
     try:
-        upstream = await request.app[appkeys.UPSTREAM].request(
-            method, url, headers, body, query=forward_query(request),
-            read_timeout=settings.upstream_timeout)
-        async with upstream:
-            return await _respond(request, session, upstream, method, remainder, ui_token,
+        response = await upstream.request(method, target, headers, body,
+                                          query=forward_query(request),
+                                          read_timeout=settings.upstream_timeout)
+        async with response:
+            return await _respond(request, session, response, method, remainder, ui_token,
                                   created=bool(warm) and remainder == "api/kernels")
     except (UpstreamError, TimeoutError) as exc:
         log.warning("upstream of session %s failed on %s %s: %s", session.id, method,
@@ -262,24 +261,3 @@ def forward_query(request: web.BaseRequest) -> str:
         return raw
     return "&".join(part for part in raw.split("&")
                     if part and unquote_plus(part.partition("=")[0]) != "token")
-
-
-async def kernels_busy(http: aiohttp.ClientSession, session: Session) -> bool:
-    """Whether any kernel of the session is executing right now, per its server.
-
-    The idle reaper asks this before culling: a long computation that prints
-    nothing, with its tab closed, shows no WebSocket traffic but is work.
-    An unreachable server counts as not busy.
-    """
-    try:
-        async with http.get(
-            str(join(session.upstream_url, "api/kernels")),
-            headers={"Authorization": f"token {session.upstream_token}"},
-            timeout=aiohttp.ClientTimeout(total=5),
-        ) as resp:
-            if resp.status != 200:
-                return False
-            kernels = await resp.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return False
-    return any(k.get("execution_state") == "busy" for k in kernels if isinstance(k, dict))

@@ -42,26 +42,18 @@ from types import ModuleType
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from broker import appkeys
 from broker.errors import BadRequest, NotFound, RateLimited, UpstreamFailed
 from broker.metrics import CHANNELS, Direction, Metrics
 from broker.models import Session
-from broker.paths import join
 from broker.policy.wsrate import Limiter, SessionWsBudgets, WsLimiter, WsLimits
 from broker.proxy import wire
 from broker.proxy._wire_py import ACTIVITY, EXEC_END, EXEC_START
-from broker.proxy.relay import (
-    ClientLeg,
-    HandshakeRefused,
-    Hooks,
-    Relay,
-    accept_key,
-    connect_upstream,
-)
+from broker.proxy.relay import ClientLeg, Hooks, Relay, UpstreamLeg
 from broker.proxy.rest import forward_query
 from broker.sessions import SessionManager
+from broker.upstream.websocket import HandshakeRefused, accept_key
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +192,10 @@ async def _bridge(request: web.Request, session: Session, remainder: str, key: s
     loop = asyncio.get_running_loop()
     offered = [p.strip() for header in request.headers.getall("Sec-WebSocket-Protocol", [])
                for p in header.split(",") if p.strip()]
-    http_url = join(session.upstream_url, remainder)
-    url = http_url.with_scheme("wss" if http_url.scheme == "https" else "ws")
-    query = forward_query(request)
-    if query:  # byte for byte, as the REST proxy forwards it
-        url = URL(f"{url}?{query}", encoded=True)
     try:
-        upstream = await connect_upstream(
-            url, {"Authorization": f"token {session.upstream_token}"}, offered,
+        upstream = await request.app[appkeys.UPSTREAM].for_session(session).websocket(
+            remainder, leg=UpstreamLeg, protocols=offered,
+            query=forward_query(request),  # byte for byte, as the REST proxy forwards it
             limit=settings.upstream_timeout)
     except HandshakeRefused as exc:
         if exc.status == 404:

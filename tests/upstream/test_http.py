@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from yarl import URL
 
-from broker.proxy.upstream_http import HIGH_WATER, UpstreamError, UpstreamPool
+from broker.upstream.http import HIGH_WATER, UpstreamError, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
