@@ -7,12 +7,15 @@ a hub refusing refills) is in ``tests/hub/test_pool_hub.py``.
 from __future__ import annotations
 
 import os
+import re
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker import appkeys
+from broker.localserver import FROZEN_MESSAGE
 from broker.settings import Settings, parse_pools
 from tests.conftest import BrokerHarness, MakeBroker, eventually
 
@@ -139,6 +142,29 @@ async def test_a_dead_or_claimed_entry_is_never_handed_out_again(
         async with broker.http.delete(f"{broker.url}/api/v1/sessions/{data['id']}",
                                       headers={"Authorization": f"token {data['token']}"}):
             pass
+
+
+async def test_local_servers_start_with_their_start_up_heap_frozen(
+        make_broker: MakeBroker, tmp_path: Path) -> None:
+    """An entry's server (any local session's) froze what it allocated while starting.
+
+    Unfrozen, the first full garbage collection of a new ``jupyter server``
+    walks its ~200,000 start-up objects (60-300 ms on a 2-core machine), and it
+    fell into a pool visitor's first kernel connection (docs/pool.md).
+    """
+    broker = await make_broker(pool=["default=1"], admin_token=ADMIN, pool_warm_kernel=False,
+                               pool_check_interval=0.2, local_root_dir=str(tmp_path / "s"))
+    [entry] = await filled(broker, "default", 1)
+    log = (tmp_path / "s" / f"{entry}.log").read_text()
+    frozen = re.search(re.escape(FROZEN_MESSAGE) + r" \((\d+) objects\)", log)
+    assert frozen is not None, log[-2000:]
+    assert int(frozen.group(1)) > 0
+    # The server is jupyter_server as before: the claimed session serves its API.
+    status, data = await broker.create(wait=False)
+    assert status == 201 and data["id"] == entry, data
+    async with broker.http.get(f"{data['base_url']}api/status",
+                               headers={"Authorization": f"token {data['token']}"}) as resp:
+        assert resp.status == 200, await resp.text()
 
 
 def _pid(broker: BrokerHarness, session_id: str) -> int:

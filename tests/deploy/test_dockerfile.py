@@ -281,7 +281,7 @@ def _session_processes(session_id: str) -> tuple[int, int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            for role, needle in (("server", b"jupyter_server"), ("kernel", b"ipykernel")):
+            for role, needle in (("server", b"broker.localserver"), ("kernel", b"ipykernel")):
                 if needle in cmdline:
                     found[role] = int(entry.name)
     assert set(found) == {"server", "kernel"}, found

@@ -279,7 +279,9 @@ class LocalBackend:
         cmd = [
             sys.executable,
             "-m",
-            "jupyter_server",
+            # jupyter_server itself, with its start-up heap frozen before the first request:
+            # no 60-300 ms full garbage collection in a visitor's first seconds (localserver.py).
+            "broker.localserver",
             "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.port={port}",
             "--ServerApp.port_retries=0",
