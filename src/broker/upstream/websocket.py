@@ -11,7 +11,8 @@ The upgrade is a plain HTTP/1.1 request written by hand: no extension is
 offered (the relay forwards frames as bytes, which only works when neither
 leg compresses), ``TCP_NODELAY`` is set, and the answer is checked as
 RFC 6455 section 4.1 asks (101, the ``Sec-WebSocket-Accept`` of our key, no
-extension). Which URL is opened, with which token, is the caller's
+extension; docs/protocols.md#websocket-handshake-rfc-6455). Which URL is
+opened, with which token, is the caller's
 (:meth:`broker.upstream.session.SessionUpstream.websocket` keeps it inside
 the session's server).
 """
