@@ -52,7 +52,7 @@ async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
     Closed before the manager and backend, so kernel sockets end before servers stop.
     """
     app[appkeys.KERNELS] = AgentKernels(
-        app[appkeys.HTTP], app[appkeys.SETTINGS], app[appkeys.MANAGER],
+        app[appkeys.UPSTREAM], app[appkeys.SETTINGS], app[appkeys.MANAGER],
         gate=lambda: app.get(appkeys.KERNEL_GATE))
     yield
     await app[appkeys.KERNELS].close()

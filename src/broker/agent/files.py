@@ -41,7 +41,6 @@ import os
 import urllib.parse
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from broker import appkeys
@@ -56,7 +55,7 @@ from broker.errors import (
     UpstreamFailed,
 )
 from broker.models import Session
-from broker.paths import join
+from broker.upstream.http import UpstreamError
 
 routes = web.RouteTableDef()
 
@@ -162,18 +161,22 @@ async def _contents(
     limit: int = 1 << 20,
 ) -> tuple[int, bytes]:
     """One contents API call upstream: (status, body), the body read up to ``limit``."""
-    url = join(session.upstream_url, "api/contents/" + _api_path(segments))
     settings = request.app[appkeys.SETTINGS]
+    upstream = request.app[appkeys.UPSTREAM].for_session(session)
+    headers = [("Accept", "application/json")]
+    raw_body = None
+    if body is not None:
+        headers.append(("Content-Type", "application/json"))
+        raw_body = json.dumps(body).encode()
     try:
-        async with request.app[appkeys.HTTP].request(
-            method, url, params=params, json=body,
-            headers={"Authorization": f"token {session.upstream_token}"},
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                          sock_read=settings.upstream_timeout),
+        async with await upstream.request(
+            method, "api/contents/" + _api_path(segments), headers, raw_body,
+            query=urllib.parse.urlencode(params, quote_via=urllib.parse.quote) if params
+            else None,
         ) as resp:
             chunks: list[bytes] = []
             size = 0
-            async for chunk in resp.content.iter_chunked(_CHUNK):
+            async for chunk in resp.iter_chunks():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(
@@ -181,7 +184,7 @@ async def _contents(
                         "(BROKER_MAX_DOWNLOAD_SIZE)", reason="file_too_large")
                 chunks.append(chunk)
             data = b"".join(chunks)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamError, TimeoutError) as exc:
         request.app[appkeys.MANAGER].metrics.upstream_error(session.backend, "unreachable")
         raise UpstreamFailed("The session's Jupyter server did not answer",
                              reason="upstream_unreachable") from exc

@@ -3,8 +3,11 @@
 The execute API (``agent/execute.py``) does what a notebook frontend does --
 send an ``execute_request``, collect outputs until the kernel is idle -- so an
 AI agent does not have to speak the wire protocol. It talks to the session's
-upstream Jupyter server with the upstream token, over the same REST and
-WebSocket routes every Jupyter client uses, so it works for every backend.
+upstream Jupyter server over the same REST and WebSocket routes every
+Jupyter client uses, so it works for every backend, and reaches it as the
+proxy does: through the session's :class:`~broker.upstream.session.SessionUpstream`
+(token, path rule, one HTTP client and one WebSocket handshake), reading
+the socket with :class:`~broker.agent.kernel_socket.KernelSocket`.
 The protocol facts it relies on (the sessions API's answer for a known path,
 restart notices, what ends a call, ``kernel_info_request``) are in
 docs/protocols.md#jupyter-server-rest-api, docs/protocols.md#kernel-websocket-protocols
@@ -58,16 +61,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-from aiohttp import WSMsgType
-
+from broker.agent.kernel_socket import KernelSocket, Message
 from broker.errors import BadRequest, Conflict, UpstreamFailed
 from broker.models import DEFAULT_KERNEL_PATH, KERNEL_ALIASES, Session
-from broker.paths import join
 from broker.policy.kernels import KernelGate
+from broker.proxy._wire_py import OP_BINARY, OP_TEXT
 from broker.proxy.relay import quickack_for as _quickack_for
 from broker.sessions import SessionManager
 from broker.settings import Settings
+from broker.upstream.http import UpstreamError
+from broker.upstream.session import UpstreamAccess
+from broker.upstream.websocket import HandshakeRefused
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +220,13 @@ def _is_restart_notice(msg: dict[str, Any]) -> bool:
         (msg.get("content") or {}).get("execution_state") in ("restarting", "dead"))
 
 
-def _decode(frame: aiohttp.WSMessage) -> dict[str, Any] | None:
+def _decode(message: Message) -> dict[str, Any] | None:
     """A kernel message from a JSON text frame or a legacy binary frame (JSON part only)."""
-    if frame.type is WSMsgType.TEXT:
-        raw: bytes | str = frame.data
-    elif frame.type is WSMsgType.BINARY and len(frame.data) >= 8:
+    opcode, data = message
+    if opcode == OP_TEXT:
+        raw = data
+    elif opcode == OP_BINARY and len(data) >= 8:
         # Legacy protocol with buffers: u32 count, u32 offsets, then JSON, buffers.
-        data: bytes = frame.data
         count = int.from_bytes(data[:4], "big")
         if count < 1 or len(data) < 4 * (count + 1):
             return None
@@ -241,7 +245,7 @@ def _decode(frame: aiohttp.WSMessage) -> dict[str, Any] | None:
 class KernelConnection:
     """One upstream kernel WebSocket, routing messages to the call that caused them."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, kernel_id: str,
+    def __init__(self, ws: KernelSocket, kernel_id: str,
                  kernel_name: str, on_closed: Callable[[], None] | None = None) -> None:
         self.ws = ws
         self.kernel_id = kernel_id
@@ -261,7 +265,8 @@ class KernelConnection:
         # Acknowledge the kernel's frames at once while a call awaits its messages:
         # jupyter_server leaves Nagle on, so each frame of a reply after the first
         # would otherwise wait for our delayed ACK (~40 ms per call; see relay.py).
-        self._quickack = _quickack_for(ws)  # type: ignore[arg-type]  # has get_extra_info
+        assert ws.transport is not None
+        self._quickack = _quickack_for(ws.transport)
         self._reader = asyncio.create_task(self._read(), name=f"kernel-{kernel_id}")
 
     @property
@@ -271,7 +276,7 @@ class KernelConnection:
 
     async def _read(self) -> None:
         try:
-            async for frame in self.ws:
+            while (frame := await self.ws.receive()) is not None:
                 if self._listeners and self._quickack is not None:
                     self._quickack()
                 msg = _decode(frame)
@@ -325,8 +330,8 @@ class KernelConnection:
             "content": content,
         }
         try:
-            await self.ws.send_str(json.dumps(message))
-        except (ConnectionError, RuntimeError) as exc:
+            self.ws.send_text(json.dumps(message))
+        except ConnectionError as exc:
             self._listeners.pop(msg_id, None)
             raise UpstreamFailed("The kernel connection was lost",
                                  reason="kernel_lost") from exc
@@ -400,8 +405,7 @@ class KernelConnection:
 
     async def close(self) -> None:
         """Close the socket and wait for the reader to end."""
-        with contextlib.suppress(Exception):
-            await self.ws.close()
+        self.ws.close()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader
@@ -422,23 +426,16 @@ _CLEAR_COST = 64
 class AgentKernels:
     """Per-app registry of sessions' default kernels (created in ``cleanup_ctx``)."""
 
-    def __init__(self, http: aiohttp.ClientSession, settings: Settings,
+    def __init__(self, upstreams: UpstreamAccess, settings: Settings,
                  manager: SessionManager,
                  gate: Callable[[], KernelGate | None] | None = None) -> None:
-        self._http = http
+        self._upstreams = upstreams
         self._settings = settings
         self._manager = manager
         #: The kernels-per-session gate (BROKER_MAX_KERNELS_PER_SESSION), looked up
         #: when needed: the default kernel counts like any other kernel.
         self._gate = gate
         self._slots: dict[str, _Slot] = {}
-
-    def _headers(self, session: Session) -> dict[str, str]:
-        return {"Authorization": f"token {session.upstream_token}"}
-
-    def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                     sock_read=self._settings.upstream_timeout)
 
     # -- the default kernel ---------------------------------------------------------
     async def _kernel(self, session: Session, kernel_name: str) -> tuple[str, str]:
@@ -456,22 +453,19 @@ class AgentKernels:
     async def _start_kernel(self, session: Session, kernel_name: str,
                             body: dict[str, Any]) -> tuple[str, str]:
         try:
-            async with self._http.post(
-                str(join(session.upstream_url, "api/sessions")), json=body,
-                headers=self._headers(session), timeout=self._timeout(),
-            ) as resp:
-                if resp.status in (404, 501) and kernel_name:
-                    raise BadRequest(f"The session has no kernel named {kernel_name!r}",
-                                     reason="unknown_kernel_name")
-                if resp.status != 201:
-                    self._manager.metrics.upstream_error(session.backend, "bad_response")
-                    raise UpstreamFailed(f"The session's server could not start a kernel "
-                                         f"({resp.status})", reason="kernel_start_failed")
-                model = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            status, model = await self._upstreams.for_session(session).json(
+                "POST", "api/sessions", body)
+        except (UpstreamError, TimeoutError) as exc:
             self._manager.metrics.upstream_error(session.backend, "unreachable")
             raise UpstreamFailed("The session's Jupyter server did not answer",
                                  reason="upstream_unreachable") from exc
+        if status in (404, 501) and kernel_name:
+            raise BadRequest(f"The session has no kernel named {kernel_name!r}",
+                             reason="unknown_kernel_name")
+        if status != 201 or not isinstance(model, dict):
+            self._manager.metrics.upstream_error(session.backend, "bad_response")
+            raise UpstreamFailed(f"The session's server could not start a kernel "
+                                 f"({status})", reason="kernel_start_failed")
         kernel = model.get("kernel") or {}
         return str(kernel.get("id", "")), str(kernel.get("name", ""))
 
@@ -493,18 +487,19 @@ class AgentKernels:
             await conn.close()
             conn = slot.connection = None
         if conn is None:
-            url = join(_ws_base(session.upstream_url), f"api/kernels/{kernel_id}/channels")
+            settings = self._settings
             try:
-                ws = await self._http.ws_connect(
-                    url, params={"session_id": uuid.uuid4().hex},
-                    headers=self._headers(session),
-                    heartbeat=self._settings.ws_heartbeat or None,
-                    max_msg_size=self._settings.ws_max_message_size, compress=0,
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                opened = await self._upstreams.for_session(session).websocket(
+                    f"api/kernels/{kernel_id}/channels", query=f"session_id={uuid.uuid4().hex}",
+                    leg=lambda: KernelSocket(max_message=settings.ws_max_message_size,
+                                             heartbeat=settings.ws_heartbeat),
+                    limit=settings.upstream_timeout)
+            except (HandshakeRefused, OSError, TimeoutError) as exc:
                 self._manager.metrics.upstream_error(session.backend, "refused")
                 raise UpstreamFailed("Could not connect to the session's kernel",
                                      reason="kernel_unreachable") from exc
+            ws = opened.leg
+            ws.start(opened.leftover)
             conn = slot.connection = KernelConnection(
                 ws, kernel_id, actual, on_closed=lambda: self._drop_idle(session.id, slot))
         if not conn.settled and not await conn.settle(self._settings.upstream_timeout):
@@ -523,14 +518,13 @@ class AgentKernels:
             conn.expect_restart()
 
     async def _interrupt(self, session: Session, kernel_id: str) -> None:
-        url = join(session.upstream_url, f"api/kernels/{kernel_id}/interrupt")
         try:
-            async with self._http.post(str(url), headers=self._headers(session),
-                                       timeout=self._timeout()) as resp:
+            async with await self._upstreams.for_session(session).request(
+                    "POST", f"api/kernels/{kernel_id}/interrupt") as resp:
                 if resp.status >= 300:
                     log.warning("interrupting the kernel of session %s answered %s",
                                 session.id, resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             log.warning("could not interrupt the kernel of session %s: %s", session.id,
                         type(exc).__name__)
 
@@ -635,6 +629,3 @@ class AgentKernels:
         await asyncio.gather(*(self.forget(sid) for sid in list(self._slots)),
                              return_exceptions=True)
 
-
-def _ws_base(http_url: str) -> str:
-    return "ws" + http_url[4:] if http_url.startswith("http") else http_url
