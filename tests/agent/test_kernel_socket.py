@@ -52,17 +52,17 @@ async def read_client_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Script], Awaitable[URL]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[URL]]]:
     servers: list[asyncio.Server] = []
 
-    async def start(script: Script) -> URL:
+    async def start(script: Script, extra: bytes = b"") -> URL:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
                        if line.lower().startswith("sec-websocket-key:"))
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                         + accept_key(key).encode() + b"\r\n\r\n")
+                         + accept_key(key).encode() + b"\r\n" + extra + b"\r\n")
             try:
                 await script(reader, writer)
             finally:
@@ -85,7 +85,7 @@ async def open_socket(url: URL, max_message: int = 0, heartbeat: float = 0.0) ->
     return opened.leg
 
 
-async def test_messages_pings_and_the_close(serve: Callable[[Script], Awaitable[URL]]) -> None:
+async def test_messages_pings_and_the_close(serve: Callable[..., Awaitable[URL]]) -> None:
     client_sent: asyncio.Future[list[tuple[int, bytes]]] = (
         asyncio.get_running_loop().create_future())
 
@@ -113,7 +113,7 @@ async def test_messages_pings_and_the_close(serve: Callable[[Script], Awaitable[
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
 async def test_sent_messages_are_masked_with_every_length_form(
-        serve: Callable[[Script], Awaitable[URL]], size: int) -> None:
+        serve: Callable[..., Awaitable[URL]], size: int) -> None:
     received: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -136,7 +136,7 @@ async def test_sent_messages_are_masked_with_every_length_form(
     ([server_frame(3, b"hi")], 1002),
 ])
 async def test_protocol_violations_close_the_socket(
-        serve: Callable[[Script], Awaitable[URL]], frames: list[bytes], code: int) -> None:
+        serve: Callable[..., Awaitable[URL]], frames: list[bytes], code: int) -> None:
     closed_with: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -151,7 +151,7 @@ async def test_protocol_violations_close_the_socket(
 
 
 async def test_a_silent_server_ends_the_socket_after_the_heartbeat(
-        serve: Callable[[Script], Awaitable[URL]]) -> None:
+        serve: Callable[..., Awaitable[URL]]) -> None:
     pings = 0
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -166,6 +166,30 @@ async def test_a_silent_server_ends_the_socket_after_the_heartbeat(
     assert await asyncio.wait_for(sock.receive(), 30) is None
     assert sock.ended == (1011, "kernel connection lost")
     assert pings >= 2
+
+
+@pytest.mark.parametrize("extra", [b"Sec-WebSocket-Extensions: permessage-deflate\r\n",
+                                   b"Sec-WebSocket-Protocol: not-offered\r\n"])
+async def test_an_answer_the_client_did_not_ask_for_fails_the_handshake(
+        serve: Callable[..., Awaitable[URL]], extra: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    url = await serve(script, extra)
+    with pytest.raises(ConnectionError, match="handshake is invalid"):
+        await connect(url, [], ["v1.kernel.websocket.jupyter.org"], limit=10, leg=KernelSocket)
+
+
+async def test_the_subprotocol_the_server_picked_is_known(
+        serve: Callable[..., Awaitable[URL]]) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    url = await serve(script, b"Sec-WebSocket-Protocol: v1.kernel.websocket.jupyter.org\r\n")
+    opened = await connect(url, [], ["v1.kernel.websocket.jupyter.org", "other"], limit=10,
+                           leg=KernelSocket)
+    assert opened.protocol == "v1.kernel.websocket.jupyter.org"
+    opened.transport.close()
 
 
 async def test_a_real_kernel_answers_through_the_session_upstream(broker: BrokerHarness) -> None:

@@ -9,7 +9,8 @@ the upgrade. Frames are built with the relay's own wire module
 (:mod:`broker.proxy.wire`: masking, close and ping frames), so there is one
 implementation of the per-frame work and no second WebSocket client.
 
-What it does, as RFC 6455 asks of a client: its frames are masked with a
+What it does, as RFC 6455 asks of a client
+(docs/protocols.md#websocket-framing-rfc-6455): its frames are masked with a
 fresh key; the server's must not be (else 1002); fragmented messages are
 put together; pings are answered; a close is answered and ends the socket;
 a message over ``max_message`` bytes closes it with 1009. With a

@@ -9,10 +9,11 @@ connection from the first byte to the last and no second client library.
 
 The upgrade is a plain HTTP/1.1 request written by hand: no extension is
 offered (the relay forwards frames as bytes, which only works when neither
-leg compresses), ``TCP_NODELAY`` is set, and the answer is checked as
-RFC 6455 section 4.1 asks (101, the ``Sec-WebSocket-Accept`` of our key, no
-extension; docs/protocols.md#websocket-handshake-rfc-6455). Which URL is
-opened, with which token, is the caller's
+leg compresses), ``TCP_NODELAY`` is set, and the answer is checked as RFC
+6455 section 4.1 asks (101, the ``Sec-WebSocket-Accept`` of our key, no
+extension, no subprotocol we did not offer;
+docs/protocols.md#websocket-handshake-rfc-6455). Which URL is opened, with
+which token, is the caller's
 (:meth:`broker.upstream.session.SessionUpstream.websocket` keeps it inside
 the session's server).
 """
@@ -170,9 +171,10 @@ async def connect(url: URL, headers: Iterable[tuple[str, str]], protocols: Seque
     for line in rest.split("\r\n"):
         name, _, value = line.partition(":")
         answer[name.strip().lower()] = value.strip()
+    chosen = answer.get("sec-websocket-protocol") or None
     if (answer.get("sec-websocket-accept") != accept_key(key)
-            or answer.get("sec-websocket-extensions")):
+            or answer.get("sec-websocket-extensions")
+            or (chosen is not None and chosen not in protocols)):
         transport.abort()
         raise ConnectionError("upstream WebSocket handshake is invalid")
-    return UpstreamSocket(transport, protocol, answer.get("sec-websocket-protocol") or None,
-                          leftover)
+    return UpstreamSocket(transport, protocol, chosen, leftover)
