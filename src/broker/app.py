@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker import appkeys
 from broker.agent import execute, files
+from broker.agent.kernel_client import warm_kernel
 from broker.api import admin, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
@@ -93,7 +94,6 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
         for member in backend.members:
             if isinstance(member.backend, JupyterHubBackend):
                 member.backend.locks = locks
-    http = app[appkeys.HTTP]
     manager.busy_check = functools.partial(kernels_busy, app[appkeys.UPSTREAM])
     app[appkeys.BACKEND] = backend
     app[appkeys.MANAGER] = manager
@@ -109,7 +109,9 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     # pool of its own; other backends' pools are shared by all replicas. Without pools
     # it only serves the admin API's drain (entries left by an earlier BROKER_POOL).
     pool = app[appkeys.POOL] = WarmPool(
-        manager, http, per_replica=backend.name == "local" and bool(settings.redis_url))
+        manager, per_replica=backend.name == "local" and bool(settings.redis_url),
+        warm_kernel=functools.partial(warm_kernel, app[appkeys.UPSTREAM], settings,
+                                      app[appkeys.METRICS]))
     if pool.pools:
         manager.pool = pool
         tasks.append(asyncio.create_task(pool.run(), name="warm-pool"))

@@ -42,9 +42,8 @@ import dataclasses
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-import aiohttp
 
 from broker.backends.base import Liveness, probe
 from broker.backoff import Backoff, retry_after_seconds
@@ -68,6 +67,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 #: Seconds the warm kernel may take to start and report idle.
 WARM_KERNEL_LIMIT = 60.0
+#: Starts a ready entry's default kernel and has it answer once: its (name, id).
+WarmKernel = Callable[[Session], Awaitable[tuple[str, str]]]
 #: The backend_state key that remembers which pool an entry (and later its session) came from.
 POOL_STATE_KEY = "pool"
 #: backend_state key: the name of the entry's warm kernel.
@@ -106,11 +107,13 @@ class Pool:
 class WarmPool:
     """Every configured pool of one replica: claims, refills, hygiene, drain."""
 
-    def __init__(self, manager: SessionManager, http: aiohttp.ClientSession, *,
-                 per_replica: bool) -> None:
+    def __init__(self, manager: SessionManager, *, per_replica: bool,
+                 warm_kernel: WarmKernel | None = None) -> None:
         self.manager = manager
         self.settings = manager.settings
-        self._http = http
+        #: Starts an entry's default kernel and has it answer once (BROKER_POOL_WARM_KERNEL;
+        #: the agent's kernel client, given by the app: it speaks the kernel protocol).
+        self._warm_kernel = warm_kernel
         self.pools = {name: Pool(name, low, high, target=low)
                       for name, (low, high) in parse_pools(self.settings.pool).items()}
         self._by_spec = {pool.spec: pool for pool in self.pools.values()}
@@ -322,10 +325,11 @@ class WarmPool:
         ready = await manager.store.get(entry.id)
         if ready is None or ready.status is not Status.READY:
             return UpstreamFailed("The pool entry ended while it started")
-        if self.settings.pool_warm_kernel:
+        if self.settings.pool_warm_kernel and self._warm_kernel is not None:
             try:
-                pool.kernel, kernel_id = await self._warm_kernel(ready)
-            except (aiohttp.ClientError, TimeoutError, ValueError, BrokerError) as exc:
+                async with asyncio.timeout(WARM_KERNEL_LIMIT):
+                    pool.kernel, kernel_id = await self._warm_kernel(ready)
+            except (TimeoutError, BrokerError) as exc:
                 await manager.stop(ready, "failed")
                 return exc if isinstance(exc, BrokerError) else UpstreamFailed(
                     f"The pool entry's kernel did not start ({type(exc).__name__})")
@@ -334,45 +338,6 @@ class WarmPool:
         await manager.store.pool_push(self._queue(pool), entry.id)
         log.info("warm pool %s: entry %s is ready", pool.name, entry.id)
         return None
-
-    async def _warm_kernel(self, entry: Session) -> tuple[str, str]:
-        """Start the entry's default kernel and have it answer once; its (name, id).
-
-        The kernel is the execute API's (Jupyter session ``broker-execute``), so
-        the claimed session's first execute finds it instead of starting one.
-        A ``kernel_info_request`` over its channels is what a first client
-        would send: the kernel answered it, so the first execute does not wait
-        for the kernel's start-up (imports, ZMQ connections).
-        """
-        headers = {"Authorization": f"token {entry.upstream_token}"}
-        body = {"path": DEFAULT_KERNEL_PATH, "name": DEFAULT_KERNEL_PATH, "type": "console"}
-        timeout = aiohttp.ClientTimeout(total=self.settings.upstream_timeout)
-        async with asyncio.timeout(WARM_KERNEL_LIMIT):
-            async with self._http.post(f"{entry.upstream_url}api/sessions", json=body,
-                                       headers=headers, timeout=timeout) as resp:
-                if resp.status != 201:
-                    raise UpstreamFailed(f"The pool entry could not start a kernel "
-                                         f"({resp.status})", reason="kernel_start_failed")
-                kernel: dict[str, Any] = (await resp.json()).get("kernel") or {}
-            ws_url = "ws" + entry.upstream_url.removeprefix("http")
-            msg_id = uuid.uuid4().hex
-            request = {"header": {"msg_id": msg_id, "msg_type": "kernel_info_request",
-                                  "session": uuid.uuid4().hex, "username": "broker",
-                                  "version": "5.3", "date": ""},
-                       "parent_header": {}, "metadata": {}, "content": {}, "channel": "shell"}
-            async with self._http.ws_connect(
-                    f"{ws_url}api/kernels/{kernel.get('id', '')}/channels", headers=headers,
-                    max_msg_size=0) as ws:
-                await ws.send_json(request)
-                async for frame in ws:
-                    if frame.type is not aiohttp.WSMsgType.TEXT:
-                        continue
-                    msg = frame.json()
-                    if msg.get("msg_type") == "kernel_info_reply" \
-                            and (msg.get("parent_header") or {}).get("msg_id") == msg_id:
-                        return str(kernel.get("name", "")), str(kernel.get("id", ""))
-        raise UpstreamFailed("The pool entry's kernel closed its channels",
-                             reason="kernel_start_failed")
 
     # -- the warm kernel for clients that start their own -----------------------------
     def take_warm_kernel(self, session: Session, remainder: str, body: bytes) -> str:

@@ -63,6 +63,7 @@ from typing import Any
 
 from broker.agent.kernel_socket import KernelSocket, Message
 from broker.errors import BadRequest, Conflict, UpstreamFailed
+from broker.metrics import Metrics
 from broker.models import DEFAULT_KERNEL_PATH, KERNEL_ALIASES, Session
 from broker.policy.kernels import KernelGate
 from broker.proxy._wire_py import OP_BINARY, OP_TEXT
@@ -70,7 +71,7 @@ from broker.proxy.relay import quickack_for as _quickack_for
 from broker.sessions import SessionManager
 from broker.settings import Settings
 from broker.upstream.http import UpstreamError
-from broker.upstream.session import UpstreamAccess
+from broker.upstream.session import SessionUpstream, UpstreamAccess
 from broker.upstream.websocket import HandshakeRefused
 
 log = logging.getLogger(__name__)
@@ -440,34 +441,17 @@ class AgentKernels:
     # -- the default kernel ---------------------------------------------------------
     async def _kernel(self, session: Session, kernel_name: str) -> tuple[str, str]:
         """(id, name) of the session's default kernel, started if there is none."""
-        body: dict[str, Any] = {"path": DEFAULT_KERNEL_PATH, "name": DEFAULT_KERNEL_PATH,
-                                "type": "console"}
-        if kernel_name:
-            body["kernel"] = {"name": kernel_name}
+        body = _default_kernel_body(kernel_name)
+        upstream = self._upstreams.for_session(session)
         gate = self._gate() if self._gate is not None else None
         if gate is None:
-            return await self._start_kernel(session, kernel_name, body)
+            return await _start_default_kernel(upstream, body, self._on_error(session))
         async with gate.starting(session, "api/sessions", json.dumps(body).encode()):
-            return await self._start_kernel(session, kernel_name, body)
+            return await _start_default_kernel(upstream, body, self._on_error(session))
 
-    async def _start_kernel(self, session: Session, kernel_name: str,
-                            body: dict[str, Any]) -> tuple[str, str]:
-        try:
-            status, model = await self._upstreams.for_session(session).json(
-                "POST", "api/sessions", body)
-        except (UpstreamError, TimeoutError) as exc:
-            self._manager.metrics.upstream_error(session.backend, "unreachable")
-            raise UpstreamFailed("The session's Jupyter server did not answer",
-                                 reason="upstream_unreachable") from exc
-        if status in (404, 501) and kernel_name:
-            raise BadRequest(f"The session has no kernel named {kernel_name!r}",
-                             reason="unknown_kernel_name")
-        if status != 201 or not isinstance(model, dict):
-            self._manager.metrics.upstream_error(session.backend, "bad_response")
-            raise UpstreamFailed(f"The session's server could not start a kernel "
-                                 f"({status})", reason="kernel_start_failed")
-        kernel = model.get("kernel") or {}
-        return str(kernel.get("id", "")), str(kernel.get("name", ""))
+    def _on_error(self, session: Session) -> Callable[[str], None]:
+        """Counts an upstream error of ``session`` by kind (the metric's label)."""
+        return lambda kind: self._manager.metrics.upstream_error(session.backend, kind)
 
     async def _connect(self, session: Session, slot: _Slot,
                        kernel_name: str) -> KernelConnection:
@@ -487,19 +471,8 @@ class AgentKernels:
             await conn.close()
             conn = slot.connection = None
         if conn is None:
-            settings = self._settings
-            try:
-                opened = await self._upstreams.for_session(session).websocket(
-                    f"api/kernels/{kernel_id}/channels", query=f"session_id={uuid.uuid4().hex}",
-                    leg=lambda: KernelSocket(max_message=settings.ws_max_message_size,
-                                             heartbeat=settings.ws_heartbeat),
-                    limit=settings.upstream_timeout)
-            except (HandshakeRefused, OSError, TimeoutError) as exc:
-                self._manager.metrics.upstream_error(session.backend, "refused")
-                raise UpstreamFailed("Could not connect to the session's kernel",
-                                     reason="kernel_unreachable") from exc
-            ws = opened.leg
-            ws.start(opened.leftover)
+            ws = await _open_channels(self._upstreams.for_session(session), kernel_id,
+                                      self._settings, self._on_error(session))
             conn = slot.connection = KernelConnection(
                 ws, kernel_id, actual, on_closed=lambda: self._drop_idle(session.id, slot))
         if not conn.settled and not await conn.settle(self._settings.upstream_timeout):
@@ -629,3 +602,80 @@ class AgentKernels:
         await asyncio.gather(*(self.forget(sid) for sid in list(self._slots)),
                              return_exceptions=True)
 
+
+def _default_kernel_body(kernel_name: str) -> dict[str, Any]:
+    """The sessions API body that finds or starts the default kernel (its fixed path)."""
+    body: dict[str, Any] = {"path": DEFAULT_KERNEL_PATH, "name": DEFAULT_KERNEL_PATH,
+                            "type": "console"}
+    if kernel_name:
+        body["kernel"] = {"name": kernel_name}
+    return body
+
+
+async def _start_default_kernel(upstream: SessionUpstream, body: dict[str, Any],
+                                on_error: Callable[[str], None]) -> tuple[str, str]:
+    """(id, name) of the kernel the sessions API answers ``body`` with (found or started)."""
+    try:
+        status, model = await upstream.json("POST", "api/sessions", body)
+    except (UpstreamError, TimeoutError) as exc:
+        on_error("unreachable")
+        raise UpstreamFailed("The session's Jupyter server did not answer",
+                             reason="upstream_unreachable") from exc
+    kernel_name = (body.get("kernel") or {}).get("name", "")
+    if status in (404, 501) and kernel_name:
+        raise BadRequest(f"The session has no kernel named {kernel_name!r}",
+                         reason="unknown_kernel_name")
+    if status != 201 or not isinstance(model, dict):
+        on_error("bad_response")
+        raise UpstreamFailed(f"The session's server could not start a kernel ({status})",
+                             reason="kernel_start_failed")
+    kernel = model.get("kernel") or {}
+    return str(kernel.get("id", "")), str(kernel.get("name", ""))
+
+
+async def _open_channels(upstream: SessionUpstream, kernel_id: str, settings: Settings,
+                         on_error: Callable[[str], None]) -> KernelSocket:
+    """The kernel's channels WebSocket, read as messages (a new ``session_id`` each time)."""
+    try:
+        opened = await upstream.websocket(
+            f"api/kernels/{kernel_id}/channels", query=f"session_id={uuid.uuid4().hex}",
+            leg=lambda: KernelSocket(max_message=settings.ws_max_message_size,
+                                     heartbeat=settings.ws_heartbeat),
+            limit=settings.upstream_timeout)
+    except (HandshakeRefused, OSError, TimeoutError) as exc:
+        on_error("refused")
+        raise UpstreamFailed("Could not connect to the session's kernel",
+                             reason="kernel_unreachable") from exc
+    opened.leg.start(opened.leftover)
+    return opened.leg
+
+
+async def warm_kernel(upstreams: UpstreamAccess, settings: Settings, metrics: Metrics,
+                      entry: Session) -> tuple[str, str]:
+    """Start a warm pool entry's default kernel and have it answer once; its (name, id).
+
+    The kernel is the execute API's (the sessions API's fixed path), so the
+    claimed session's first execute finds it instead of starting one. A
+    ``kernel_info_request`` over its channels is what a first client would
+    send: once the kernel answered it, the first execute does not wait for
+    the kernel's start-up (imports, ZMQ connections). The caller bounds the
+    time (:data:`broker.pool.WARM_KERNEL_LIMIT`).
+    """
+    upstream = upstreams.for_session(entry)
+
+    def on_error(kind: str) -> None:
+        metrics.upstream_error(entry.backend, kind)
+
+    kernel_id, name = await _start_default_kernel(upstream, _default_kernel_body(""), on_error)
+    conn = KernelConnection(await _open_channels(upstream, kernel_id, settings, on_error),
+                            kernel_id, name)
+    try:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        await conn._send("kernel_info_request", queue, {})
+        while (msg := await queue.get()) is not None:
+            if msg.get("header", {}).get("msg_type") == "kernel_info_reply":
+                return name, kernel_id
+    finally:
+        await conn.close()
+    raise UpstreamFailed("The pool entry's kernel closed its channels",
+                         reason="kernel_start_failed")
