@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from aiohttp import web
 
-from broker.agent.kernel_client import AgentKernels
 from broker.backends.base import Backend
 from broker.backends.registry import BackendFactory
 from broker.metrics import Metrics
@@ -38,7 +39,9 @@ KERNEL_GATE = web.AppKey("kernel_gate", KernelGate)
 METRICS = web.AppKey("metrics", Metrics)
 #: Per-session kernel WebSocket cap and aggregate budget, on this replica.
 WS_BUDGETS = web.AppKey("ws_budgets", SessionWsBudgets)
-KERNELS = web.AppKey("agent_kernels", AgentKernels)
+#: Told (session id, kernel id) when a client restarts a kernel through the proxy; set by the
+#: agent package (broker.agent.execute), whose kernel client must then wait for the new process.
+KERNEL_RESTARTING: web.AppKey[Callable[[str, str], None]] = web.AppKey("kernel_restarting")
 #: The warm pools (without BROKER_POOL: none, but the admin drain still works).
 POOL = web.AppKey("warm_pool", WarmPool)
 #: What /ready reports (draining, dependency checks); see broker.api.health.

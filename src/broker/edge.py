@@ -124,6 +124,22 @@ def parser_refusal(exc: BaseException | None) -> tuple[str, str]:
     return "bad_request", "The request is not valid HTTP"
 
 
+def add_security_headers(response: web.StreamResponse) -> None:
+    """Nothing the broker answers may run as a page in its origin.
+
+    Proxied responses include files a session's own code can write (kernelspec
+    resources such as SVG logos); with ``nosniff`` and a sandboxing CSP a
+    script inside one cannot run with the broker's origin (where thebe keeps
+    saved tokens). The one HTML page the broker serves itself (the live page,
+    :mod:`broker.api.page`) sets its own, stricter-than-nothing policy first.
+    Here, below the middleware, because the edge's own refusals need it too.
+    """
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Content-Security-Policy", "default-src 'none'; sandbox")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+
+
 class EdgeHandler(web.RequestHandler):
     """aiohttp's connection protocol plus the edge's bookkeeping (see the module doc)."""
 
@@ -234,11 +250,9 @@ class EdgeHandler(web.RequestHandler):
         else:
             reason, text = parser_refusal(exc)
             log.debug("refused a malformed request from %s: %s", request.remote, reason)
-        from broker.api.middleware import add_security_headers  # (imports this module)
-
         response = web.json_response({"error": reason, "reason": reason, "message": text},
                                      status=status)
-        add_security_headers(request, response)  # type: ignore[arg-type]
+        add_security_headers(response)
         response.force_close()
         return response
 

@@ -18,6 +18,7 @@ session was issued opens it for the session's whole life.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import hashlib
 import hmac
@@ -70,6 +71,12 @@ def new_session_id() -> str:
 def new_token() -> str:
     """A broker session token: 256 bits, URL-safe, shown to the client exactly once."""
     return secrets.token_urlsafe(32)
+
+
+def iso_utc(ts: float) -> str:
+    """A clock time as the API shows it (ISO 8601, UTC, ``Z``): one format for the client
+    view and the admin view of a session."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def hash_token(token: str) -> str:

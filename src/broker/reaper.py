@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from broker.backends.base import Liveness, probe
+from broker.backends.base import Backend, Liveness, probe
 from broker.errors import BrokerError
-from broker.models import Session, Status
-
-if TYPE_CHECKING:
-    from broker.sessions import SessionManager
+from broker.models import Clock, Session, Status
+from broker.settings import Settings
+from broker.store.base import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,35 @@ RECONCILE_CONCURRENCY = 16
 ORPHAN_GRACE = 30.0
 
 
+class Reaped(Protocol):
+    """What the reaper needs of the session core (:class:`broker.sessions.SessionManager` is
+    one): declared here so the reaper, one floor below the core, never imports it."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def store(self) -> SessionStore: ...
+    @property
+    def backend(self) -> Backend: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def busy_check(self) -> Callable[[Session], Awaitable[bool]] | None: ...
+
+    def spawning(self, session_id: str) -> bool:
+        """Whether this replica is spawning the session now."""
+
+    async def stop(self, session: Session, reason: str) -> None:
+        """End a session (record, release, stop its server)."""
+
+    async def retry_cleanups(self) -> int:
+        """Retry backend cleanups that failed before."""
+
+
 class Reaper:
     """The sweeps of one replica's :class:`~broker.sessions.SessionManager`."""
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: Reaped) -> None:
         self._manager = manager
         #: session id -> (consecutive failed probes, clock time of the first of them).
         self._probe_failures: dict[str, tuple[int, float]] = {}

@@ -9,14 +9,20 @@ setting is described exactly once, here.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from broker.store.connect import check_redis_url
+from broker.upstreams import parse_upstreams
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -52,6 +58,98 @@ def parse_pools(entries: list[str]) -> dict[str, tuple[int, int]]:
                              "(0 <= MIN <= MAX, each spec once)")
         pools[name.strip()] = bounds
     return pools
+
+
+def parse_spec_quotas(pairs: list[str]) -> list[tuple[str, int]]:
+    """(pattern, cap) from ``pattern=N`` entries; raises ValueError naming a bad one."""
+    quotas = []
+    for pair in pairs:
+        pattern, sep, number = pair.rpartition("=")
+        if not sep or not pattern.strip() or not number.strip().isdigit():
+            raise ValueError(f"BROKER_SPEC_QUOTAS entry {pair!r} is not pattern=N (N >= 0)")
+        quotas.append((pattern.strip(), int(number)))
+    return quotas
+
+
+#: API keys (BROKER_API_KEYS) are parsed here, where the setting is validated; the lookup
+#: by presented key or owner, and what the keys mean, is :mod:`broker.policy.apikeys`.
+#: Prefix of every owner identity that is an API key (an IP address never has it).
+OWNER_PREFIX = "key:"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_LIMITS = ("max_sessions", "max_creations", "creation_window")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One configured key: its name (the owner identity) and its own limits (None = default)."""
+
+    name: str
+    digest: str
+    max_sessions: int | None = None
+    max_creations: int | None = None
+    creation_window: float | None = None
+
+    @property
+    def owner(self) -> str:
+        """The owner identity of sessions created with this key."""
+        return OWNER_PREFIX + self.name
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 hex of an API key, as ``key_sha256`` holds it."""
+    # surrogatepass: a presented key with undecodable header bytes matches nothing.
+    return hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()
+
+
+def _entry(name: str, raw: Any) -> ApiKey:
+    if not _NAME.match(name):
+        raise ValueError(f"API key name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
+    if not isinstance(raw, dict):
+        raise ValueError(f"API key {name!r}: the entry must be a JSON object")
+    unknown = set(raw) - {"key", "key_sha256", *_LIMITS}
+    if unknown:
+        raise ValueError(f"API key {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    if ("key" in raw) == ("key_sha256" in raw):
+        raise ValueError(f"API key {name!r}: give exactly one of 'key' and 'key_sha256'")
+    if "key" in raw:
+        if not isinstance(raw["key"], str) or len(raw["key"]) < 16:
+            raise ValueError(f"API key {name!r}: 'key' must be a string of 16+ characters")
+        digest = key_digest(raw["key"])
+    else:
+        digest = str(raw["key_sha256"]).lower()
+        if not _HEX.match(digest):
+            raise ValueError(f"API key {name!r}: 'key_sha256' must be 64 hex digits")
+    limits: dict[str, Any] = {}
+    for field in _LIMITS:
+        value = raw.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"API key {name!r}: {field!r} must be a number >= 0")
+        if field == "creation_window" and value <= 0:
+            raise ValueError(f"API key {name!r}: 'creation_window' must be > 0")
+        limits[field] = float(value) if field == "creation_window" else int(value)
+    return ApiKey(name=name, digest=digest, **limits)
+
+
+def parse_api_keys(text: str) -> dict[str, ApiKey]:
+    """Keys by digest from ``BROKER_API_KEYS``; raises ValueError with a usable message."""
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"BROKER_API_KEYS is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("BROKER_API_KEYS must be a JSON object of name -> entry")
+    keys: dict[str, ApiKey] = {}
+    for name, raw in data.items():
+        key = _entry(str(name), raw)
+        if key.digest in keys:
+            raise ValueError(f"API keys {keys[key.digest].name!r} and {name!r} are the same key")
+        keys[key.digest] = key
+    return keys
 
 
 class Settings(BaseSettings):
@@ -767,8 +865,6 @@ class Settings(BaseSettings):
     @field_validator("spec_quotas")
     @classmethod
     def _valid_spec_quotas(cls, value: list[str]) -> list[str]:
-        from broker.policy.limits import parse_spec_quotas
-
         parse_spec_quotas(value)
         return value
 
@@ -791,16 +887,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _valid_api_keys(cls, value: SecretStr) -> SecretStr:
-        from broker.policy.apikeys import parse_api_keys
-
         parse_api_keys(value.get_secret_value())
         return value
 
     @field_validator("upstreams")
     @classmethod
     def _valid_upstreams(cls, value: SecretStr) -> SecretStr:
-        from broker.upstreams import parse_upstreams
-
         parse_upstreams(value.get_secret_value())
         return value
 
@@ -820,8 +912,6 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str) -> str:
-        from broker.store.connect import check_redis_url
-
         check_redis_url(value)
         return value
 

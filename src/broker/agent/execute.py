@@ -29,11 +29,10 @@ from typing import Any
 from aiohttp import web
 
 from broker import appkeys
+from broker.agent.access import agent_session
 from broker.agent.kernel_client import AgentKernels
 from broker.api.sessions import NAME, SSE_HEADERS, json_object
 from broker.errors import BadRequest, BrokerError
-from broker.models import Session
-from broker.policy.auth import request_token
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,9 @@ routes = web.RouteTableDef()
 _STREAM_QUEUE = 256
 #: Seconds between keep-alive comments on a silent stream.
 KEEPALIVE = 15.0
+#: The default-kernel registry (set by :func:`kernels_ctx`); the agent package's own key, as
+#: ``appkeys`` sits below this floor and names nothing of it.
+KERNELS = web.AppKey("agent_kernels", AgentKernels)
 
 
 async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -51,23 +53,13 @@ async def kernels_ctx(app: web.Application) -> AsyncIterator[None]:
 
     Closed before the manager and backend, so kernel sockets end before servers stop.
     """
-    app[appkeys.KERNELS] = AgentKernels(
+    kernels = app[KERNELS] = AgentKernels(
         app[appkeys.UPSTREAM], app[appkeys.SETTINGS], app[appkeys.MANAGER],
         gate=lambda: app.get(appkeys.KERNEL_GATE))
+    # The REST proxy tells the registry of kernel restarts through a key of the floor below.
+    app[appkeys.KERNEL_RESTARTING] = kernels.restarting
     yield
-    await app[appkeys.KERNELS].close()
-
-
-async def agent_session(request: web.Request) -> Session:
-    """The ready session an agent request acts on, or the refusal.
-
-    The one place the agent surfaces (execute, files) check credentials: the
-    session's own token, for API key holders too. A key (:mod:`broker.policy.apikeys`)
-    only names the owner a session is created for; the token that creation
-    returns is what opens the session afterwards, as for everyone else.
-    """
-    manager = request.app[appkeys.MANAGER]
-    return await manager.ready_session(request.match_info["sid"], request_token(request))
+    await kernels.close()
 
 
 def parse_execute(raw: bytes, settings: Settings) -> tuple[str, float, str]:
@@ -102,7 +94,7 @@ async def execute(request: web.Request) -> web.StreamResponse:
     session = await agent_session(request)
     code, timeout, kernel_name = parse_execute(await request.read(), request.app[appkeys.SETTINGS])
     kernel_name = kernel_name or session.kernel_name
-    kernels = request.app[appkeys.KERNELS]
+    kernels = request.app[KERNELS]
     if not _wants_stream(request):
         result = await kernels.execute(session, code, time_limit=timeout, kernel_name=kernel_name)
         return web.json_response(result.body())

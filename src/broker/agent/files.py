@@ -44,7 +44,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import appkeys
-from broker.agent.execute import agent_session
+from broker.agent.access import agent_session
 from broker.errors import (
     BadRequest,
     BrokerError,

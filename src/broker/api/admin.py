@@ -14,10 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from broker import appkeys
-from broker.api.sessions import _iso
 from broker.backends.federation import FederationBackend
 from broker.errors import Forbidden, NotFound, Unauthorized
-from broker.models import Session
+from broker.models import Session, iso_utc
 from broker.policy.auth import request_token
 
 routes = web.RouteTableDef()
@@ -55,9 +54,9 @@ def _admin_view(session: Session, now: float) -> dict[str, Any]:
         "status": session.status.value,
         "spec": session.spec,
         "profile": session.profile,
-        "created_at": _iso(session.created_at),
-        "expires_at": _iso(session.expires_at),
-        "last_activity": _iso(session.last_activity or session.created_at),
+        "created_at": iso_utc(session.created_at),
+        "expires_at": iso_utc(session.expires_at),
+        "last_activity": iso_utc(session.last_activity or session.created_at),
         "age_seconds": round(now - session.created_at, 1),
         "idle_seconds": round(now - (session.last_activity or session.created_at), 1),
         "message": session.message,

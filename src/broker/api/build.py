@@ -138,7 +138,8 @@ def ready_event(
     request: web.Request, session: Session, token: str, spec: BuildSpec
 ) -> dict[str, Any]:
     """BinderHub's ready event, pointing at the broker instead of the upstream."""
-    base = public_base(request)
+    base = public_base(request, request.app[appkeys.SETTINGS].public_url,
+                       request.app[appkeys.TRUSTED])
     url = f"{base}/s/{session.id}/"
     state = session.backend_state
 
@@ -257,7 +258,8 @@ async def build(request: web.Request) -> web.StreamResponse:
             if "text/event-stream" not in request.headers.get("Accept", ""):
                 raise BadRequest("The launch endpoint answers Accept: text/event-stream only")
             spec = parse_spec(_raw_spec(request))
-            wanted = SessionRequest(owner=request_owner(request), spec=spec.path,
+            owner = request_owner(request, request.app[appkeys.TRUSTED])
+            wanted = SessionRequest(owner=owner, spec=spec.path,
                                     profile=profile_for(spec.path, settings.build_profiles),
                                     visitor=visitor)
             await _launch(request, stream, wanted, spec,

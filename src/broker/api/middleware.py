@@ -29,7 +29,7 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from broker import appkeys
-from broker.edge import EdgeHandler
+from broker.edge import EdgeHandler, add_security_headers
 from broker.errors import BrokerError, Forbidden, PayloadTooLarge
 from broker.logs import new_request_id, request_id_var
 from broker.policy.identity import forwarded_proto_host
@@ -190,21 +190,6 @@ async def errors_and_origin(request: web.Request, handler: Handler) -> web.Strea
         return error_response(BrokerError("Internal error"))
 
 
-def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Nothing the broker answers may run as a page in its origin.
-
-    Proxied responses include files a session's own code can write (kernelspec
-    resources such as SVG logos); with ``nosniff`` and a sandboxing CSP a
-    script inside one cannot run with the broker's origin (where thebe keeps
-    saved tokens). The one HTML page the broker serves itself (the live page,
-    :mod:`broker.api.page`) sets its own, stricter-than-nothing policy first.
-    """
-    headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Content-Security-Policy", "default-src 'none'; sandbox")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-
-
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS headers for allowed cross-origin callers."""
     origin = request.headers.get("Origin")
@@ -263,5 +248,5 @@ async def prepare_response(request: web.Request, response: web.StreamResponse) -
     every proxied REST call); the parts are plain functions.
     """
     add_cors_headers(request, response)
-    add_security_headers(request, response)
+    add_security_headers(response)
     add_request_id(request, response)

@@ -9,7 +9,6 @@ body shapes are the contract documented in docs/api.md and by ``openapi.py``.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import re
 from collections.abc import Awaitable
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from broker import appkeys
 from broker.errors import BadRequest, BrokerError
-from broker.models import Session, Status
+from broker.models import Session, Status, iso_utc
 from broker.policy.apikeys import OWNER_PREFIX
 from broker.policy.auth import public_base, request_owner, request_token
 from broker.sessions import SessionRequest
@@ -65,15 +64,13 @@ async def while_connected(request: web.Request, waiting: Awaitable[T]) -> T:
         task.cancel()
 
 
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
 def session_body(
     request: web.Request, session: Session, token: str | None = None
 ) -> dict[str, Any]:
     """The client view of a session: never the upstream URL, token or owner."""
-    base_url = f"{public_base(request)}/s/{session.id}/"
+    base = public_base(request, request.app[appkeys.SETTINGS].public_url,
+                       request.app[appkeys.TRUSTED])
+    base_url = f"{base}/s/{session.id}/"
     body: dict[str, Any] = {
         "id": session.id,
         "status": session.status.value,
@@ -81,9 +78,9 @@ def session_body(
         "spec": session.spec,
         "base_url": base_url,
         "ws_url": "ws" + base_url[4:],
-        "created_at": _iso(session.created_at),
-        "expires_at": _iso(session.expires_at),
-        "last_activity": _iso(session.last_activity or session.created_at),
+        "created_at": iso_utc(session.created_at),
+        "expires_at": iso_utc(session.expires_at),
+        "last_activity": iso_utc(session.last_activity or session.created_at),
         "message": session.message,
     }
     if session.profile:
@@ -143,7 +140,7 @@ async def parse_session_request(request: web.Request) -> SessionRequest:
         if values[field] and not NAME.match(values[field]):
             raise BadRequest(f"'{field}' may only contain letters, digits, '.', '_' and '-'")
     key = request.app[appkeys.MANAGER].limiter.api_keys.from_request(request)
-    owner = key.owner if key is not None else request_owner(request)
+    owner = key.owner if key is not None else request_owner(request, request.app[appkeys.TRUSTED])
     return SessionRequest(owner=owner, **values)
 
 

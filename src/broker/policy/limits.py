@@ -50,7 +50,7 @@ from broker.errors import BrokerError, RateLimited, Unavailable
 from broker.models import Clock, Session, system_clock
 from broker.policy.apikeys import ApiKeys
 from broker.policy.engines import Decision, Engine, MemoryEngine, RedisEngine, Slot, Ticket
-from broker.settings import Settings
+from broker.settings import Settings, parse_spec_quotas
 
 #: Seconds a pending reservation outlives its spawn deadline (queue wait + BROKER_SPAWN_TIMEOUT)
 #: before it stops counting (the reaper's own grace for spawns whose replica vanished).
@@ -78,17 +78,6 @@ def spec_subject(spec: str) -> str:
         if sep and head:
             return f"{provider}/{head}"
     return spec
-
-
-def parse_spec_quotas(pairs: list[str]) -> list[tuple[str, int]]:
-    """(pattern, cap) from ``pattern=N`` entries; raises ValueError naming a bad one."""
-    quotas = []
-    for pair in pairs:
-        pattern, sep, number = pair.rpartition("=")
-        if not sep or not pattern.strip() or not number.strip().isdigit():
-            raise ValueError(f"BROKER_SPEC_QUOTAS entry {pair!r} is not pattern=N (N >= 0)")
-        quotas.append((pattern.strip(), int(number)))
-    return quotas
 
 
 @dataclass(frozen=True)

@@ -126,11 +126,11 @@ async def forward(request: web.Request, session: Session, remainder: str,
     :mod:`broker.policy.kernels`), so concurrent starts cannot overshoot.
     """
     restart = _RESTART.fullmatch(remainder) if request.method == "POST" else None
-    kernels = request.app.get(appkeys.KERNELS)
-    if restart is not None and kernels is not None:
+    restarting = request.app.get(appkeys.KERNEL_RESTARTING)
+    if restart is not None and restarting is not None:
         # Before forwarding, so before the client hears "restarted": the execute API's
         # next call on this kernel must wait for the new process (AgentKernels.restarting).
-        kernels.restarting(session.id, restart.group(1))
+        restarting(session.id, restart.group(1))
     starts = request.method == "POST" and remainder in KERNEL_STARTS
     pool = request.app.get(appkeys.POOL)
     warm = pool.take_warm_kernel(session, remainder, await request.read()) \
