@@ -208,7 +208,7 @@ async def try_broker(broker_url: str, code: str, out: TextIO = sys.stdout,
     """
     import aiohttp
 
-    from broker.backends.sse import json_events
+    from broker.sse import json_events
 
     base = broker_url.rstrip("/")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None,

@@ -33,7 +33,6 @@ at ``/api/v1/openapi.json`` and in ``docs/agents.md``.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -44,6 +43,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
+
+from broker.sse import json_events
 
 __all__ = [
     "AgentSession",
@@ -362,23 +363,16 @@ class AgentSession:
                               json=self._execute_body(code, timeout, kernel_name),
                               timeout=_EXECUTE_TIMEOUT) as resp:
             await _raise_for(resp)
-            data_lines: list[str] = []
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("data:"):
-                    data_lines.append(line[5:].strip())
-                elif not line and data_lines:
-                    event = json.loads("\n".join(data_lines))
-                    data_lines = []
-                    kind = event.pop("type")
-                    if kind == "done":
-                        yield ExecutionResult.from_json(event)
-                        return
-                    if kind == "failed":
-                        raise BrokerClientError(int(event.get("status_code", 502)),
-                                                str(event.get("reason", "failed")),
-                                                str(event.get("message", "")))
-                    yield OutputEvent(kind, event)
+            async for event in json_events(resp.content):
+                kind = event.pop("type")
+                if kind == "done":
+                    yield ExecutionResult.from_json(event)
+                    return
+                if kind == "failed":
+                    raise BrokerClientError(int(event.get("status_code", 502)),
+                                            str(event.get("reason", "failed")),
+                                            str(event.get("message", "")))
+                yield OutputEvent(kind, event)
         raise BrokerClientError(502, "stream_ended", "The stream ended without a result")
 
     async def restart_kernel(self) -> bool:

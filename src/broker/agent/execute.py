@@ -21,7 +21,6 @@ its execution.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,9 +30,10 @@ from aiohttp import web
 from broker import appkeys
 from broker.agent.access import agent_session
 from broker.agent.kernel_client import AgentKernels
-from broker.api.sessions import NAME, SSE_HEADERS, json_object
+from broker.api.sessions import NAME, json_object
 from broker.errors import BadRequest, BrokerError
 from broker.settings import Settings
+from broker.sse import EventStream
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ def _wants_stream(request: web.Request) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
 @routes.post("/api/v1/sessions/{sid}/execute", name="execute")
 async def execute(request: web.Request) -> web.StreamResponse:
     """Run code on the session's default kernel and answer with its outputs."""
@@ -119,24 +115,17 @@ async def execute(request: web.Request) -> web.StreamResponse:
         finally:
             await queue.put(None)
 
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    stream = EventStream(request)
+    await stream.start()
     task = asyncio.create_task(run(), name=f"execute-{session.id}")
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), KEEPALIVE)
-            except TimeoutError:
-                await response.write(b":keepalive\n\n")
-                continue
-            if event is None:
-                break
-            await response.write(_sse(event))
-        await response.write_eof()
+        while (event := await stream.until(queue.get(), KEEPALIVE)) is not None:
+            await stream.send_json(event, event=event["type"])
+        await stream.end()
     except ConnectionResetError:
         log.info("client of session %s left a streamed execution", session.id)
     finally:
         if not task.done():
             task.cancel()  # the kernel is interrupted, see kernel_client
         await asyncio.gather(task, return_exceptions=True)
-    return response
+    return stream.response

@@ -51,7 +51,6 @@ from typing import Any
 from aiohttp import web
 
 from broker import appkeys
-from broker.api.sessions import SSE_HEADERS
 from broker.backends.binderhub import PUBLIC_PREFIX
 from broker.errors import BadRequest, BrokerError, Unavailable
 from broker.models import Session, Status, new_token
@@ -60,6 +59,7 @@ from broker.policy.identity import client_ip, forwarded_proto_host
 from broker.sessions import SessionManager, SessionRequest
 from broker.settings import Settings
 from broker.specs import BuildSpec, parse_spec
+from broker.sse import EventStream
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,18 @@ _QUEUE_FIELDS = ("queue_position", "queue_wait")
 
 
 class _Stream:
-    """One /build response: BinderHub's event format, and nothing else."""
+    """One /build response: BinderHub's event format (unnamed JSON events), nothing else."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        self.response = response
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
 
     async def event(self, data: dict[str, Any]) -> None:
         if "message" in data and not str(data["message"]).endswith("\n"):
             data["message"] = f"{data['message']}\n"  # BinderHub's messages are log lines
-        await self.response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await self.stream.send_json(data)
 
     async def keepalive(self) -> None:
-        await self.response.write(b":keepalive\n\n")
+        await self.stream.keepalive()
 
     async def failed(self, error: BrokerError) -> None:
         # BinderHub's fields, plus the broker's machine-readable reason and, for
@@ -244,16 +244,16 @@ async def _launch(request: web.Request, stream: _Stream, wanted: SessionRequest,
 async def build(request: web.Request) -> web.StreamResponse:
     """Launch a session for a spec (on proof, the visitor's own again) as BinderHub's stream."""
     settings = request.app[appkeys.SETTINGS]
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    events = EventStream(request)
     visitor, new_cookie = visitor_identity(request, settings)
     if new_cookie:
         scheme, _host = forwarded_proto_host(request, request.app[appkeys.TRUSTED])
-        response.set_cookie(VISITOR_COOKIE, new_cookie, path="/build", httponly=True,
-                            samesite="Lax", secure=scheme == "https",
-                            max_age=settings.session_max_age)
-    stream = _Stream(response)
+        events.response.set_cookie(VISITOR_COOKIE, new_cookie, path="/build", httponly=True,
+                                   samesite="Lax", secure=scheme == "https",
+                                   max_age=settings.session_max_age)
+    stream = _Stream(events)
     try:
-        await response.prepare(request)
+        await events.start()
         try:
             if "text/event-stream" not in request.headers.get("Accept", ""):
                 raise BadRequest("The launch endpoint answers Accept: text/event-stream only")
@@ -269,7 +269,7 @@ async def build(request: web.Request) -> web.StreamResponse:
                     "/build %s refused: %s (%s)", request.match_info.get("provider", ""),
                     error.reason, error.message)
             await stream.failed(error)
-        await response.write_eof()
+        await events.end()
     except ConnectionResetError:
         log.info("a /build client left before its launch finished")
-    return response
+    return events.response

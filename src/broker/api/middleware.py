@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from broker import appkeys
+from broker import appkeys, sse
 from broker.edge import EdgeHandler, add_security_headers
 from broker.errors import BrokerError, Forbidden, PayloadTooLarge
 from broker.logs import new_request_id, request_id_var
@@ -111,9 +110,7 @@ def build_refusal(request: web.Request, error: BrokerError) -> web.Response:
     """
     event = {"phase": "failed", "message": error.message + "\n", "status_code": error.status,
              "reason": error.reason}
-    response = web.Response(body=f"data: {json.dumps(event)}\n\n".encode(),
-                            headers={"Content-Type": "text/event-stream",
-                                     "Cache-Control": "no-cache"})
+    response = sse.response(sse.encode_json(event))
     origin = request.headers.get("Origin")
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin

@@ -8,7 +8,6 @@ body shapes are the contract documented in docs/api.md and by ``openapi.py``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Awaitable
@@ -22,17 +21,12 @@ from broker.models import Session, Status, iso_utc
 from broker.policy.apikeys import OWNER_PREFIX
 from broker.policy.auth import public_base, request_owner, request_token
 from broker.sessions import SessionRequest
+from broker.sse import ClientGone, EventStream, client_gone, ticking
 
 routes = web.RouteTableDef()
 
 #: Profile and kernel names (also used by the execute API).
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
-#: Headers of every server-sent event stream the broker serves.
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx ingress: do not buffer the stream
-}
 _SPEC_MAX = 1024
 #: Seconds between checks that a client waiting on POST ?wait=true is still there.
 _GONE_CHECK = 0.5
@@ -51,17 +45,12 @@ async def while_connected(request: web.Request, waiting: Awaitable[T]) -> T:
     queue (:meth:`~broker.sessions.SessionManager.following`), so the
     connection is looked at every :data:`_GONE_CHECK` seconds.
     """
-    task = asyncio.ensure_future(waiting)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_GONE_CHECK)
-            if done:
-                return task.result()
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client went away")
-    finally:
-        task.cancel()
+
+    async def look() -> None:
+        if client_gone(request):
+            raise ClientGone("the client went away")
+
+    return await ticking(waiting, _GONE_CHECK, look)
 
 
 def session_body(
@@ -225,17 +214,16 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     """Progress of a session's spawn as server-sent events, ending at ready/failed."""
     manager = request.app[appkeys.MANAGER]
     session = await manager.authenticate(request.match_info["sid"], request_token(request))
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    stream = EventStream(request)
+    await stream.start()
     try:
         with manager.following(session.id):
             async for event in manager.events(session.id):
                 if event is None:
-                    await response.write(b":keepalive\n\n")
+                    await stream.keepalive()
                 else:
-                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                    await stream.send_json(event)
     except BrokerError as error:  # the stream already started: say so in it, then end
-        await response.write(f"data: {json.dumps({'phase': 'error', **error.body()})}\n\n"
-                             .encode())
-    await response.write_eof()
-    return response
+        await stream.send_json({"phase": "error", **error.body()})
+    await stream.end()
+    return stream.response

@@ -48,10 +48,10 @@ import aiohttp
 from yarl import URL
 
 from broker.backends.base import MAX_MESSAGE, LostCallback, public_message, server_answers
-from broker.backends.sse import json_events
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.models import Clock, ProgressEvent, Session, system_clock
 from broker.specs import parse_spec
+from broker.sse import json_events
 
 if TYPE_CHECKING:
     from broker.settings import Settings

@@ -29,9 +29,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from broker.backends.sse import json_events
 from broker.errors import Unavailable
 from broker.logs import scrub
+from broker.sse import json_events
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from broker import sse
 from broker.errors import Forbidden
 from broker.policy.identity import Network, client_ip
 
@@ -141,9 +141,7 @@ class DenyList:
 def build_failure() -> web.Response:
     """The /build form of the refusal: one BinderHub ``failed`` event, HTTP 200."""
     event = {"phase": "failed", "message": MESSAGE + "\n", "status_code": 403}
-    return web.Response(body=f"data: {json.dumps(event)}\n\n".encode(),
-                        headers={"Content-Type": "text/event-stream",
-                                 "Cache-Control": "no-cache"})
+    return sse.response(sse.encode_json(event))
 
 
 def deny_middleware(deny: DenyList, trusted: list[Network],
