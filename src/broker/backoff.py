@@ -4,10 +4,11 @@ The broker waits on things outside it in a handful of places: a Jupyter
 server that announced itself but does not accept connections yet, a hub
 that finishes a stop without telling anyone, a Redis failover under a
 spawn's writes, a lost pub/sub subscription, a warm pool whose refills keep
-being refused. Each used to carry its own ``delay = min(delay * 2, cap)``
-loop; they differed only in their numbers, so the numbers stay with the
-callers and the loop lives here, in the spirit of JupyterHub's
-``exponential_backoff``.
+being refused, a kept-alive upstream connection closed just as a request
+went out. Each used to carry its own loop (``delay = min(delay * 2, cap)``,
+or one more attempt); they differed only in their numbers, so the numbers
+stay with the callers and the loop lives here, in the spirit of
+JupyterHub's ``exponential_backoff``.
 
 * :class:`Backoff` is the schedule: ``start``, times ``factor`` per pause,
   at most ``cap``, optionally with jitter (each pause drawn from
@@ -114,18 +115,21 @@ async def retry(
     than ``limit`` seconds after the first call started, or after
     ``attempts`` calls. Any other exception is raised at once.
     """
-    deadline = clock() + limit
-    delays = backoff.delays()
+    # Nothing but the call itself on the first, usual, successful attempt: the REST
+    # proxy's hot path goes through here.
+    deadline = clock() + limit if limit != math.inf else math.inf
+    delays: Iterator[float] | None = None
     made = 0
     while True:
         try:
             return await call()
         except Exception as exc:
             made += 1
-            if not retry_on(exc):
+            if not retry_on(exc) or made >= attempts:
                 raise
+            delays = delays or backoff.delays()
             delay = next(delays)
-            if made >= attempts or clock() + delay > deadline:
+            if deadline != math.inf and clock() + delay > deadline:
                 raise
         await sleep(delay)
 

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import aiohttp
 from yarl import URL
 
+from broker.backoff import retry_after_seconds
 from broker.sse import json_events
 
 __all__ = [
@@ -181,16 +182,7 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
         body = {}
     raise BrokerClientError(resp.status, str(body.get("reason") or body.get("error") or "error"),
                             str(body.get("message") or resp.reason or ""),
-                            _retry_after(resp.headers.get("Retry-After")))
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (the broker sends whole seconds; HTTP dates are not used)."""
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and seconds >= 0 else None
+                            retry_after_seconds(resp.headers.get("Retry-After")))
 
 
 class AgentSession:

@@ -36,6 +36,8 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
+from broker.backoff import Backoff, retry
+
 #: Methods that may be retried once on a fresh connection (RFC 9110 idempotent).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: A streamed body pauses the upstream above this many unread bytes, resumes below LOW.
@@ -49,6 +51,14 @@ class UpstreamError(ConnectionError):
 
 class _Stale(UpstreamError):
     """A reused connection was closed by the upstream before any answer."""
+
+
+def _stale(exc: BaseException) -> bool:
+    return isinstance(exc, _Stale)
+
+
+#: The stale-connection retry: no pause (a fresh connection is all it needs).
+_AT_ONCE = Backoff(start=0.0, cap=0.0)
 
 
 class UpstreamResponse:
@@ -358,22 +368,22 @@ class UpstreamPool:
         target = url.raw_path_qs if query is None else (
             f"{url.raw_path}?{query}" if query else url.raw_path)
         head = _request_head(method, target or "/", host, port, secure, headers, body)
-        for attempt in (0, 1):
+
+        async def attempt() -> UpstreamResponse:
             conn = self._take(key) or await self._connect(key)
             response = UpstreamResponse(conn, method, read_timeout)
             conn.send(head, body, response, method == "HEAD")
             try:
                 await response._head
-            except _Stale:
-                response.close()
-                if attempt == 0 and method in IDEMPOTENT:
-                    continue
-                raise
             except BaseException:
                 response.close()
                 raise
             return response
-        raise AssertionError("unreachable")
+
+        # A kept-alive connection the server closed as the request went out (the
+        # stale-connection race): an idempotent request goes once more, at once.
+        return await retry(attempt, _AT_ONCE, retry_on=_stale,
+                           attempts=2 if method in IDEMPOTENT else 1)
 
     async def close(self) -> None:
         """Close every idle connection (responses in flight close their own)."""
