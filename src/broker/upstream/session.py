@@ -9,9 +9,11 @@ its callers must not get wrong on their own:
   relative to the session's server, joined by :func:`broker.paths.join`,
   which refuses anything that would leave it (``..`` in any spelling,
   encoded separators, a query or fragment smuggled into the path);
-* the token: the ``Authorization`` header is added here and nowhere else,
-  so no caller holds or forwards it, and it never goes anywhere but the
-  session's own server;
+* the token: the ``Authorization`` header is added here, so no caller
+  holds or forwards it, and it never goes anywhere but the session's own
+  server (the one other sender is a backend's liveness probe,
+  :func:`broker.backends.base.probe_server`, which runs on the client the
+  backend's factory is given);
 * the transport: REST calls go over :class:`~broker.upstream.http.UpstreamPool`,
   WebSockets over :func:`~broker.upstream.websocket.connect`, both with
   ``TCP_NODELAY`` and the same timeouts.
