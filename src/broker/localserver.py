@@ -8,12 +8,12 @@ objects that exist then are moved out of the garbage collector's reach
 
 Why: a freshly started ``jupyter server`` holds about 200,000 tracked
 objects, nearly all of them modules, classes and configuration that live as
-long as the process. Every full (generation 2) collection walks all of them:
-60-70 ms of CPU on this project's 2-core test machine when it is quiet, 150-300
-ms when it is busy, and one such collection fell right into a warm-pool
-visitor's first kernel connection (the server's second WebSocket to that
-kernel) in nearly every run. Frozen, a full collection walks only what the
-server allocated since (a few thousand objects, about 1 ms). Nothing is lost:
+long as the process. Every full (generation 2) collection walks all of them
+(60-70 ms on this project's shared 2-core test machine at load 4-5), and one
+such collection fell right into a warm-pool visitor's first kernel
+connection (the server's second WebSocket to that kernel) in nearly every
+run. Frozen, a full collection walks only what the server allocated since (a
+few thousand objects, about 1 ms). Nothing is lost:
 frozen objects are never freed, and start-up objects never were either.
 ``docs/pool.md`` has the measurement.
 
