@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend_factory(settings)  # an unknown name, or an installed one that does not import
     except ValueError as exc:
-        return _refuse([str(exc)])
+        return _refuse([str(exc), *unknown_variables(os.environ)])
     if settings.backend == "local":
         from broker.backends.local import missing_packages, missing_packages_message
 

@@ -106,7 +106,8 @@ def test_a_bad_value_names_the_variable_and_the_accepted_values() -> None:
     assert proc.returncode == 2
     assert proc.stderr == (
         "session-broker: invalid configuration:\n"
-        "  BROKER_BACKEND=nonsense: accepted values are 'local', 'jupyterhub' or 'binderhub'\n"
+        "  BROKER_BACKEND='nonsense' is not a known backend; known: binderhub, jupyterhub, "
+        "local\n"
         "(session-broker config lists every setting and what it accepts)\n")
     proc = _serve({"BROKER_PAGE": "/no/such/dir", "BROKER_HUB_API_TOKEN": "s3cr3t",
                    "BROKER_SESSION_MAX_AGE": "x"})
