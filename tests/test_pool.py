@@ -130,8 +130,12 @@ async def test_a_dead_or_claimed_entry_is_never_handed_out_again(
     assert frozen not in ids
     assert claims(broker, "default", "dead") == 1
     assert len(set(ids)) == 3  # a claimed entry is never handed to a second visitor
-    assert [data["status"] for _, data in made[1:]] == ["pending", "pending"]  # misses
-    assert claims(broker, "default", "miss") == 2
+    # The claims start refills at once: a refilled entry may be ready in time for the
+    # second or third visitor (a hit, ready), else they are misses (pending spawns).
+    later = [data["status"] for _, data in made[1:]]
+    assert set(later) <= {"pending", "ready"}, later
+    assert claims(broker, "default", "miss") == later.count("pending")
+    assert claims(broker, "default", "hit") == 1 + later.count("ready")
 
     async def discarded() -> bool:
         entry = await broker.store.get(frozen, include_expired=True)
