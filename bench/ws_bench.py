@@ -115,6 +115,8 @@ REDIS_PREFIX = "bench:"
 ECHO_USER, KERNEL_USER = "bench", "bench-kernel"
 #: Seconds any process may take to become ready.
 START_TIMEOUT = 60.0
+# The local backend starts each session's server as `python -m broker.localserver`.
+LOCAL_SERVER = "broker.localserver"
 
 
 @dataclass
@@ -339,10 +341,10 @@ async def run(config: Config, world: World) -> Outcome:
             if jupyter is not None:
                 progress("creating a broker session and starting kernels")
                 real = await create_broker_session(http, broker_url)
-                upstream = child_running(broker.pid, "jupyter_server")
+                upstream = child_running(broker.pid, LOCAL_SERVER)
                 if upstream is None:
                     raise RuntimeError("the broker's session has no jupyter server process")
-                world.strays[upstream] = "jupyter_server"
+                world.strays[upstream] = LOCAL_SERVER
                 direct = await kernel_target(http, world, Target(
                     "direct", jupyter_url + kernel_prefix[1:], jupyter_token,
                     {"upstream": [jupyter.pid]}), jupyter.pid)
