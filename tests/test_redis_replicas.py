@@ -7,6 +7,9 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from broker.models import Status
+from broker.store.crypto import TokenCipher
+from broker.store.redis import RedisStore
 from tests.conftest import MakeBroker
 from tests.kernelproto import V1, closing, execute
 
@@ -77,11 +80,54 @@ async def test_a_session_deleted_on_one_replica_closes_its_websocket_on_another(
     print(f"\nclose through the other replica {delay * 1000:.0f} ms after the DELETE was sent")
 
 
-async def test_an_end_announced_while_a_replica_was_not_subscribed_still_closes_its_socket(
+async def test_an_end_recorded_while_a_replica_was_not_subscribed_closes_on_resubscribing(
     make_broker: MakeBroker, redis_url: str
 ) -> None:
     """A replica that missed the announcement (here: Redis's ACL kept it from
-    subscribing, as an outage would) finds the end when it subscribes again."""
+    subscribing, as an outage would) finds the end when it subscribes again.
+
+    The end is recorded through the store itself, as another replica's reaper
+    would before stopping the server; the server is left running here, so only
+    the check on resubscribing can close the socket.
+    """
+    admin = aioredis.Redis.from_url(redis_url)
+    user, password = f"replica-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
+                                "resetchannels")
+    secret, prefix = "replica-test-secret", f"r{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, TokenCipher(secret), prefix=prefix)
+    try:
+        first = await make_broker(redis_url=redis_url, secret_key=secret, redis_prefix=prefix)
+        second = await make_broker(
+            redis_url=redis_url.replace("redis://", f"redis://{user}:{password}@"),
+            secret_key=secret, redis_prefix=prefix)
+        session = await first.ready_session()
+        kernel = await first.start_kernel(session)
+        base = f"{second.url}/s/{session['id']}/"
+        async with second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
+                                          params={"token": session["token"]},
+                                          protocols=[V1]) as ws:
+            assert (await execute(ws, "print(1)")).stdout == "1\n"
+            stored = await store.get(session["id"])
+            assert stored is not None
+            stored.status, stored.ended_reason = Status.STOPPED, "max_age"
+            await store.save(stored)
+            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
+            message = await closing(ws, 10)
+        assert (message.data, message.extra) == (1000, "session ended: max_age")
+    finally:
+        await store.close()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
+async def test_a_replica_that_never_heard_of_the_end_closes_with_it_when_the_server_goes(
+    make_broker: MakeBroker, redis_url: str
+) -> None:
+    """The session is deleted through another replica while this one cannot
+    subscribe at all: when the stopped server drops the kernel connection, the
+    relay asks the store why and tells the client the session ended (1000 and
+    the reason), not 1011, which would invite a reconnect to a session that is gone."""
     admin = aioredis.Redis.from_url(redis_url)
     user, password = f"replica-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
@@ -103,8 +149,7 @@ async def test_an_end_announced_while_a_replica_was_not_subscribed_still_closes_
                                          headers={"Authorization": f"token {session['token']}"}
                                          ) as resp:
                 assert resp.status == 204
-            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
-            message = await closing(ws, 10)
+            message = await closing(ws, 15)
         assert (message.data, message.extra) == (1000, "session ended: deleted")
     finally:
         await admin.execute_command("ACL", "DELUSER", user)

@@ -877,7 +877,7 @@ class SessionManager:
         async for ended in self.store.follow_ends():
             if ended is None:
                 held = list(self._closers)
-                checks = [self._closed_while_away(session_id) for session_id in held]
+                checks = [self.end_reason(session_id) for session_id in held]
                 ended_away = await asyncio.gather(*checks, return_exceptions=True)
                 gone = [(i, r) for i, r in zip(held, ended_away, strict=True) if isinstance(r, str)]
             else:
@@ -888,8 +888,12 @@ class SessionManager:
                     self._background.add(task)
                     task.add_done_callback(_forget_in(self._background))
 
-    async def _closed_while_away(self, session_id: str) -> str | None:
-        """The reason a session ended, if it did (None while it is live)."""
+    async def end_reason(self, session_id: str) -> str | None:
+        """The reason a session ended, if it did (None while it is live).
+
+        Asked after a resubscription (ends announced while this replica was not
+        listening) and by a kernel relay whose upstream vanished (was its server
+        stopped because the session ended?)."""
         session = await self.store.get(session_id, include_expired=True)
         if session is None:
             return "deleted"

@@ -150,6 +150,69 @@ async def test_an_oversized_client_message_is_cut_before_it_and_closed_with_1009
     assert decode_frames(bytes(upstream.written)) == sent
 
 
+def lost_upstream(module: ModuleType, why_lost: Any) -> tuple[Relay, Recorder]:
+    """A relay whose upstream then vanishes without a close frame (a stopped server)."""
+    leg = UpstreamLeg()
+    upstream = Recorder()
+    leg.connection_made(upstream)
+    client = Recorder()
+    relay = Relay(client, UpstreamSocket(upstream, leg, None, b""), max_message=1 << 20,
+                  heartbeat=0, hooks=Hooks(), module=module, why_lost=why_lost)
+    leg.connection_lost(ConnectionResetError())
+    return relay, client
+
+
+def client_close(client: Recorder) -> tuple[int, str]:
+    ((opcode, payload),) = decode_frames(bytes(client.written))
+    assert opcode == 8 and client.closed
+    return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+
+async def test_a_lost_upstream_whose_session_ended_closes_the_client_with_1000_and_why(
+        wire_module: ModuleType) -> None:
+    asked = asyncio.Event()
+
+    async def why_lost() -> str | None:
+        asked.set()
+        return "max_age"
+
+    relay, client = lost_upstream(wire_module, why_lost)
+    assert not relay.done.done() and client.paused  # nothing reaches a gone kernel meanwhile
+    assert await relay.done == (1000, "session ended: max_age")
+    assert asked.is_set() and client_close(client) == (1000, "session ended: max_age")
+
+
+async def test_a_lost_upstream_of_a_live_or_unknown_session_closes_with_1011(
+        wire_module: ModuleType) -> None:
+    async def live() -> str | None:
+        return None
+
+    async def store_down() -> str | None:
+        raise ConnectionError("the store is unreachable too")
+
+    for why_lost in (live, store_down):
+        relay, client = lost_upstream(wire_module, why_lost)
+        assert await relay.done == (1011, "kernel connection lost")
+        assert client_close(client) == (1011, "kernel connection lost")
+
+
+async def test_a_client_leaving_while_the_loss_is_explained_ends_the_relay_once(
+        wire_module: ModuleType) -> None:
+    never = asyncio.Event()
+
+    async def slow() -> str | None:
+        await never.wait()  # a store that does not answer; the client leaves first
+        return "deleted"
+
+    relay, client = lost_upstream(wire_module, slow)
+    client.protocol.connection_lost(None)  # type: ignore[attr-defined]
+    assert await relay.done == (1001, "client closed")
+    explaining = relay._explaining
+    assert explaining is not None
+    await asyncio.gather(explaining, return_exceptions=True)
+    assert explaining.cancelled()
+
+
 class Charging(Hooks):
     """Records what the relay charges to the rate limiter."""
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +41,9 @@ from broker.upstream.websocket import Handshaking, UpstreamSocket
 #: its close frame and our FIN went out, so that unread data does not make the kernel
 #: reset the connection and the client lose the close frame.
 LINGER = 2.0
+#: Seconds the relay waits to learn why an upstream vanished (did its session end?)
+#: before it tells the client 1011.
+EXPLAIN_LIMIT = 2.0
 
 
 class UpstreamLeg(Handshaking):
@@ -139,8 +142,9 @@ class Hooks:
         """The relay ended, with the close code the client was given."""
 
 
-#: Why a leg is paused (bits): the other leg's write buffer is full; the rate limit.
-_BACKPRESSURE, _RATE = 1, 2
+#: Why a leg is paused (bits): the other leg's write buffer is full; the rate limit;
+#: the upstream is gone and the relay is finding out why.
+_BACKPRESSURE, _RATE, _ENDING = 1, 2, 4
 
 
 class Relay:
@@ -155,6 +159,7 @@ class Relay:
     __slots__ = (
         "_client_paused",
         "_client_seen",
+        "_explaining",
         "_heartbeat",
         "_linger",
         "_on_done",
@@ -163,6 +168,7 @@ class Relay:
         "_timer",
         "_upstream_paused",
         "_upstream_seen",
+        "_why_lost",
         "client",
         "client_leg",
         "done",
@@ -179,7 +185,11 @@ class Relay:
                  max_message: int, heartbeat: float, hooks: Hooks,
                  on_done: Callable[[], None] | None = None,
                  max_client_message: int = 0, client_leg: ClientLeg | None = None,
-                 module: ModuleType | None = None) -> None:
+                 module: ModuleType | None = None,
+                 why_lost: Callable[[], Awaitable[str | None]] | None = None) -> None:
+        """``why_lost``: asked when the upstream vanishes without a close frame; a
+        reason (the session ended, and why) closes the client with 1000 and
+        that reason instead of 1011 (see :meth:`leg_lost`)."""
         self.loop = asyncio.get_running_loop()
         w = module if module is not None else wire.select()
         self.client = client
@@ -187,6 +197,8 @@ class Relay:
         self.hooks = hooks
         self.done: asyncio.Future[tuple[int, str]] = self.loop.create_future()
         self._on_done = on_done
+        self._why_lost = why_lost
+        self._explaining: asyncio.Task[None] | None = None
         self._client_paused = self._upstream_paused = 0
         self._heartbeat = heartbeat
         self._client_seen = self._upstream_seen = self.loop.time()
@@ -306,10 +318,31 @@ class Relay:
             self.finish(1000 if self.to_upstream.scanner.closed else 1001, "client closed")
         else:
             code = self.to_client.scanner.close_code
-            if code is None or code in (1005, 1006, 1015):
-                self.finish(1011, "kernel connection lost")
-            else:
+            if code is not None and code not in (1005, 1006, 1015):
                 self.finish(code, "kernel connection closed")
+            elif self._why_lost is None or self.tap.ended:
+                self.finish(1011, "kernel connection lost")
+            elif self._explaining is None:
+                # A server stopped because its session ended (on another replica that
+                # could not tell this one, say) drops the socket without a close frame:
+                # the client should hear "session ended", not a reason to reconnect.
+                self._set_paused(True, _ENDING, True)  # nothing can reach the kernel now
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._explaining = self.loop.create_task(self._explain_loss(self._why_lost))
+
+    async def _explain_loss(self, why_lost: Callable[[], Awaitable[str | None]]) -> None:
+        """Close the client after a lost upstream: 1000 if its session ended, else 1011."""
+        reason: str | None = None
+        try:
+            reason = await asyncio.wait_for(why_lost(), EXPLAIN_LIMIT)
+        except Exception:  # the store is unreachable too, or slow: what we know is the loss
+            reason = None
+        if reason is None:
+            self.finish(1011, "kernel connection lost")
+        else:
+            self.finish(1000, f"session ended: {reason}")
 
     @staticmethod
     def _clean(scanner: Any) -> bool:
@@ -328,6 +361,9 @@ class Relay:
         if tap.ended:
             return
         tap.ended = True
+        explaining = self._explaining
+        if explaining is not None and explaining is not asyncio.current_task():
+            explaining.cancel()  # the client left, or the session's end came first
         for timer in (self._timer, self._rate_timer):
             if timer is not None:
                 timer.cancel()

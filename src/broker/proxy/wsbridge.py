@@ -22,7 +22,8 @@ flushed to the metrics on the same schedule and at the end.
 
 Closing: whichever leg ends first ends the other. A client close reaches the
 upstream as the client sent it; an upstream close is passed on with its code
-(1011 when the upstream vanished without one); an oversized message closes
+(1011 when the upstream vanished without one, unless the store says the
+session ended: then 1000 and the reason, as below); an oversized message closes
 both with 1009; a session that ends closes with 1000 and the reason; a
 shutting-down broker with 1001.
 """
@@ -221,7 +222,7 @@ async def _bridge(request: web.Request, session: Session, remainder: str, key: s
     relay = Relay(transport, upstream, max_message=settings.ws_max_message_size,
                   heartbeat=settings.ws_heartbeat, hooks=hooks, on_done=connection.ended,
                   max_client_message=settings.ws_client_max_message_size, client_leg=leg,
-                  module=module)
+                  module=module, why_lost=lambda: manager.end_reason(session.id))
     connection.attach(relay)
     metrics.observe_http("jupyter_ws", 200, loop.time() - started)
     return response
