@@ -81,7 +81,6 @@ from prometheus_client import (
 )
 
 from broker import __version__
-from broker.proxy import wire
 
 
 class Direction(enum.StrEnum):
@@ -141,13 +140,15 @@ class Metrics:
     """The broker's metrics, registered on one registry."""
 
     def __init__(self, backend: str, registry: CollectorRegistry | None = None,
-                 relay: str | None = None) -> None:
+                 relay: str = "unknown") -> None:
+        """``relay``: which build of the relay runs (``proxy.wire.mode()``), told by the
+        application factory: metrics sit below the proxy and do not look it up."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.info = Info("broker", "Broker version, configured backend, and which build of the "
                          "kernel WebSocket relay runs (compiled or python).", registry=r)
         self.info.info({"version": __version__, "backend": backend,
-                        "relay": relay if relay is not None else wire.mode()})
+                        "relay": relay})
         self.sessions = Gauge(
             "broker_sessions", "Sessions in the store by backend and status (cluster-wide).",
             ["backend", "status"], registry=r)
