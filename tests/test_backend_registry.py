@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 import broker
 from broker import appkeys
 from broker.app import create_app
 from broker.backends import federation, local
-from broker.backends.base import LostCallback
+from broker.backends.base import BackendContext, LostCallback
 from broker.backends.registry import (
     ENTRY_POINT_GROUP,
     BackendRegistry,
@@ -30,7 +29,7 @@ from broker.backends.registry import (
     backend_factory,
     registry,
 )
-from broker.models import Clock, ProgressEvent, Session, system_clock
+from broker.models import ProgressEvent, Session
 from broker.settings import Settings
 from tests.conftest import MakeBroker
 
@@ -74,10 +73,9 @@ class Wrapped:
         await self.inner.close()
 
 
-def create_wrapped(settings: Settings, http: aiohttp.ClientSession,
-                   clock: Clock = system_clock) -> Wrapped:
+def create_wrapped(context: BackendContext) -> Wrapped:
     """This module's factory: what an installed package's entry point would name."""
-    return Wrapped(local.create(settings, http, clock), settings.backend)
+    return Wrapped(local.create(context), context.settings.backend)
 
 
 #: This module's factory as an installed package would declare it.

@@ -21,6 +21,7 @@ import pytest
 
 from broker.backends.base import Liveness, probe_server
 from broker.models import Status
+from broker.upstream.session import UpstreamAccess
 from tests.brokerproc import broker_process
 from tests.conftest import BrokerHarness, MakeBroker, marked_for, pid_alive, wait_for_exit
 
@@ -128,12 +129,18 @@ async def test_a_probe_without_descriptors_is_cannot_check_not_dead(
     """Our own EMFILE says nothing about the upstream: the probe is UNKNOWN."""
     session = await broker.ready_session()
     stored = await broker.store.get(session["id"])
-    async with aiohttp.ClientSession() as fresh:  # no pooled connection to reuse
+    fresh = UpstreamAccess()  # no pooled connection to reuse
+    try:
         assert await probe_server(fresh, stored.upstream_url, stored.upstream_token,
                                   5) is Liveness.ALIVE
-    async with aiohttp.ClientSession() as fresh:
+    finally:
+        await fresh.close()
+    fresh = UpstreamAccess()
+    try:
         with no_descriptors_left():
             seen = await probe_server(fresh, stored.upstream_url, stored.upstream_token, 5)
+    finally:
+        await fresh.close()
     assert seen is Liveness.UNKNOWN
 
 

@@ -13,10 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from broker.backends import federation as federation_backend
+from broker.backends.base import BackendContext
 from broker.backends.federation import FederationBackend
 from broker.errors import Unavailable
 from broker.models import Session
 from broker.settings import Settings
+from broker.upstream.session import UpstreamAccess
 from broker.upstreams import parse_upstreams
 
 
@@ -33,7 +35,7 @@ def session(spec: str = "") -> Session:
 async def federation(members: list[dict[str, Any]], **settings: Any) -> FederationBackend:
     values = Settings(upstreams=json.dumps(members), **settings)
     async with aiohttp.ClientSession() as http:  # nothing is sent: choosing is local
-        backend = federation_backend.create(values, http)
+        backend = federation_backend.create(BackendContext(values, http, UpstreamAccess()))
     assert isinstance(backend, FederationBackend)
     return backend
 

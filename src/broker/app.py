@@ -22,8 +22,8 @@ from broker.api import admin, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.api.page import add_page, ui_routes
+from broker.backends.base import BackendContext
 from broker.backends.federation import FederationBackend
-from broker.backends.jupyterhub import JupyterHubBackend
 from broker.backends.registry import BackendFactory, backend_factory
 from broker.metrics import Metrics
 from broker.models import Clock, Readiness, system_clock
@@ -82,18 +82,15 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    backend = app[appkeys.BACKEND_FACTORY](settings, app[appkeys.HTTP], app[appkeys.CLOCK])
+    backend = app[appkeys.BACKEND_FACTORY](BackendContext(
+        settings, app[appkeys.HTTP], app[appkeys.UPSTREAM], app[appkeys.CLOCK],
+        # Per-user creation on a hub, one at a time across replicas.
+        locks=ClusterLocks(app[appkeys.STORE])))
     manager = SessionManager(settings, app[appkeys.STORE], backend, clock=app[appkeys.CLOCK],
                              metrics=app[appkeys.METRICS])
     backend.on_lost = manager.on_upstream_lost
-    locks = ClusterLocks(app[appkeys.STORE])  # per-user creation on a hub, across replicas
-    if isinstance(backend, JupyterHubBackend):
-        backend.locks = locks
     if isinstance(backend, FederationBackend):
         backend.attach(manager.store.list_live, app[appkeys.METRICS])
-        for member in backend.members:
-            if isinstance(member.backend, JupyterHubBackend):
-                member.backend.locks = locks
     manager.busy_check = functools.partial(kernels_busy, app[appkeys.UPSTREAM])
     app[appkeys.BACKEND] = backend
     app[appkeys.MANAGER] = manager

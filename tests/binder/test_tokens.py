@@ -16,7 +16,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -33,6 +32,7 @@ from broker.sessions import SessionManager, SessionRequest
 from broker.settings import Settings
 from broker.store.base import SessionStore
 from broker.store.redis import RedisStore
+from broker.upstream.session import UpstreamAccess
 from tests.conftest import ManualClock
 
 
@@ -55,10 +55,9 @@ def make_session(clock: ManualClock, **fields: Any) -> Session:
 @pytest.fixture
 async def manager(store: SessionStore, clock: ManualClock,
                   tmp_path: Any) -> AsyncIterator[SessionManager]:
-    async with aiohttp.ClientSession() as http:
-        backend = LocalBackend(http, root_dir=str(tmp_path))
-        yield SessionManager(Settings(), store, backend, clock=clock)
-        await backend.close()
+    backend = LocalBackend(UpstreamAccess(), root_dir=str(tmp_path))
+    yield SessionManager(Settings(), store, backend, clock=clock)
+    await backend.close()
 
 
 def test_extra_tokens_open_the_session_and_none_is_ever_forgotten() -> None:
@@ -123,10 +122,9 @@ async def test_redis_keeps_only_hashes_of_minted_tokens(
 ) -> None:
     session = make_session(clock)
     await redis_store.create(session)
-    async with aiohttp.ClientSession() as http:
-        backend = LocalBackend(http, root_dir=str(tmp_path))
-        manager = SessionManager(Settings(), redis_store, backend, clock=clock)
-        token = await manager.issue_token(session.id)
+    backend = LocalBackend(UpstreamAccess(), root_dir=str(tmp_path))
+    manager = SessionManager(Settings(), redis_store, backend, clock=clock)
+    token = await manager.issue_token(session.id)
     assert token is not None
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:

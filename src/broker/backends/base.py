@@ -17,12 +17,16 @@ import errno
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 
 from broker.logs import scrub
-from broker.models import ProgressEvent, Session
+from broker.models import Clock, ProgressEvent, Session, system_clock
+from broker.settings import Settings
+from broker.store.locks import ClusterLocks
+from broker.upstream.session import UpstreamAccess
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,25 @@ class Backend(Protocol):
         """Release the backend's own resources at shutdown."""
 
 
+@dataclass(frozen=True)
+class BackendContext:
+    """What the application gives a backend's factory (see :mod:`broker.backends.registry`).
+
+    One object rather than positional arguments, so that what the app offers
+    backends can grow without breaking a factory an installed package wrote.
+    """
+
+    settings: Settings
+    #: The app's HTTP client, for a hub's or BinderHub's own API (never a session's server).
+    http: aiohttp.ClientSession
+    #: The one client to sessions' servers (:func:`probe_server` goes through it).
+    upstream: UpstreamAccess
+    #: The sessions' clock (token lifetimes follow it).
+    clock: Clock = system_clock
+    #: Locks shared by every replica (in the store): one creation per hub user at a time.
+    locks: ClusterLocks = field(default_factory=lambda: ClusterLocks(None))
+
+
 async def probe(backend: Backend, session: Session) -> Liveness:
     """One liveness probe of a session's server through its backend.
 
@@ -137,37 +160,37 @@ def _local_failure(exc: BaseException) -> bool:
     return False
 
 
-async def probe_server(http: aiohttp.ClientSession, base_url: str, token: str,
+async def probe_server(upstream: UpstreamAccess, base_url: str, token: str,
                        limit: float = 10.0) -> Liveness:
     """Ask a Jupyter server at ``base_url`` for ``api/status`` with ``token``.
 
     The one liveness probe every backend builds on: it asks the server
-    itself, so a reused or reconciled session is never a stale cache entry.
-    "Does not answer" (refused, reset, no reply within ``limit``) and
-    "answers dead" (not 200) are DEAD; our own trouble (EMFILE and the like,
-    or a timeout that fired far later than asked because this loop was
-    starved) is UNKNOWN.
+    itself, so a reused or reconciled session is never a stale cache entry,
+    and it goes through ``upstream``, the same client (and token handling) as
+    every other request to a session's server. "Does not answer" (refused,
+    reset, no reply within ``limit``) and "answers dead" (not 200) are DEAD;
+    our own trouble (EMFILE and the like, or a timeout that fired far later
+    than asked because this loop was starved) is UNKNOWN.
     """
     if not base_url:
         return Liveness.DEAD
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        async with http.get(
-            f"{base_url}api/status",
-            headers={"Authorization": f"token {token}", "Accept-Encoding": "identity"},
-            timeout=aiohttp.ClientTimeout(total=limit),
-            allow_redirects=False,
-        ) as resp:
-            return Liveness.ALIVE if resp.status == 200 else Liveness.DEAD
+        async with asyncio.timeout(limit):
+            response = await upstream.server(base_url, token).request(
+                "GET", "api/status", [("Accept-Encoding", "identity")], read_timeout=limit)
+            async with response:
+                await response.read()
+                return Liveness.ALIVE if response.status == 200 else Liveness.DEAD
     except TimeoutError:
         late = loop.time() - started > limit * _LATE_FACTOR
         return Liveness.UNKNOWN if late else Liveness.DEAD
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:  # UpstreamError is one, wrapping what the socket said
         return Liveness.UNKNOWN if _local_failure(exc) else Liveness.DEAD
 
 
-async def server_answers(http: aiohttp.ClientSession, base_url: str, token: str,
+async def server_answers(upstream: UpstreamAccess, base_url: str, token: str,
                          limit: float = 10.0) -> bool:
     """Whether :func:`probe_server` found the server alive (for session reuse)."""
-    return await probe_server(http, base_url, token, limit) is Liveness.ALIVE
+    return await probe_server(upstream, base_url, token, limit) is Liveness.ALIVE

@@ -47,14 +47,21 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import MAX_MESSAGE, LostCallback, public_message, server_answers
+from broker.backends.base import (
+    MAX_MESSAGE,
+    BackendContext,
+    LostCallback,
+    public_message,
+    server_answers,
+)
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
-from broker.models import Clock, ProgressEvent, Session, system_clock
+from broker.models import ProgressEvent, Session
 from broker.specs import parse_spec
 from broker.sse import json_events
 
 if TYPE_CHECKING:
     from broker.settings import Settings
+    from broker.upstream.session import UpstreamAccess
     from broker.upstreams import UpstreamMember
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,7 @@ class BinderHubBackend:
     def __init__(
         self,
         http: aiohttp.ClientSession,
+        upstream: UpstreamAccess,
         *,
         binder_url: str,
         hub_url: str = "",
@@ -128,7 +136,10 @@ class BinderHubBackend:
         request_timeout: float = 30.0,
         on_lost: LostCallback | None = None,
     ) -> None:
+        """``http``: the client for BinderHub's and its hub's APIs; ``upstream``: the
+        app's client to the servers it launches (liveness probes)."""
         self._http = http
+        self._upstream = upstream
         self._binder = binder_url.rstrip("/")
         self._hub_url = hub_url.rstrip("/")
         self._hub_token = hub_api_token
@@ -217,7 +228,7 @@ class BinderHubBackend:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
-        return await server_answers(self._http, session.upstream_url, session.upstream_token,
+        return await server_answers(self._upstream, session.upstream_url, session.upstream_token,
                                     self._alive_timeout.total or 10.0)
 
     async def stop(self, session: Session) -> None:
@@ -263,24 +274,20 @@ def _forwardable_ip(owner: str) -> str:
         return ""
 
 
-def create(settings: Settings, http: aiohttp.ClientSession,
-           clock: Clock = system_clock) -> BinderHubBackend:
-    """BROKER_BACKEND=binderhub, from the BROKER_BINDER_* settings (the registry's factory).
-
-    BinderHub keeps no token with a lifetime, so the clock is not needed."""
-    return configured(settings, http, settings.upstream_timeout)
+def create(context: BackendContext) -> BinderHubBackend:
+    """BROKER_BACKEND=binderhub, from the BROKER_BINDER_* settings (the registry's factory)."""
+    return configured(context.settings, context)
 
 
-def configured(config: Settings | UpstreamMember, http: aiohttp.ClientSession,
-               request_timeout: float) -> BinderHubBackend:
+def configured(config: Settings | UpstreamMember, context: BackendContext) -> BinderHubBackend:
     """A backend from the BROKER_BINDER_* settings or a federation member's same fields
     (without the prefix)."""
     return BinderHubBackend(
-        http,
+        context.http, context.upstream,
         binder_url=config.binder_url,
         hub_url=config.binder_hub_url,
         hub_api_token=config.binder_hub_api_token.get_secret_value(),
         connect_timeout=config.binder_connect_timeout,
         read_timeout=config.binder_read_timeout,
-        request_timeout=request_timeout,
+        request_timeout=context.settings.upstream_timeout,
     )

@@ -52,14 +52,21 @@ from typing import TYPE_CHECKING, Any, cast
 import aiohttp
 
 from broker.backends import binderhub, jupyterhub
-from broker.backends.base import Backend, Liveness, LostCallback, probe, probe_server
+from broker.backends.base import (
+    Backend,
+    BackendContext,
+    Liveness,
+    LostCallback,
+    probe,
+    probe_server,
+)
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
 from broker.metrics import Metrics
 from broker.models import Clock, ProgressEvent, Session, Status, system_clock
 from broker.upstreams import UpstreamMember, parse_upstreams
 
 if TYPE_CHECKING:
-    from broker.settings import Settings
+    from broker.upstream.session import UpstreamAccess
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,7 @@ class FederationBackend:
         self,
         members: list[tuple[UpstreamMember, Backend]],
         http: aiohttp.ClientSession,
+        upstream: UpstreamAccess,
         *,
         interval: float = 10.0,
         timeout: float = 10.0,
@@ -136,7 +144,8 @@ class FederationBackend:
     ) -> None:
         self._members = [Member(config, backend) for config, backend in members]
         self._by_name = {m.name: m for m in self._members}
-        self._http = http
+        self._http = http  # the members' health URLs
+        self._upstream = upstream  # sessions' servers (a session no member claims)
         self._interval = interval
         self._timeout = timeout
         self._affinity = affinity
@@ -285,8 +294,8 @@ class FederationBackend:
     async def probe(self, session: Session) -> Liveness:
         member = self.member_of(session)
         if member is None:
-            return await probe_server(self._http, session.upstream_url, session.upstream_token,
-                                      self._timeout)
+            return await probe_server(self._upstream, session.upstream_url,
+                                      session.upstream_token, self._timeout)
         return await probe(member.backend, session)
 
     async def sweep(self, live_sessions: LiveSessions) -> int:
@@ -396,23 +405,22 @@ class FederationBackend:
         } for m in self._members]
 
 
-def member_backend(member: UpstreamMember, http: aiohttp.ClientSession, settings: Settings,
-                   clock: Clock = system_clock) -> Backend:
+def member_backend(member: UpstreamMember, context: BackendContext) -> Backend:
     """The hub backend serving one BROKER_UPSTREAMS member (members are hubs: they
     carry the hub settings, so they are not drawn from the registry)."""
     if member.backend == "jupyterhub":
-        return jupyterhub.configured(member, http, settings.upstream_timeout, clock)
-    return binderhub.configured(member, http, settings.upstream_timeout)
+        return jupyterhub.configured(member, context)
+    return binderhub.configured(member, context)
 
 
-def create(settings: Settings, http: aiohttp.ClientSession,
-           clock: Clock = system_clock) -> FederationBackend:
+def create(context: BackendContext) -> FederationBackend:
     """The federation of the BROKER_UPSTREAMS members (chosen by that setting, not by
     BROKER_BACKEND; see :func:`broker.backends.registry.backend_factory`)."""
+    settings = context.settings
     members = parse_upstreams(settings.upstreams.get_secret_value())
     interval = settings.upstreams_health_interval
     return FederationBackend(
-        [(m, member_backend(m, http, settings, clock)) for m in members],
+        [(m, member_backend(m, context)) for m in members], context.http, context.upstream,
         # A check may take the interval, at least 5 s (a busy hub is slow, not down).
-        http, interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
-        affinity=settings.upstreams_affinity, clock=clock)
+        interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
+        affinity=settings.upstreams_affinity, clock=context.clock)

@@ -58,7 +58,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from yarl import URL
 
-from broker.backends.base import Liveness, LostCallback, probe_server, public_message
+from broker.backends.base import (
+    BackendContext,
+    Liveness,
+    LostCallback,
+    probe_server,
+    public_message,
+)
 from broker.backends.hubapi import HubAPI, HubReply, path_part
 from broker.backoff import Backoff, poll, retry_after_seconds
 from broker.errors import BrokerError, RateLimited, Unavailable, UpstreamFailed
@@ -67,6 +73,7 @@ from broker.store.locks import ClusterLocks
 
 if TYPE_CHECKING:
     from broker.settings import Settings
+    from broker.upstream.session import UpstreamAccess
     from broker.upstreams import UpstreamMember
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,7 @@ class JupyterHubBackend:
     def __init__(
         self,
         http: aiohttp.ClientSession,
+        upstream: UpstreamAccess,
         *,
         hub_url: str,
         api_token: str,
@@ -112,8 +120,13 @@ class JupyterHubBackend:
         request_timeout: float = 30.0,
         clock: Clock = system_clock,
         on_lost: LostCallback | None = None,
+        locks: ClusterLocks | None = None,
     ) -> None:
-        self._http = http
+        """``http``: the client for the hub's REST API; ``upstream``: the app's client to
+        the user servers behind the hub's proxy (liveness probes). ``locks``: shared by
+        the replicas (in the store), so named servers put one owner's sessions on one hub
+        user without two replicas creating them at once."""
+        self._upstream = upstream
         self._hub = HubAPI(http, hub_url, api_token, timeout=request_timeout)
         self._public = (public_url or hub_url).rstrip("/")
         #: Hosts whose URLs never reach a client: the hub's message "Server ready at
@@ -125,8 +138,8 @@ class JupyterHubBackend:
         self.on_lost = on_lost
         self._request_timeout = request_timeout
         #: Serialise server creation per hub user across replicas (named servers put
-        #: one owner's sessions on one user); the app sets them over its store.
-        self.locks = ClusterLocks(None)
+        #: one owner's sessions on one user).
+        self.locks = locks if locks is not None else ClusterLocks(None)
 
     # -- naming ---------------------------------------------------------------
     def names(self, session: Session) -> tuple[str, str]:
@@ -272,7 +285,8 @@ class JupyterHubBackend:
 
     async def probe(self, session: Session) -> Liveness:
         """One liveness probe of the server through the hub's proxy."""
-        return await probe_server(self._http, session.upstream_url, session.upstream_token, 10.0)
+        return await probe_server(self._upstream, session.upstream_url, session.upstream_token,
+                                  10.0)
 
     async def stop(self, session: Session) -> None:
         user, server = self._state_names(session)
@@ -398,23 +412,22 @@ class JupyterHubBackend:
 _SWEEP_PAGE = 200
 
 
-def create(settings: Settings, http: aiohttp.ClientSession,
-           clock: Clock = system_clock) -> JupyterHubBackend:
+def create(context: BackendContext) -> JupyterHubBackend:
     """BROKER_BACKEND=jupyterhub, from the BROKER_HUB_* settings (the registry's factory)."""
-    return configured(settings, http, settings.upstream_timeout, clock)
+    return configured(context.settings, context)
 
 
-def configured(config: Settings | UpstreamMember, http: aiohttp.ClientSession,
-               request_timeout: float, clock: Clock = system_clock) -> JupyterHubBackend:
+def configured(config: Settings | UpstreamMember, context: BackendContext) -> JupyterHubBackend:
     """A backend from the BROKER_HUB_* settings or a federation member's same fields
     (without the prefix)."""
     return JupyterHubBackend(
-        http,
+        context.http, context.upstream,
         hub_url=config.hub_url,
         api_token=config.hub_api_token.get_secret_value(),
         public_url=config.hub_public_url,
         user_prefix=config.hub_user_prefix,
         named_servers=config.hub_named_servers,
-        request_timeout=request_timeout,
-        clock=clock,  # token lifetimes follow the sessions' clock
+        request_timeout=context.settings.upstream_timeout,
+        clock=context.clock,  # token lifetimes follow the sessions' clock
+        locks=context.locks,
     )

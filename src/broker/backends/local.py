@@ -59,15 +59,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
-
-from broker.backends.base import Liveness, LostCallback, probe_server, server_answers
+from broker.backends.base import (
+    BackendContext,
+    Liveness,
+    LostCallback,
+    probe_server,
+    server_answers,
+)
 from broker.backoff import Backoff, poll
 from broker.errors import UpstreamFailed
-from broker.models import Clock, ProgressEvent, Session, new_token, system_clock
+from broker.models import ProgressEvent, Session, new_token
 
 if TYPE_CHECKING:
-    from broker.settings import Settings
+    from broker.upstream.session import UpstreamAccess
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +247,7 @@ class LocalBackend:
 
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        upstream: UpstreamAccess,
         *,
         root_dir: str = "",
         extra_args: list[str] | None = None,
@@ -251,7 +255,8 @@ class LocalBackend:
         shared_store: str = "",
         terminals: bool = False,
     ) -> None:
-        """``shared_store`` names the shared (Redis) store the sessions live in
+        """``upstream``: the app's client to session servers (liveness probes).
+        ``shared_store`` names the shared (Redis) store the sessions live in
         (URL and key prefix); empty for the memory store. See :meth:`sweep`.
         ``terminals``: start servers with terminals enabled (BROKER_JUPYTER_UI_TERMINALS).
 
@@ -259,7 +264,7 @@ class LocalBackend:
         missing = missing_packages()
         if missing:
             raise RuntimeError(missing_packages_message(missing))
-        self._http = http
+        self._upstream = upstream
         self._terminals = terminals
         self._own_root = not root_dir
         self._root = Path(root_dir or tempfile.mkdtemp(prefix="session-broker-"))
@@ -403,7 +408,7 @@ class LocalBackend:
         return bool(await poll(answered, _ANSWER_BACKOFF, limit=_ANSWER_LIMIT))
 
     async def _answers(self, url: str, token: str) -> bool:
-        return await server_answers(self._http, url, token, limit=5)
+        return await server_answers(self._upstream, url, token, limit=5)
 
     # -- lifecycle -------------------------------------------------------------------
     async def is_alive(self, session: Session) -> bool:
@@ -415,7 +420,7 @@ class LocalBackend:
         server = self._servers.get(session.id)
         if server is not None and server.proc.returncode is not None:
             return Liveness.DEAD
-        return await probe_server(self._http, session.upstream_url, session.upstream_token, 5)
+        return await probe_server(self._upstream, session.upstream_url, session.upstream_token, 5)
 
     async def _terminate(self, session_id: str) -> None:
         server = self._servers.pop(session_id, None)
@@ -551,11 +556,12 @@ class LocalBackend:
             await asyncio.to_thread(shutil.rmtree, self._root, True)
 
 
-def create(settings: Settings, http: aiohttp.ClientSession,
-           clock: Clock = system_clock) -> LocalBackend:
+def create(context: BackendContext) -> LocalBackend:
     """BROKER_BACKEND=local, from the BROKER_LOCAL_* settings (the registry's factory)."""
+    settings = context.settings
     return LocalBackend(
-        http, root_dir=settings.local_root_dir, extra_args=settings.local_server_args,
+        context.upstream, root_dir=settings.local_root_dir,
+        extra_args=settings.local_server_args,
         # Replicas sharing this store may stop each other's leftovers (LocalBackend.sweep).
         shared_store=f"{settings.redis_url}\0{settings.redis_prefix}" if settings.redis_url
         else "",

@@ -1,10 +1,13 @@
 """Backends by name: what ``BROKER_BACKEND`` may say, and how each one is built.
 
-A backend is a module with a factory, ``factory(settings, http, clock) ->
-Backend`` (see :class:`~broker.backends.base.Backend`), registered under a
-name. The built-in ones (``local``, ``jupyterhub``, ``binderhub``) are named
-here; an installed package adds its own through the entry-point group
-:data:`ENTRY_POINT_GROUP` in its ``pyproject.toml``::
+A backend is a module with a factory, ``factory(context) -> Backend`` (see
+:class:`~broker.backends.base.Backend`; the context,
+:class:`~broker.backends.base.BackendContext`, holds the settings, the app's
+HTTP client, its client to session servers, the clock and the replicas'
+shared locks), registered under a name. The built-in ones (``local``,
+``jupyterhub``, ``binderhub``) are named here; an installed package adds its
+own through the entry-point group :data:`ENTRY_POINT_GROUP` in its
+``pyproject.toml``::
 
     [project.entry-points."jupyter_session_broker.backends"]
     kubernetes = "my_package.k8s:create"
@@ -28,14 +31,11 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    import aiohttp
-
-    from broker.backends.base import Backend
-    from broker.models import Clock
+    from broker.backends.base import Backend, BackendContext
     from broker.settings import Settings
 
-#: Builds the configured backend once the app has its HTTP client and clock.
-BackendFactory = Callable[["Settings", "aiohttp.ClientSession", "Clock"], "Backend"]
+#: Builds the configured backend once the app has its clients, clock and store.
+BackendFactory = Callable[["BackendContext"], "Backend"]
 
 #: The entry-point group installed packages name their backends in.
 ENTRY_POINT_GROUP = "jupyter_session_broker.backends"
@@ -143,7 +143,7 @@ def _load(point: importlib.metadata.EntryPoint) -> BackendFactory:
                          f"{type(exc).__name__}: {exc}") from exc
     if not callable(loaded):
         raise ValueError(f"backend {point.name!r} ({point.value}) is not a factory "
-                         "(a callable taking settings, an HTTP client and a clock)")
+                         "(a callable taking a BackendContext)")
     return cast("BackendFactory", loaded)
 
 

@@ -11,9 +11,8 @@ its callers must not get wrong on their own:
   encoded separators, a query or fragment smuggled into the path);
 * the token: the ``Authorization`` header is added here, so no caller
   holds or forwards it, and it never goes anywhere but the session's own
-  server (the one other sender is a backend's liveness probe,
-  :func:`broker.backends.base.probe_server`, which runs on the client the
-  backend's factory is given);
+  server (backends' liveness probes, :func:`broker.backends.base.probe_server`,
+  come through here too);
 * the transport: REST calls go over :class:`~broker.upstream.http.UpstreamPool`,
   WebSockets over :func:`~broker.upstream.websocket.connect`, both with
   ``TCP_NODELAY`` and the same timeouts.
@@ -56,6 +55,11 @@ class UpstreamAccess:
     def for_session(self, session: Session) -> SessionUpstream:
         """The access object of ``session``'s server (cheap: made per call)."""
         return SessionUpstream(self, session.upstream_url, session.upstream_token)
+
+    def server(self, base_url: str, token: str) -> SessionUpstream:
+        """The access object of the server at ``base_url`` (a backend probing a server
+        it started, before any session holds it)."""
+        return SessionUpstream(self, base_url, token)
 
     def ssl_context(self) -> ssl.SSLContext:
         """The one TLS context of ``https``/``wss`` upstreams (made on first use)."""
