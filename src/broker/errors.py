@@ -42,6 +42,22 @@ class BrokerError(Exception):
         """The JSON body of this error as sent to clients."""
         return {"error": self.reason, "reason": self.reason, "message": self.message}
 
+    def failed_event(self) -> dict[str, object]:
+        """This error as the ``failed`` event of a ``/build`` stream.
+
+        BinderHub's fields (``phase``, ``message`` as a log line, ``status_code``;
+        docs/protocols.md#binderhub-launch-api), plus the broker's machine-readable
+        ``reason`` and, for refusals that pass, ``retry_after`` in seconds: thebe
+        ignores fields it does not know. An EventSource reads events only, never an
+        HTTP status or body, so this is the one way a /build client learns why.
+        """
+        message = self.message if self.message.endswith("\n") else f"{self.message}\n"
+        event: dict[str, object] = {"phase": "failed", "message": message,
+                                    "status_code": self.status, "reason": self.reason}
+        if "Retry-After" in self.headers:
+            event["retry_after"] = int(self.headers["Retry-After"])
+        return event
+
 
 class BadRequest(BrokerError):
     status, reason, ws_close_code = 400, "bad_request", 1008

@@ -30,10 +30,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from aiohttp import WSMsgType, web
 
-from broker.backends.base import LostCallback
+from broker.backends.base import BackendContext, LostCallback
 from broker.errors import UpstreamFailed
 from broker.models import ProgressEvent, Session
 
@@ -197,7 +196,7 @@ class InstantBackend:
 def factory(upstream: FakeJupyter, gate: SpawnGate) -> Any:
     """A ``create_app(backend=...)`` factory: one InstantBackend per app."""
 
-    def make(_settings: Any, _http: aiohttp.ClientSession, _clock: Any) -> InstantBackend:
+    def make(_context: BackendContext) -> InstantBackend:
         return InstantBackend(upstream, gate)
 
     return make

@@ -90,13 +90,7 @@ class _Stream:
         await self.stream.keepalive()
 
     async def failed(self, error: BrokerError) -> None:
-        # BinderHub's fields, plus the broker's machine-readable reason and, for
-        # refusals that pass, when to retry (thebe ignores fields it does not know).
-        event: dict[str, object] = {"phase": "failed", "message": error.message,
-                                    "status_code": error.status, "reason": error.reason}
-        if "Retry-After" in error.headers:
-            event["retry_after"] = int(error.headers["Retry-After"])
-        await self.event(event)
+        await self.event(error.failed_event())
 
 
 def visitor_identity(request: web.Request, settings: Settings) -> tuple[str, str]:

@@ -108,9 +108,7 @@ def build_refusal(request: web.Request, error: BrokerError) -> web.Response:
     only with CORS headers: so they are set here even for an origin that is
     refused, which is allowed to read this one message and nothing else.
     """
-    event = {"phase": "failed", "message": error.message + "\n", "status_code": error.status,
-             "reason": error.reason}
-    response = sse.response(sse.encode_json(event))
+    response = sse.response(sse.encode_json(error.failed_event()))
     origin = request.headers.get("Origin")
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin

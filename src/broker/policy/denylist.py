@@ -43,6 +43,11 @@ EXEMPT_ROUTES = frozenset({"health", "ready", "metrics", "versions"})
 MESSAGE = "Requests from your network are not accepted by this service."
 
 
+def refusal() -> Forbidden:
+    """The refusal a denied client gets (a fresh error each time: errors carry headers)."""
+    return Forbidden(MESSAGE, reason="denied")
+
+
 def parse_entries(lines: Iterable[str], source: str) -> list[Network]:
     """Networks from CIDR/address lines; blank lines and ``#`` comments are skipped."""
     networks: list[Network] = []
@@ -140,8 +145,7 @@ class DenyList:
 
 def build_failure() -> web.Response:
     """The /build form of the refusal: one BinderHub ``failed`` event, HTTP 200."""
-    event = {"phase": "failed", "message": MESSAGE + "\n", "status_code": 403}
-    return sse.response(sse.encode_json(event))
+    return sse.response(sse.encode_json(refusal().failed_event()))
 
 
 def deny_middleware(deny: DenyList, trusted: list[Network],
@@ -159,7 +163,7 @@ def deny_middleware(deny: DenyList, trusted: list[Network],
             on_refusal(request)
             if request.path.startswith("/build/"):
                 return build_failure()
-            raise Forbidden(MESSAGE, reason="denied")
+            raise refusal()
         return await handler(request)
 
     return refuse_denied
