@@ -714,8 +714,9 @@ class SessionManager:
             pending.add_done_callback(forget)
         return await asyncio.shield(pending)
 
-    def wait_limit(self, session_id: str, spawned_here: bool) -> float:
-        """How long POST ?wait=true waits for a pending session's outcome.
+    def _wait_limit(self, session_id: str, spawned_here: bool) -> float:
+        """How long POST ?wait=true waits for a pending session's outcome
+        (:meth:`wait_outcome`'s default).
 
         A spawn this replica runs, or that waits in this replica's queue, may
         first wait its turn: the whole :attr:`Settings.spawn_deadline` (the
@@ -737,18 +738,23 @@ class SessionManager:
         return session
 
     async def wait_outcome(
-        self, session_id: str, limit: float, spawning: Session | None = None
+        self, session_id: str, limit: float | None = None, spawning: Session | None = None
     ) -> tuple[Session | None, dict[str, Any] | None]:
         """Like :meth:`wait`, also returning the final event (None on timeout).
 
-        A failed spawn's event carries what the session record does not: the
-        refusal's HTTP ``status_code`` and ``retry_after``. A store outage does
-        not end the wait early: the session is None if the store is still away
-        at the end, unless ``spawning`` (the object this replica's spawn updates,
-        as :meth:`create` returned it) has failed meanwhile: then the wait ends
-        there. ``limit`` allows for a wait in the spawn queue, so
-        without that a store outage would hold the caller for the whole bound.
+        ``spawning``: the session as :meth:`create` returned it when that call
+        started its spawn here (None for a session reused or spawned elsewhere);
+        it decides the default ``limit`` (:meth:`_wait_limit`). A failed spawn's
+        event carries what the session record does not: the refusal's HTTP
+        ``status_code`` and ``retry_after``. A store outage does not end the
+        wait early: the session is None if the store is still away at the end,
+        unless ``spawning`` (the object this replica's spawn updates) has failed
+        meanwhile: then the wait ends there. ``limit`` allows for a wait in the
+        spawn queue, so without that a store outage would hold the caller for
+        the whole bound.
         """
+        if limit is None:
+            limit = self._wait_limit(session_id, spawned_here=spawning is not None)
         final: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):

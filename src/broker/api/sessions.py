@@ -152,8 +152,7 @@ async def create_session(request: web.Request) -> web.Response:
     if _flag(request, "wait") and session.status is Status.PENDING:
         with manager.following(session.id):
             waited, final = await while_connected(request, manager.wait_outcome(
-                session.id, manager.wait_limit(session.id, spawned_here=not reused),
-                spawning=None if reused else session))
+                session.id, spawning=None if reused else session))
         session = waited or session
         if session.status is Status.PENDING:
             # Never answer "pending" to a client that asked to wait: the spawn is still
