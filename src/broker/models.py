@@ -32,6 +32,9 @@ from typing import Any
 #: everywhere time matters, so expiry and limits are testable without sleeping.
 Clock = Callable[[], float]
 system_clock: Clock = time.time
+#: The shape of a name an operator gives a backend or a federation member: short,
+#: lower-case, typed in configuration, and a metric label value (so a small set).
+OPERATOR_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 #: Extra broker tokens a session accepts (one per cookie-proven /build reuse).
 #: Bounded so a record cannot grow without limit. Once a session holds this
 #: many, it is not handed out by cookie again (that visitor gets a new

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from broker.models import OPERATOR_NAME
 from broker.store.connect import check_redis_url
 from broker.upstreams import parse_upstreams
 
@@ -226,7 +227,7 @@ class Settings(BaseSettings):
         # The name's shape only: which names exist is the backend registry's to say
         # (broker.backends.registry; built-ins plus installed packages), checked when
         # the app is built, since the settings import nothing of the backends.
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        pattern=OPERATOR_NAME,
         description="Where sessions run, by backend name: 'local' starts one `jupyter "
         "server` process per session on this machine (single replica, development and small "
         "sites); 'jupyterhub' and 'binderhub' spawn through BROKER_HUB_URL / "

@@ -22,6 +22,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
 
+from broker.models import OPERATOR_NAME
+
 #: Members at most: their names are metric label values, so the set stays small.
 MAX_MEMBERS = 32
 
@@ -31,7 +33,7 @@ class UpstreamMember(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    name: str = Field(pattern=OPERATOR_NAME)
     backend: Literal["jupyterhub", "binderhub"]
     weight: int = Field(1, ge=0, le=1000)
     #: Live sessions this member may hold (0 = unlimited); counted from the store

@@ -30,6 +30,8 @@ import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
+from broker.models import OPERATOR_NAME
+
 if TYPE_CHECKING:
     from broker.backends.base import Backend, BackendContext
     from broker.settings import Settings
@@ -42,7 +44,7 @@ ENTRY_POINT_GROUP = "jupyter_session_broker.backends"
 
 #: A backend's name is stored with every session and is a metric label value:
 #: short, lower-case, and (as BROKER_BACKEND) typed by an operator.
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+NAME = re.compile(OPERATOR_NAME)
 
 #: The name the federation's sessions carry; no registered backend may take it.
 FEDERATION = "federation"
