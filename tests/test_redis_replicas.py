@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from aiohttp import ClientWebSocketResponse
 
 from broker.models import Status
 from broker.store.crypto import TokenCipher
 from broker.store.redis import RedisStore
-from tests.conftest import MakeBroker
+from tests.conftest import BrokerHarness, MakeBroker
 from tests.kernelproto import V1, closing, execute
 
 
@@ -80,16 +85,35 @@ async def test_a_session_deleted_on_one_replica_closes_its_websocket_on_another(
     print(f"\nclose through the other replica {delay * 1000:.0f} ms after the DELETE was sent")
 
 
-async def test_an_end_recorded_while_a_replica_was_not_subscribed_closes_on_resubscribing(
-    make_broker: MakeBroker, redis_url: str
-) -> None:
-    """A replica that missed the announcement (here: Redis's ACL kept it from
-    subscribing, as an outage would) finds the end when it subscribes again.
+@dataclasses.dataclass
+class Deaf:
+    """Two replicas on one Redis; the second one's Redis user may not subscribe (as
+    in an outage of pub/sub) until :meth:`hear` lets it."""
 
-    The end is recorded through the store itself, as another replica's reaper
-    would before stopping the server; the server is left running here, so only
-    the check on resubscribing can close the socket.
-    """
+    admin: aioredis.Redis
+    user: str
+    first: BrokerHarness
+    second: BrokerHarness
+    store: RedisStore
+
+    async def hear(self) -> None:
+        await self.admin.execute_command("ACL", "SETUSER", self.user, "allchannels")
+
+    async def kernel_socket_on_second(self) -> tuple[dict[str, Any], ClientWebSocketResponse]:
+        """A ready session of the first replica, and its kernel's WebSocket opened
+        through the second (a cell already ran through it)."""
+        session = await self.first.ready_session()
+        kernel = await self.first.start_kernel(session)
+        base = f"{self.second.url}/s/{session['id']}/"
+        ws = await self.second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
+                                               params={"token": session["token"]},
+                                               protocols=[V1])
+        assert (await execute(ws, "print(1)")).stdout == "1\n"
+        return session, ws
+
+
+@pytest.fixture
+async def deaf(make_broker: MakeBroker, redis_url: str) -> AsyncIterator[Deaf]:
     admin = aioredis.Redis.from_url(redis_url)
     user, password = f"replica-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
@@ -101,56 +125,46 @@ async def test_an_end_recorded_while_a_replica_was_not_subscribed_closes_on_resu
         second = await make_broker(
             redis_url=redis_url.replace("redis://", f"redis://{user}:{password}@"),
             secret_key=secret, redis_prefix=prefix)
-        session = await first.ready_session()
-        kernel = await first.start_kernel(session)
-        base = f"{second.url}/s/{session['id']}/"
-        async with second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
-                                          params={"token": session["token"]},
-                                          protocols=[V1]) as ws:
-            assert (await execute(ws, "print(1)")).stdout == "1\n"
-            stored = await store.get(session["id"])
-            assert stored is not None
-            stored.status, stored.ended_reason = Status.STOPPED, "max_age"
-            await store.save(stored)
-            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
-            message = await closing(ws, 10)
-        assert (message.data, message.extra) == (1000, "session ended: max_age")
+        yield Deaf(admin, user, first, second, store)
     finally:
         await store.close()
         await admin.execute_command("ACL", "DELUSER", user)
         await admin.aclose()
 
 
+async def test_an_end_recorded_while_a_replica_was_not_subscribed_closes_on_resubscribing(
+    deaf: Deaf,
+) -> None:
+    """A replica that missed the announcement (here: Redis's ACL kept it from
+    subscribing, as an outage would) finds the end when it subscribes again.
+
+    The end is recorded through the store itself, as another replica's reaper
+    would before stopping the server; the server is left running here, so only
+    the check on resubscribing can close the socket.
+    """
+    session, ws = await deaf.kernel_socket_on_second()
+    async with ws:
+        stored = await deaf.store.get(session["id"])
+        assert stored is not None
+        stored.status, stored.ended_reason = Status.STOPPED, "max_age"
+        await deaf.store.save(stored)
+        await deaf.hear()
+        message = await closing(ws, 10)
+    assert (message.data, message.extra) == (1000, "session ended: max_age")
+
+
 async def test_a_replica_that_never_heard_of_the_end_closes_with_it_when_the_server_goes(
-    make_broker: MakeBroker, redis_url: str
+    deaf: Deaf,
 ) -> None:
     """The session is deleted through another replica while this one cannot
     subscribe at all: when the stopped server drops the kernel connection, the
     relay asks the store why and tells the client the session ended (1000 and
     the reason), not 1011, which would invite a reconnect to a session that is gone."""
-    admin = aioredis.Redis.from_url(redis_url)
-    user, password = f"replica-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
-                                "resetchannels")
-    try:
-        shared = {"secret_key": "replica-test-secret",
-                  "redis_prefix": f"r{uuid.uuid4().hex[:8]}:"}
-        first = await make_broker(redis_url=redis_url, **shared)
-        second = await make_broker(
-            redis_url=redis_url.replace("redis://", f"redis://{user}:{password}@"), **shared)
-        session = await first.ready_session()
-        kernel = await first.start_kernel(session)
-        base = f"{second.url}/s/{session['id']}/"
-        async with second.http.ws_connect(f"ws{base[4:]}api/kernels/{kernel}/channels",
-                                          params={"token": session["token"]},
-                                          protocols=[V1]) as ws:
-            assert (await execute(ws, "print(1)")).stdout == "1\n"
-            async with first.http.delete(f"{first.url}/api/v1/sessions/{session['id']}",
-                                         headers={"Authorization": f"token {session['token']}"}
-                                         ) as resp:
-                assert resp.status == 204
-            message = await closing(ws, 15)
-        assert (message.data, message.extra) == (1000, "session ended: deleted")
-    finally:
-        await admin.execute_command("ACL", "DELUSER", user)
-        await admin.aclose()
+    session, ws = await deaf.kernel_socket_on_second()
+    async with ws:
+        async with deaf.first.http.delete(
+                f"{deaf.first.url}/api/v1/sessions/{session['id']}",
+                headers={"Authorization": f"token {session['token']}"}) as resp:
+            assert resp.status == 204
+        message = await closing(ws, 15)
+    assert (message.data, message.extra) == (1000, "session ended: deleted")
