@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from broker.agent.files import _refusal
 from tests.agent.conftest import Agent, MakeAgent
 from tests.conftest import BrokerHarness
 
@@ -90,6 +91,30 @@ async def test_listing_and_delete(agent: Agent) -> None:
     async with agent.http.delete(agent.url("files/top.txt"), headers=agent.headers) as resp:
         assert resp.status == 404
         assert (await resp.json())["reason"] == "no_such_file"
+
+
+async def test_a_path_through_a_file_is_named_as_such(agent: Agent) -> None:
+    """Jupyter Server answers a path under a file with a 500 (read, delete) or a 400
+    quoting its own directory (create): the agent gets what is wrong, in its terms."""
+    await agent.put("notes.txt", b"a file")
+    workdir = str(await _workdir(agent))
+    got = await agent.get("notes.txt/inner/deeper.txt")
+    assert got.status == 404 and got.json()["reason"] == "no_such_file"
+    assert "'notes.txt' is a file" in got.json()["message"]
+    async with agent.http.delete(agent.url("files/notes.txt/inner"),
+                                 headers=agent.headers) as resp:
+        assert resp.status == 404 and (await resp.json())["reason"] == "no_such_file"
+    for path in ("notes.txt/inner.txt", "notes.txt/a/b.txt"):
+        status, body = await agent.put(path, b"x")
+        assert (status, body["reason"]) == (409, "not_a_directory"), body
+        assert "'notes.txt' is a file" in body["message"]
+    # A refusal the upstream explains itself still says what it said, minus its paths.
+    listing = await agent.get("notes.txt/")
+    assert listing.status == 400 and workdir not in listing.body.decode()
+    assert (await agent.get("notes.txt")).body == b"a file"  # nothing was lost
+    # A path through nothing at all is simply not there.
+    missing = await agent.get("nowhere/inner.txt")
+    assert missing.status == 404 and missing.json()["reason"] == "no_such_file"
 
 
 async def test_path_escapes_are_refused(agent: Agent, tmp_path: Path) -> None:
@@ -190,3 +215,11 @@ async def test_deleted_files_do_not_go_to_the_trash(agent_broker: BrokerHarness)
         assert resp.status in (200, 204), await resp.text()
     after = set(trash.iterdir()) if trash.is_dir() else set()
     assert not {p for p in after - before if session["id"] in p.name}
+
+
+def test_upstream_refusals_lose_the_servers_paths_not_their_sense() -> None:
+    error = _refusal(400, b'{"message": "Not a directory: /tmp/session-broker-x/abc/a.txt"}')
+    assert (error.status, error.message) == (400, "Not a directory: [server path]")
+    kept = _refusal(409, b'{"message": "File \'data/a.csv\' already exists"}')
+    assert kept.message == "File 'data/a.csv' already exists"  # relative paths are the client's
+    assert _refusal(500, b"<html>").status == 502

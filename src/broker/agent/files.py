@@ -38,6 +38,7 @@ import binascii
 import json
 import mimetypes
 import os
+import re
 import urllib.parse
 from typing import Any
 
@@ -130,12 +131,23 @@ async def _confined(session: Session, segments: list[str]) -> None:
                         reason="path_escape")
 
 
+#: An absolute filesystem path of two or more segments in an upstream message (Jupyter
+#: Server quotes OSError texts, which name the server's own directories).
+_SERVER_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+[^\s/'\"]*")
+
+
 def _refusal(status: int, body: bytes) -> BrokerError:
-    """A broker error for an upstream contents API refusal."""
+    """A broker error for an upstream contents API refusal.
+
+    The upstream's message is passed on for 400, 403 and 409 (it says what was
+    wrong), without the server's absolute paths: a client names files relative
+    to its session's directory and has no use for where that lives.
+    """
     try:
         message = str(json.loads(body).get("message") or "")[:300]
     except (ValueError, AttributeError):
         message = ""
+    message = _SERVER_PATH.sub("[server path]", message)
     if status == 404:
         return NotFound("No such file or directory", reason="no_such_file")
     if status == 400:
@@ -195,6 +207,53 @@ async def _contents(
     return resp.status, data
 
 
+async def _inside_a_file(request: web.Request, session: Session,
+                         segments: list[str]) -> str | None:
+    """The first ancestor of ``segments`` that is a file, if one is (else None).
+
+    Asked only after the upstream refused a nested path: Jupyter Server answers
+    a path under a file with a 500 (read, delete) or a 400 naming its own
+    directory (create), where the client deserves "that is a file".
+    """
+    for depth in range(1, len(segments)):
+        try:
+            _, raw = await _contents(request, session, "GET", segments[:depth],
+                                     params={"content": "0"})
+        except NotFound:
+            return None
+        if json.loads(raw).get("type") != "directory":
+            return "/".join(segments[:depth])
+    return None
+
+
+async def _nested(request: web.Request, session: Session, method: str, segments: list[str],
+                  **kwargs: Any) -> tuple[int, bytes]:
+    """:func:`_contents`, with a clear error when the path runs through a file
+    (see :func:`_through_a_file`)."""
+    try:
+        return await _contents(request, session, method, segments, **kwargs)
+    except (BadRequest, UpstreamFailed) as exc:
+        await _through_a_file(request, session, method, segments, exc)
+        raise
+
+
+async def _through_a_file(request: web.Request, session: Session, method: str,
+                          segments: list[str], exc: BrokerError) -> None:
+    """After the upstream refused ``segments`` with ``exc``: if the path runs through a
+    file, raise 404 ``no_such_file`` (to read or delete) or 409 ``not_a_directory``
+    (to create) naming that file; else return (the caller re-raises ``exc``)."""
+    if len(segments) < 2 or exc.reason == "upstream_unreachable":
+        return
+    blocker = await _inside_a_file(request, session, segments)
+    if blocker is None:
+        return
+    if method == "PUT":
+        raise Conflict(f"'{blocker}' is a file: nothing can be created inside it",
+                       reason="not_a_directory") from exc
+    raise NotFound(f"'{blocker}' is a file, so '{'/'.join(segments)}' does not exist",
+                   reason="no_such_file") from exc
+
+
 def _entry(model: dict[str, Any]) -> dict[str, Any]:
     """The client view of a contents model."""
     kind = model.get("type")
@@ -211,8 +270,8 @@ def _entry(model: dict[str, Any]) -> dict[str, Any]:
 async def _listing(request: web.Request, session: Session,
                    segments: list[str]) -> web.Response:
     await _confined(session, segments)
-    _, raw = await _contents(request, session, "GET", segments,
-                             params={"type": "directory", "content": "1"}, limit=16 << 20)
+    _, raw = await _nested(request, session, "GET", segments,
+                           params={"type": "directory", "content": "1"}, limit=16 << 20)
     model = json.loads(raw)
     entries = sorted((_entry(m) for m in model.get("content") or []), key=lambda e: e["name"])
     return web.json_response({"path": "/".join(segments), "entries": entries})
@@ -229,9 +288,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         return await _listing(request, session, segments)
     await _confined(session, segments)
     cap = request.app[appkeys.SETTINGS].max_download_size
-    _, raw = await _contents(request, session, "GET", segments,
-                             params={"type": "file", "format": "base64", "content": "1"},
-                             limit=cap * 37 // 27 + _CHUNK)  # base64 with newlines, JSON
+    _, raw = await _nested(request, session, "GET", segments,
+                           params={"type": "file", "format": "base64", "content": "1"},
+                           limit=cap * 37 // 27 + _CHUNK)  # base64 with newlines, JSON
     model = json.loads(raw)
     try:
         data = base64.b64decode(model.get("content") or "")
@@ -275,12 +334,18 @@ async def put_file(request: web.Request) -> web.Response:
     await _confined(session, segments)
     data = await _read_upload(request, request.app[appkeys.SETTINGS].max_upload_size)
     request.app[appkeys.MANAGER].note_activity(session.id)
-    for depth in range(1, len(segments)):
-        await _contents(request, session, "PUT", segments[:depth], body={"type": "directory"})
-    status, raw = await _contents(
-        request, session, "PUT", segments,
-        body={"type": "file", "format": "base64", "content": base64.b64encode(data).decode()},
-    )
+    try:
+        for depth in range(1, len(segments)):
+            await _contents(request, session, "PUT", segments[:depth],
+                            body={"type": "directory"})
+        status, raw = await _contents(
+            request, session, "PUT", segments,
+            body={"type": "file", "format": "base64",
+                  "content": base64.b64encode(data).decode()},
+        )
+    except (BadRequest, UpstreamFailed) as exc:
+        await _through_a_file(request, session, "PUT", segments, exc)
+        raise
     return web.json_response(_entry(json.loads(raw)), status=201 if status == 201 else 200)
 
 
@@ -293,5 +358,5 @@ async def delete_file(request: web.Request) -> web.Response:
         raise BadRequest("The working directory itself cannot be deleted", reason="bad_path")
     await _confined(session, segments)
     request.app[appkeys.MANAGER].note_activity(session.id)
-    await _contents(request, session, "DELETE", segments)
+    await _nested(request, session, "DELETE", segments)
     return web.Response(status=204)
