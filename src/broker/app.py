@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +24,6 @@ from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
 from broker.api.page import add_page, ui_routes
 from broker.backends.base import BackendContext
-from broker.backends.federation import FederationBackend
 from broker.backends.registry import BackendFactory, backend_factory
 from broker.metrics import Metrics
 from broker.models import Clock, Readiness, system_clock
@@ -82,15 +82,14 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
+    store = app[appkeys.STORE]
     backend = app[appkeys.BACKEND_FACTORY](BackendContext(
         settings, app[appkeys.HTTP], app[appkeys.UPSTREAM], app[appkeys.CLOCK],
         # Per-user creation on a hub, one at a time across replicas.
-        locks=ClusterLocks(app[appkeys.STORE])))
-    manager = SessionManager(settings, app[appkeys.STORE], backend, clock=app[appkeys.CLOCK],
+        locks=ClusterLocks(store), metrics=app[appkeys.METRICS], live_sessions=store.list_live))
+    manager = SessionManager(settings, store, backend, clock=app[appkeys.CLOCK],
                              metrics=app[appkeys.METRICS])
     backend.on_lost = manager.on_upstream_lost
-    if isinstance(backend, FederationBackend):
-        backend.attach(manager.store.list_live, app[appkeys.METRICS])
     manager.busy_check = functools.partial(kernels_busy, app[appkeys.UPSTREAM])
     app[appkeys.BACKEND] = backend
     app[appkeys.MANAGER] = manager
@@ -100,8 +99,9 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gauges.track_sessions(manager), name="session-gauge"),
         asyncio.create_task(gauges.track_loop_lag(app[appkeys.METRICS]), name="loop-lag"),
     ]
-    if isinstance(backend, FederationBackend):
-        tasks.append(asyncio.create_task(backend.watch(), name="upstream-health"))
+    run: Callable[[], Coroutine[Any, Any, None]] | None = getattr(backend, "run", None)
+    if run is not None:  # a backend's own background work (the federation's health checks)
+        tasks.append(asyncio.create_task(run(), name=f"backend-{backend.name}"))
     # A local server lives beside its broker: with a shared store, each replica keeps a
     # pool of its own; other backends' pools are shared by all replicas. Without pools
     # it only serves the admin API's drain (entries left by an earlier BROKER_POOL).

@@ -23,6 +23,7 @@ from typing import Protocol
 import aiohttp
 
 from broker.logs import scrub
+from broker.metrics import Metrics
 from broker.models import Clock, ProgressEvent, Session, system_clock
 from broker.settings import Settings
 from broker.store.locks import ClusterLocks
@@ -103,6 +104,9 @@ class Backend(Protocol):
         """Ask the upstream itself (not a cache) whether the server still answers."""
 
     # Optional: ``async def probe(self, session) -> Liveness`` (see :func:`probe`).
+    # Optional: ``async def run(self) -> None``, background work for the app's whole life
+    # (the federation's health checks): the app starts it as a task and cancels it at
+    # shutdown, before ``close``.
 
     async def health(self) -> None:
         """Raise if the backend cannot spawn right now (for /ready)."""
@@ -128,6 +132,11 @@ class BackendContext:
     clock: Clock = system_clock
     #: Locks shared by every replica (in the store): one creation per hub user at a time.
     locks: ClusterLocks = field(default_factory=lambda: ClusterLocks(None))
+    #: The app's metrics, for a backend that exports series of its own (None: none kept).
+    metrics: Metrics | None = None
+    #: The store's live sessions (every replica's), for a backend that counts or
+    #: reconciles them (the federation's per-member counts); None where there is no store.
+    live_sessions: Callable[[], Awaitable[list[Session]]] | None = None
 
 
 async def probe(backend: Backend, session: Session) -> Liveness:

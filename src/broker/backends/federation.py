@@ -327,7 +327,7 @@ class FederationBackend:
             await member.backend.close()
 
     # -- health ------------------------------------------------------------------------------
-    async def watch(self) -> None:
+    async def run(self) -> None:
         """Check every member every interval, forever (until cancelled)."""
         while True:
             try:
@@ -419,8 +419,11 @@ def create(context: BackendContext) -> FederationBackend:
     settings = context.settings
     members = parse_upstreams(settings.upstreams.get_secret_value())
     interval = settings.upstreams_health_interval
-    return FederationBackend(
+    backend = FederationBackend(
         [(m, member_backend(m, context)) for m in members], context.http, context.upstream,
         # A check may take the interval, at least 5 s (a busy hub is slow, not down).
         interval=interval, timeout=min(settings.upstream_timeout, max(interval, 5.0)),
         affinity=settings.upstreams_affinity, clock=context.clock)
+    if context.live_sessions is not None and context.metrics is not None:
+        backend.attach(context.live_sessions, context.metrics)
+    return backend
