@@ -54,7 +54,7 @@ class UpstreamAccess:
 
     def for_session(self, session: Session) -> SessionUpstream:
         """The access object of ``session``'s server (cheap: made per call)."""
-        return SessionUpstream(self, session.upstream_url, session.upstream_token)
+        return self.server(session.upstream_url, session.upstream_token)
 
     def server(self, base_url: str, token: str) -> SessionUpstream:
         """The access object of the server at ``base_url`` (a backend probing a server
