@@ -29,6 +29,8 @@ C64_THROUGHPUT_MIN = 1.3
 KERNEL_P50_MAX_MS = 10.0
 CELL_P50_MAX_MS = 8.0
 IDLE_KIB_MAX = 10.0
+#: The byte-copying relay (``--floor``): shown beside the targets it bounds, never judged.
+FLOOR = "raw"
 
 
 def fmt(value: float | None) -> str:
@@ -178,6 +180,19 @@ def _line(met: bool | None, text: str) -> str:
     return f"- [{'met' if met else 'NOT met'}] {text}"
 
 
+def _floor_throughput(by: Mapping[tuple[str, str], Result], scenarios: Sequence[str],
+                      reference: str) -> str:
+    """The byte-copying relay's throughput against ``reference``, where it ran: what
+    a proxy in Python reaches with no per-frame work at all."""
+    ratios = []
+    for s in scenarios:
+        if (s, FLOOR) in by and (s, reference) in by:
+            _label, key = throughput_metric(s)
+            floor = ratio(value(by[s, FLOOR], key), value(by[s, reference], key))
+            ratios.append(f"{s} {fmt(floor)}")
+    return f"; {FLOOR}/{reference}: " + ", ".join(ratios) if ratios else ""
+
+
 def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: str,
             cells: Sequence[CellResult] = (), proxy: str = "broker",
             reference: str = "chp") -> str:
@@ -204,7 +219,9 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
         + (spread([proxy_share(r) for r in by[s, proxy].rounds]) if (s, proxy) in by else "")
         + (f" ({others})" if others else "")
         + (f"; {reference} {fmt(proxy_share(by[s, reference]))}x" if (s, reference) in by
-           else "")))
+           else "")
+        + (f"; {FLOOR} {fmt(proxy_share(by[s, FLOOR]))}x" + spread(
+            [proxy_share(r) for r in by[s, FLOOR].rounds]) if (s, FLOOR) in by else "")))
 
     tput: dict[str, float | None] = {}
     tput_rounds: dict[str, str] = {}
@@ -217,7 +234,8 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
     out.append(_line(
         all(v >= 1.0 for v in known) if known else None,
         f"throughput >= {reference}'s in every scenario ({proxy}/{reference}): "
-        + ", ".join(f"{s} {fmt(v)}{tput_rounds[s]}" for s, v in tput.items())))
+        + ", ".join(f"{s} {fmt(v)}{tput_rounds[s]}" for s, v in tput.items())
+        + _floor_throughput(by, scenarios, reference)))
     c64 = tput.get("c64")
     out.append(_line(None if c64 is None else c64 >= C64_THROUGHPUT_MIN,
                      f"WS 1 MiB x 64 connections throughput >= {C64_THROUGHPUT_MIN}x "

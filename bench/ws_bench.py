@@ -123,11 +123,11 @@ LOCAL_SERVER = "broker.localserver"
 class Config:
     round_trips: int = 2000
     connections: int = 64
-    per_connection: int = 300
+    per_connection: int = 1200
     binary_messages: int = 100
     binary_per_connection: int = 4
     http_requests: int = 2000
-    http_per_connection: int = 200
+    http_per_connection: int = 600
     kernel_round_trips: int = 200
     cell_round_trips: int = 200
     cell_protocols: tuple[str, ...] = PROTOCOLS
@@ -145,13 +145,15 @@ class Config:
     #: (name, value) pairs added to the broker's environment (BROKER_* settings).
     broker_env: tuple[tuple[str, str], ...] = ()
     limits: bool = False
-    floor: bool = False
+    #: The 'raw' byte-copying relay as a fourth echo target (off in --quick).
+    floor: bool = True
 
 
 QUICK = {"round_trips": 200, "per_connection": 5, "binary_messages": 8,
          "binary_per_connection": 1, "http_requests": 200, "http_per_connection": 5,
          "kernel_round_trips": 20, "cell_round_trips": 10, "max_seconds": 3.0,
-         "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2, "rounds": 1}
+         "idle": 100, "idle_seconds": 20.0, "idle_settle": 0.2, "rounds": 1,
+         "floor": False}
 #: The REST call of scenarios h1 and h64 (a client polling its kernels).
 HTTP_PATH = "api/kernels"
 
@@ -465,13 +467,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--connections", type=int,
                         help="connections of scenarios b, c64 and h64 (64)")
     parser.add_argument("--per-connection", type=int,
-                        help="scenario b round trips per connection (300)")
+                        help="scenario b round trips per connection (1200)")
     parser.add_argument("--binary-messages", type=int, help="scenario c 1 MiB messages (100)")
     parser.add_argument("--binary-per-connection", type=int,
                         help="scenario c64 1 MiB messages per connection (4)")
     parser.add_argument("--http-requests", type=int, help="scenario h1 GET requests (2000)")
     parser.add_argument("--http-per-connection", type=int,
-                        help="scenario h64 GET requests per connection (200)")
+                        help="scenario h64 GET requests per connection (600)")
     parser.add_argument("--kernel-round-trips", type=int,
                         help="scenario d1 and d2 round trips each (200)")
     parser.add_argument("--cell-round-trips", type=int,
@@ -504,9 +506,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--limits", action="store_true",
                         help="instead of the full run: scenario a through the broker with its "
                         "limits off and on, and the ratio (bench/bench_limits.py, ~10 s)")
-    parser.add_argument("--floor", action="store_true",
-                        help="add a 'raw' target for the echo scenarios: a relay that only "
-                        "copies bytes (bench/raw_relay.py), the floor for a proxy in Python")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction,
+                        help="a 'raw' target for the echo scenarios: a relay that only copies "
+                        "bytes (bench/raw_relay.py), the floor for a proxy in Python (on, "
+                        "except with --quick)")
     parser.add_argument("--broker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a BROKER_* setting for the broker under test (repeatable), e.g. "
                         "the relay's pure-Python switch; the header names every one")
@@ -526,7 +529,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if any(not name.startswith("BROKER_") or not sep for name, sep, _ in pairs):
         parser.error("--broker-env takes BROKER_<NAME>=<value>")
     values["broker_env"] = tuple((name, value) for name, _, value in pairs)
-    values["floor"] = args.floor
+    if args.floor is not None:
+        values["floor"] = args.floor
     if args.cell_protocols:
         protocols = tuple(p.strip() for p in args.cell_protocols.split(",") if p.strip())
         if not protocols or any(p not in PROTOCOLS for p in protocols):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import pytest
 from pydantic import ValidationError
 
+from broker.cli import freeze_heap
 from broker.settings import Settings
 
 CONTRACT = ["BROKER_HOST", "BROKER_PORT", "BROKER_PUBLIC_URL", "BROKER_REDIS_URL",
@@ -58,3 +61,24 @@ def test_secret_settings_are_not_printed() -> None:
     assert "s3cr3t-value" not in repr(settings)
     with pytest.raises(ValidationError):
         Settings(port=70000)
+
+
+class _Node:
+    """A container that can form a reference cycle (garbage only the collector frees)."""
+
+    self_ref: object = None
+
+
+def test_serve_freezes_the_start_up_heap_after_collecting_its_garbage() -> None:
+    """``serve`` freezes what start-up left alive, but never a cycle that was garbage then:
+    frozen, it could not be freed."""
+    node = _Node()
+    node.self_ref = node
+    ref = weakref.ref(node)
+    del node
+    try:
+        frozen = freeze_heap()
+        assert ref() is None
+        assert frozen == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -22,7 +22,7 @@ from broker.agent.kernel_client import warm_kernel
 from broker.api import admin, gauges, health, openapi, sessions
 from broker.api.build import routes as build_routes
 from broker.api.middleware import errors_and_origin, observe, prepare_response
-from broker.api.page import add_page, ui_routes
+from broker.api.page import add_page
 from broker.backends.base import BackendContext
 from broker.backends.registry import BackendFactory, backend_factory
 from broker.metrics import Metrics
@@ -195,8 +195,6 @@ def create_app(
     app.add_routes(files.routes)
     app.add_routes(openapi.routes)
     app.add_routes(admin.routes)
-    if not settings.jupyter_ui:
-        app.add_routes(ui_routes)  # before the proxy's /s/{sid}/{tail}, which would take them
     app.add_routes(proxy_routes.routes)
     add_page(app, settings)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ async def _run(settings: Settings) -> None:
             await ops.setup()
             await web.TCPSite(ops, settings.host, settings.metrics_port).start()
             log.info("metrics and versions on %s:%s", settings.host, ops.addresses[0][1])
+        freeze_heap()
         base = open_url(settings, host, port)
         store = "Redis" if settings.redis_url else "in-memory store"
         log.info("session-broker %s listening on %s:%s (%s backend, %s)", __version__, host,
@@ -107,6 +109,22 @@ async def _run(settings: Settings) -> None:
         if ops is not None:
             await ops.cleanup()
         await runner.cleanup()
+
+
+def freeze_heap() -> int:
+    """Move everything alive after start-up out of the garbage collector's sight.
+
+    Why: modules, classes, settings, pools and clients live as long as the
+    process, yet every full collection walks them all, and a full collection
+    of the started broker's heap stops the event loop for tens of milliseconds:
+    every request in flight waits that long (the REST proxy's p99 under load).
+    Frozen (:func:`gc.freeze`), they are never walked again; what requests
+    allocate is collected as before. Garbage is collected first: a frozen
+    cycle could never be freed. Returns the number of objects frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 #: Listen-everywhere addresses: not places a browser can go.

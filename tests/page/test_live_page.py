@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from broker.api.page import UI_MESSAGE
+from broker.proxy.ui import NOT_OFFERED
 from tests.brokerproc import broker_process
 from tests.conftest import MakeBroker
 
@@ -150,4 +150,4 @@ async def test_a_sessions_jupyter_ui_is_a_page_saying_it_is_not_offered(
     async with broker.http.get(f"{broker.url}/s/0123456789abcdef/lab") as resp:
         assert resp.status == 404
         assert await resp.json() == {"error": "not_proxied", "reason": "not_proxied",
-                                     "message": UI_MESSAGE}
+                                     "message": NOT_OFFERED}

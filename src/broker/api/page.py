@@ -22,13 +22,11 @@ where the visitor's token is kept.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 from aiohttp import web
 
 from broker import appkeys
-from broker.errors import NotFound
 from broker.settings import Settings
 
 #: The page that ships with the broker.
@@ -66,35 +64,6 @@ async def limits(request: web.Request) -> web.Response:
         "execute_timeout_max": settings.execute_timeout_max,
         "max_upload_size": settings.max_upload_size,
     }, headers={"Cache-Control": "no-cache"})
-
-
-#: A session's own Jupyter UI (JupyterLab, the classic tree): MyST's "Launch
-#: Jupyter Server Window" opens the session's base_url itself (``?token=``).
-#: Registered only while BROKER_JUPYTER_UI is off (broker.proxy.ui serves them then).
-UI_PATHS = ("/s/{sid}/", "/s/{sid}/lab", "/s/{sid}/lab/{rest:.*}", "/s/{sid}/tree",
-            "/s/{sid}/tree/{rest:.*}")
-UI_MESSAGE = ("This broker runs code for web pages through the Jupyter API; it does not offer "
-              "the Jupyter user interface (JupyterLab, the notebook tree) of a session.")
-
-
-async def ui_not_offered(request: web.Request) -> web.StreamResponse:
-    """A session's UI: a short page saying it is not offered here (not a bare JSON 404).
-
-    A browser tab opened by a book's "launch" button gets a sentence it can
-    show; an API client that does not ask for HTML gets the usual JSON error.
-    Nothing about the session (whether it exists) is revealed either way.
-    """
-    if "text/html" not in request.headers.get("Accept", ""):
-        raise NotFound(UI_MESSAGE, reason="not_proxied")
-    body = (f"<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">"
-            f"<title>Jupyter UI not offered</title><h1>Jupyter UI not offered here</h1>"
-            f"<p>{html.escape(UI_MESSAGE)}</p><p>Go back to the page you came from: its "
-            f"code cells run on this session.</p></html>")
-    return web.Response(status=404, text=body, content_type="text/html")
-
-
-ui_routes = [web.get(path, ui_not_offered, name=f"ui_not_offered_{number}")
-             for number, path in enumerate(UI_PATHS)]
 
 
 def add_page(app: web.Application, settings: Settings) -> None:

@@ -1,5 +1,10 @@
 """The ``/s/{id}/...`` route: authenticate once, then REST or WebSocket.
 
+One route for every path under a session: aiohttp tries the resources under
+a path prefix one after the other, so each extra ``/s/...`` route would cost
+every proxied call a match attempt (the UI's pages, when not proxied, are
+answered here, :func:`broker.proxy.ui.not_offered`).
+
 With BROKER_JUPYTER_UI on, the same route serves the session's own Jupyter
 UI (see :mod:`broker.proxy.ui`): the session cookie authenticates too, a
 navigation carrying ``?token=`` is traded for it, and refused navigations get
@@ -26,6 +31,8 @@ from broker.proxy.rest import forward
 from broker.proxy.wsbridge import bridge
 
 routes = web.RouteTableDef()
+#: Methods that open a page (a UI path opened while the UI is not proxied).
+_READS = ("GET", "HEAD")
 
 
 @routes.route("*", "/s/{sid}/{tail:.*}", name="jupyter_rest")
@@ -35,8 +42,12 @@ async def jupyter(request: web.Request) -> web.StreamResponse:
     settings = request.app[appkeys.SETTINGS]
     if settings.jupyter_ui:
         return await _with_ui(request, sid, settings.jupyter_ui_terminals)
+    remainder = _raw_remainder(request, sid)
+    if request.method in _READS and (not remainder or ui.PAGES.fullmatch(remainder)):
+        # Before the session lookup: whether the session exists is not revealed.
+        return ui.not_offered(request)
     session = await request.app[appkeys.MANAGER].ready_session(sid, request_token(request))
-    remainder = check_remainder(_raw_remainder(request, sid))
+    remainder = check_remainder(remainder)
     if CHANNELS.fullmatch(remainder):
         return await _socket(request, session, remainder)
     return await forward(request, session, remainder)

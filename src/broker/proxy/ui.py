@@ -37,7 +37,7 @@ from aiohttp import web
 from yarl import URL
 
 from broker import appkeys
-from broker.errors import BrokerError
+from broker.errors import BrokerError, NotFound
 from broker.policy.auth import request_token
 from broker.policy.identity import forwarded_proto_host
 
@@ -60,6 +60,29 @@ NO_CREDENTIAL = ("This link to a session's Jupyter UI carries no session token, 
                  "session (its launch button adds the token).")
 _CONFIG = re.compile(r'(<script id="jupyter-config-data" type="application/json">)(.*?)'
                      r"(</script>)", re.DOTALL)
+
+
+#: Why a session's UI is not served while BROKER_JUPYTER_UI is off.
+NOT_OFFERED = ("This broker runs code for web pages through the Jupyter API; it does not "
+               "offer the Jupyter user interface (JupyterLab, the notebook tree) of a session.")
+
+
+def not_offered(request: web.Request) -> web.Response:
+    """A session's UI page while BROKER_JUPYTER_UI is off: a short page saying it is not
+    offered here (not a bare JSON 404).
+
+    MyST's "Launch Jupyter Server Window" opens the session's base_url itself
+    (``?token=``): that browser tab gets a sentence it can show; an API client
+    that does not ask for HTML gets the usual JSON error. Nothing about the
+    session (whether it exists) is revealed either way.
+    """
+    if "text/html" not in request.headers.get("Accept", ""):
+        raise NotFound(NOT_OFFERED, reason="not_proxied")
+    body = (f"<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">"
+            f"<title>Jupyter UI not offered</title><h1>Jupyter UI not offered here</h1>"
+            f"<p>{html.escape(NOT_OFFERED)}</p><p>Go back to the page you came from: its "
+            f"code cells run on this session.</p></html>")
+    return web.Response(status=404, text=body, content_type="text/html")
 
 
 def ui_token(request: web.Request) -> str | None:
