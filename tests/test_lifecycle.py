@@ -243,3 +243,30 @@ async def test_a_crashed_server_takes_its_kernels_and_directory_with_it(
     await asyncio.wait_for(reported.wait(), 15)
     assert await wait_for_exit(orphan)
     assert not os.path.exists(workdir)
+
+
+async def test_sessions_keep_their_code_history_to_themselves(broker: BrokerHarness) -> None:
+    """Each session's kernels have an IPython directory of their own, with no stored
+    input history: a visitor's code is not written where another session's kernel
+    can search it (``%history -g``), and the kernel's own history still works."""
+    first, second = await broker.ready_session(), await broker.ready_session()
+    sockets = []
+    for session in (first, second):
+        kernel = await broker.start_kernel(session)
+        sockets.append(await broker.http.ws_connect(
+            f"{session['ws_url']}api/kernels/{kernel}/channels",
+            params={"token": session["token"]}))
+    try:
+        await execute(sockets[0], "visitor_secret = 4711")
+        # What a stored history would have written by now (a no-op without one).
+        await execute(sockets[0], "get_ipython().history_manager.writeout_cache()")
+        own = await execute(sockets[0], "%history")
+        assert "visitor_secret = 4711" in own.stdout
+        found = await execute(sockets[1], "%history -g visitor_secret")
+        assert "4711" not in found.stdout
+        where = await execute(sockets[1], "import os; print(os.environ['IPYTHONDIR'])")
+        stored = await broker.store.get(second["id"])
+        assert where.stdout.strip().startswith(stored.backend_state["workdir"])
+    finally:
+        for ws in sockets:
+            await ws.close()

@@ -240,6 +240,30 @@ def missing_packages_message(missing: list[str]) -> str:
             "or use the image's -local variant), or choose BROKER_BACKEND=jupyterhub/binderhub")
 
 
+#: A session's IPython directory (IPYTHONDIR), inside its working directory.
+IPYTHON_DIR = ".ipython"
+#: The kernels' configuration in it: no SQLite input history.
+KERNEL_CONFIG = (
+    "# Written by session-broker for this session's kernels.\n"
+    "# No SQLite input history: the session's directory goes when it ends, and writing\n"
+    "# the history cost each executed cell about a millisecond of kernel CPU. In, Out\n"
+    "# and %history of the running kernel still work (they are kept in memory).\n"
+    "c.HistoryManager.enabled = False\n"
+)
+
+
+def _kernel_profile(workdir: Path) -> None:
+    """Give a session's kernels an IPython profile of their own, without stored history.
+
+    Why: IPython keeps every executed cell in ``$IPYTHONDIR/profile_default/
+    history.sqlite``; with the broker user's directory, all sessions' kernels
+    would share that file (one visitor's ``%history -g`` lists another's code).
+    """
+    profile = workdir / IPYTHON_DIR / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "ipython_kernel_config.py").write_text(KERNEL_CONFIG)
+
+
 class LocalBackend:
     """A :class:`~broker.backends.base.Backend` running servers as subprocesses."""
 
@@ -312,12 +336,17 @@ class LocalBackend:
         env["JUPYTERLAB_SETTINGS_DIR"] = str(workdir / ".lab" / "settings")
         env["JUPYTERLAB_WORKSPACES_DIR"] = str(workdir / ".lab" / "workspaces")
         env["JUPYTER_RUNTIME_DIR"] = str(workdir / ".runtime")
+        # IPython's own files too (input history, %store): in the broker user's home
+        # every visitor's kernel would write its code where any other one can read it
+        # (%history -g). See _kernel_profile for what the profile holds.
+        env["IPYTHONDIR"] = str(workdir / IPYTHON_DIR)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
     async def spawn(self, session: Session) -> AsyncIterator[ProgressEvent]:
         workdir = self._root / session.id
         workdir.mkdir(parents=True, exist_ok=True)
+        _kernel_profile(workdir)
         yield ProgressEvent("launching", "Starting a Jupyter server", progress=10)
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = _free_port()
