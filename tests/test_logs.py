@@ -6,8 +6,16 @@ import asyncio
 import io
 import json
 import logging
+import re
+from pathlib import Path
+
+import aiohttp
 
 from broker.logs import JsonFormatter, LoopBatchingHandler, ScrubFilter, new_request_id, scrub
+from tests.brokerproc import broker_process
+
+#: Requests timed by the duration test.
+REQUESTS = 20
 
 
 def _logger(stream: io.StringIO) -> tuple[logging.Logger, LoopBatchingHandler]:
@@ -102,3 +110,23 @@ async def test_access_line_is_the_same_with_or_without_the_direct_path() -> None
     normal.pop("time")
     assert direct == normal
     assert direct["request_id"] == "rid-1" and direct["status"] == 200
+
+
+async def test_request_durations_are_measured_finer_than_the_loop_clock(tmp_path: Path) -> None:
+    """The CLI runs on uvloop, whose loop clock counts whole milliseconds: a request
+    answered within one loop turn took 0 ms by it. The access log's ``duration_ms``
+    and ``broker_http_request_duration_seconds`` are taken on a fine clock."""
+    async with broker_process(tmp_path) as broker, aiohttp.ClientSession() as http:
+        for _ in range(REQUESTS):
+            async with http.get(f"{broker.url}/s/0123456789abcdef/api/kernels") as resp:
+                assert resp.status == 401  # no token: answered without any I/O
+        async with http.get(f"{broker.url}/metrics") as resp:
+            metrics = await resp.text()
+    lines = [json.loads(line) for line in broker.log_lines() if '"event": "request"' in line]
+    durations = [line["duration_ms"] for line in lines if line["path"].startswith("/s/")]
+    assert len(durations) == REQUESTS
+    assert all(duration > 0 for duration in durations), durations
+    total = re.search(r'broker_http_request_duration_seconds_sum\{route="jupyter_rest",'
+                      r'status_class="4xx"\} (\S+)', metrics)
+    assert total is not None, metrics
+    assert float(total.group(1)) > 0

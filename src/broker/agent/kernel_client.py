@@ -530,7 +530,8 @@ class AgentKernels:
         msg_id, queue = await conn.request(code)
         metrics = self._manager.metrics  # the same series as kernel WebSocket traffic
         metrics.executions.inc()
-        sent = deadline = loop.time()
+        deadline = loop.time()
+        sent = time.perf_counter()  # the duration's clock (loop.time(): whole ms on uvloop)
         deadline += time_limit
         timed_out = measured = False
         try:
@@ -564,7 +565,7 @@ class AgentKernels:
                 await collector.handle(msg)
                 if collector.replied and not measured:
                     measured = True
-                    metrics.execution_duration.observe(loop.time() - sent)
+                    metrics.execution_duration.observe(time.perf_counter() - sent)
                     self._manager.first_reply(session)
         except asyncio.CancelledError:
             # The caller went away mid-run: do not leave the kernel busy for the next one.

@@ -19,9 +19,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -30,7 +30,7 @@ from yarl import URL
 from broker import appkeys, sse
 from broker.edge import EdgeHandler, add_security_headers
 from broker.errors import BrokerError, Forbidden, PayloadTooLarge
-from broker.logs import new_request_id, request_id_var
+from broker.logs import REQUEST_STARTED, new_request_id, request_id_var
 from broker.policy.identity import forwarded_proto_host
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = new_request_id(request.headers.get("X-Request-Id"))
     request[REQUEST_ID] = request_id
     context = request_id_var.set(request_id)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = time.perf_counter()
+    request[REQUEST_STARTED] = started
     response: web.StreamResponse | None = None
     protocol = request.protocol
     edge = protocol if isinstance(protocol, EdgeHandler) else None
@@ -227,7 +227,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             status = response.status if response is not None else 500
             name = request.match_info.route.name or "other"
             request.app[appkeys.METRICS].observe_http(
-                "admin" if name.startswith("admin_") else name, status, loop.time() - started)
+                "admin" if name.startswith("admin_") else name, status,
+                time.perf_counter() - started)
 
 
 def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
