@@ -180,7 +180,9 @@ class Metrics:
             buckets=_EXEC_BUCKETS, registry=r)
         self.http_duration = Histogram(
             "broker_http_request_duration_seconds",
-            "HTTP request handling time by route and status class (WebSockets: until upgrade).",
+            "HTTP request handling time by route and status class (WebSockets: until upgrade); "
+            "timed with time.perf_counter(), not the event loop's clock, which counts whole "
+            "milliseconds under uvloop.",
             ["route", "status_class"], buckets=_HTTP_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "broker_upstream_errors_total", "Failures talking to upstream servers.",
