@@ -60,6 +60,25 @@ def test_rounds_add_up_and_the_verdict_gives_their_range(bench: Any) -> None:
     assert "b 0.667 (rounds 0.5-1)" in tput, tput  # 200/3 s against 200/2 s
 
 
+
+def test_the_verdict_shows_the_byte_copying_floor_without_judging_it(bench: Any) -> None:
+    """The ``raw`` target (``--floor``) appears beside the targets it bounds; the
+    verdict's met / not met still compares the broker alone."""
+    clients, report = bench
+
+    def run(target: str, seconds: float, proxy_cpu: float) -> Any:
+        return clients.merge([clients.Result("b", target, 100, seconds, 200, [1_000_000] * 100,
+                                             {"upstream": 1.0, "proxy": proxy_cpu})])
+
+    results = [run("broker", 1.0, 1.4), run("chp", 1.0, 1.6), run("raw", 0.5, 1.2)]
+    lines = report.verdict(results, [], "delayed").splitlines()
+    share = next(line for line in lines if "WS small frames" in line)
+    assert share.startswith("- [NOT met]") and "b 1.4x" in share, share
+    assert "; raw 1.2x" in share, share
+    tput = next(line for line in lines if "throughput >= chp's" in line)
+    assert tput.startswith("- [met]") and "raw/chp: b 2" in tput, tput
+
+
 @pytest.mark.parametrize("build", ["compiled", "python"])
 def test_the_per_frame_cost_tool_runs_on_both_builds(build: str) -> None:
     if build == "compiled" and wire.COMPILED is None:
