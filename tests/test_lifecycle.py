@@ -270,3 +270,17 @@ async def test_sessions_keep_their_code_history_to_themselves(broker: BrokerHarn
     finally:
         for ws in sockets:
             await ws.close()
+
+
+async def test_servers_without_the_ui_proxied_load_no_ui_extension(broker: BrokerHarness) -> None:
+    """With BROKER_JUPYTER_UI off nothing can reach JupyterLab, its language servers or
+    terminals, so the session's server does not load them (memory and start-up CPU);
+    the Jupyter API the broker proxies is all there. (The UI tests cover it on.)"""
+    session = await broker.ready_session()
+    stored = await broker.store.get(session["id"])
+    headers = {"Authorization": f"token {stored.upstream_token}"}
+    for path, status in (("api/status", 200), ("api/kernelspecs", 200), ("lab", 404),
+                         ("lsp/status", 404), ("api/terminals", 404)):
+        async with broker.http.get(f"{stored.upstream_url}{path}", headers=headers,
+                                   allow_redirects=False) as resp:
+            assert resp.status == status, (path, resp.status)

@@ -171,6 +171,18 @@ def _marked_pids(session_id: str) -> list[int]:
             if marked_for(pid, session_id)]
 
 
+def _server_pids(session_id: str) -> list[int]:
+    """The session's server process (``python -m broker.localserver``) among its marked
+    ones: a server also runs short-lived helpers that carry the mark (``npm prefix -g``,
+    a language-server probe), which end on their own whoever is watching."""
+    servers = []
+    for pid in _marked_pids(session_id):
+        with contextlib.suppress(OSError):
+            if b"broker.localserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                servers.append(pid)
+    return servers
+
+
 async def test_start_up_sweep_stops_what_a_killed_memory_store_broker_left(
     make_broker: MakeBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -182,7 +194,7 @@ async def test_start_up_sweep_stops_what_a_killed_memory_store_broker_left(
         async with http.post(f"{old.url}/api/v1/sessions", params={"wait": "true"}) as resp:
             session = await resp.json()
             assert resp.status == 201, session
-        orphans = _marked_pids(session["id"])
+        orphans = _server_pids(session["id"])
         assert orphans
         old.proc.send_signal(signal.SIGKILL)
         await old.proc.wait()

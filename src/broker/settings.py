@@ -775,7 +775,9 @@ class Settings(BaseSettings):
         "never reaches the browser. The UI runs in the broker's origin: give the broker an "
         "origin of its own. Needs JupyterLab in the session's server (the local backend: "
         "the 'ui' extra). Off: /s/{id}/lab and /s/{id}/tree answer a page saying the UI "
-        "is not offered.",
+        "is not offered, and the local backend starts its servers without the UI's "
+        "extensions (JupyterLab, jupyter-lsp, terminals: about 20 MiB and half a second "
+        "of CPU less per server).",
     )
     jupyter_ui_terminals: bool = Field(
         False,
