@@ -776,8 +776,8 @@ class Settings(BaseSettings):
         "origin of its own. Needs JupyterLab in the session's server (the local backend: "
         "the 'ui' extra). Off: /s/{id}/lab and /s/{id}/tree answer a page saying the UI "
         "is not offered, and the local backend starts its servers without the UI's "
-        "extensions (JupyterLab, jupyter-lsp, terminals: about 20 MiB and half a second "
-        "of CPU less per server).",
+        "extensions (JupyterLab, jupyter-lsp, terminals), which would cost each server "
+        "memory and start-up CPU for nothing.",
     )
     jupyter_ui_terminals: bool = Field(
         False,

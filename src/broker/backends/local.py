@@ -266,8 +266,8 @@ def _kernel_profile(workdir: Path) -> None:
 
 #: Server extensions that serve only the Jupyter UI (JupyterLab, the notebook, their
 #: language servers and terminals), turned off while the broker does not proxy the UI:
-#: nothing can reach them then. Loaded, they cost each session's server about 20 MiB of
-#: memory and half a second of CPU at start (jupyter_lsp also runs ``npm prefix -g``).
+#: nothing can reach them then. Loaded, they cost each session's server memory and
+#: CPU at start for nothing (jupyter_lsp even runs ``npm prefix -g``).
 UI_EXTENSIONS = ("jupyterlab", "notebook", "notebook_shim", "nbclassic", "jupyter_lsp",
                  "jupyter_server_terminals")
 
