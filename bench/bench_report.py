@@ -180,17 +180,22 @@ def _line(met: bool | None, text: str) -> str:
     return f"- [{'met' if met else 'NOT met'}] {text}"
 
 
-def _floor_throughput(by: Mapping[tuple[str, str], Result], scenarios: Sequence[str],
-                      reference: str) -> str:
-    """The byte-copying relay's throughput against ``reference``, where it ran: what
-    a proxy in Python reaches with no per-frame work at all."""
-    ratios = []
+def _throughput_ratios(by: Mapping[tuple[str, str], Result], scenarios: Sequence[str],
+                       target: str, reference: str) -> dict[str, tuple[float | None, str]]:
+    """``target``'s throughput over ``reference``'s in each scenario both ran, with the
+    range over the rounds (as :func:`spread` writes it)."""
+    ratios: dict[str, tuple[float | None, str]] = {}
     for s in scenarios:
-        if (s, FLOOR) in by and (s, reference) in by:
+        if (s, target) in by and (s, reference) in by:
             _label, key = throughput_metric(s)
-            floor = ratio(value(by[s, FLOOR], key), value(by[s, reference], key))
-            ratios.append(f"{s} {fmt(floor)}")
-    return f"; {FLOOR}/{reference}: " + ", ".join(ratios) if ratios else ""
+            ratios[s] = (ratio(value(by[s, target], key), value(by[s, reference], key)),
+                         spread(round_ratios(by[s, target], by[s, reference], key)))
+    return ratios
+
+
+def _share_with_rounds(result: Result) -> str:
+    """A result's proxy CPU over the upstream's, with its range over the rounds."""
+    return f"{fmt(proxy_share(result))}x" + spread([proxy_share(r) for r in result.rounds])
 
 
 def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: str,
@@ -215,28 +220,24 @@ def verdict(results: Sequence[Result], idle: Sequence[IdleResult], client_ack: s
     out.append(_line(
         None if share is None else share <= WS_CPU_MAX,
         f"WS small frames x 64 connections proxy CPU <= {WS_CPU_MAX}x the upstream's: "
-        f"{s} {fmt(share)}x"
-        + (spread([proxy_share(r) for r in by[s, proxy].rounds]) if (s, proxy) in by else "")
+        + (f"{s} {_share_with_rounds(by[s, proxy])}" if (s, proxy) in by else f"{s} -x")
         + (f" ({others})" if others else "")
         + (f"; {reference} {fmt(proxy_share(by[s, reference]))}x" if (s, reference) in by
            else "")
-        + (f"; {FLOOR} {fmt(proxy_share(by[s, FLOOR]))}x" + spread(
-            [proxy_share(r) for r in by[s, FLOOR].rounds]) if (s, FLOOR) in by else "")))
+        + (f"; {FLOOR} {_share_with_rounds(by[s, FLOOR])}" if (s, FLOOR) in by else "")))
 
-    tput: dict[str, float | None] = {}
-    tput_rounds: dict[str, str] = {}
-    for s in scenarios:
-        if (s, proxy) in by and (s, reference) in by:
-            _label, key = throughput_metric(s)
-            tput[s] = ratio(value(by[s, proxy], key), value(by[s, reference], key))
-            tput_rounds[s] = spread(round_ratios(by[s, proxy], by[s, reference], key))
-    known = [v for v in tput.values() if v is not None]
+    tput = _throughput_ratios(by, scenarios, proxy, reference)
+    # The byte-copying relay's, where it ran: what a proxy in Python reaches with no
+    # per-frame work at all (shown, never judged).
+    floor = _throughput_ratios(by, scenarios, FLOOR, reference)
+    known = [v for v, _rounds in tput.values() if v is not None]
     out.append(_line(
         all(v >= 1.0 for v in known) if known else None,
         f"throughput >= {reference}'s in every scenario ({proxy}/{reference}): "
-        + ", ".join(f"{s} {fmt(v)}{tput_rounds[s]}" for s, v in tput.items())
-        + _floor_throughput(by, scenarios, reference)))
-    c64 = tput.get("c64")
+        + ", ".join(f"{s} {fmt(v)}{rounds}" for s, (v, rounds) in tput.items())
+        + (f"; {FLOOR}/{reference}: " + ", ".join(f"{s} {fmt(v)}" for s, (v, _r) in
+                                                  floor.items()) if floor else "")))
+    c64 = tput["c64"][0] if "c64" in tput else None
     out.append(_line(None if c64 is None else c64 >= C64_THROUGHPUT_MIN,
                      f"WS 1 MiB x 64 connections throughput >= {C64_THROUGHPUT_MIN}x "
                      f"{reference}'s: {fmt(c64)}x"))
